@@ -1,0 +1,79 @@
+"""Agents: one per stable key (`dm:<user id>`, `channel:<channel id>`, `local:<name>`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import EngineSettings
+from .db import Database
+
+DEFAULT_PERSONA = (
+    "I am a friendly, curious assistant with a long memory. I keep notes about the people "
+    "I talk with and refer back to past conversations when it helps. I am concise."
+)
+
+
+def now() -> str:
+    """Timestamps are ISO-8601 UTC with seconds: sortable as text and readable in prompts."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Agent:
+    id: int
+    key: str
+
+    @property
+    def kind(self) -> str:
+        return self.key.split(":", 1)[0]
+
+
+def default_blocks(key: str, settings: EngineSettings) -> list[tuple[str, str, int, str]]:
+    """(label, value, limit, description) for a new agent.
+
+    A DM agent keeps notes on its one human; a channel agent talks with many
+    people, so its second block is about the channel and who is in it.
+    """
+    persona = ("persona", DEFAULT_PERSONA, settings.persona_limit, "who you are and how you speak")
+    if key.startswith("channel:"):
+        return [
+            persona,
+            ("channel", "", settings.channel_limit, "what this channel is about, its regulars and their preferences"),
+        ]
+    return [persona, ("human", "", settings.human_limit, "facts about the person you are talking with")]
+
+
+async def get_or_create(db: Database, key: str, settings: EngineSettings) -> Agent:
+    row = await db.fetchone("SELECT id FROM agents WHERE key = ?", (key,))
+    if row:
+        return Agent(row[0], key)
+    async with db.write() as w:
+        # another task may have created it between the read and the lock
+        await w.execute("INSERT OR IGNORE INTO agents(key, created_at) VALUES (?, ?)", (key, now()))
+        (agent_id,) = (await w.execute_fetchall("SELECT id FROM agents WHERE key = ?", (key,)))[0]
+        stamp = now()
+        await w.executemany(
+            "INSERT OR IGNORE INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(agent_id, label, value, limit, desc, stamp) for label, value, limit, desc in default_blocks(key, settings)],
+        )
+    return Agent(agent_id, key)
+
+
+async def find(db: Database, key: str) -> Agent | None:
+    row = await db.fetchone("SELECT id FROM agents WHERE key = ?", (key,))
+    return Agent(row[0], key) if row else None
+
+
+async def get_options(db: Database, agent: Agent) -> dict[str, Any]:
+    return json.loads(await db.fetchval("SELECT options FROM agents WHERE id = ?", (agent.id,), "{}"))
+
+
+async def set_option(db: Database, agent: Agent, name: str, value: Any) -> None:
+    async with db.write() as w:
+        await w.execute(
+            "UPDATE agents SET options = json_set(options, '$.' || ?, json(?)) WHERE id = ?",
+            (name, json.dumps(value), agent.id),
+        )

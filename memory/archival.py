@@ -1,0 +1,314 @@
+"""Archival memory: passages the agent (or a document upload) chose to keep.
+
+Search is hybrid: FTS5 BM25 over the passage and, with a low weight, the
+passage inserted before it; plus sqlite-vec KNN inside the agent's partition.
+The two ranked lists are fused by weighted reciprocal rank. Without an
+embedding endpoint search is keyword-only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aiosqlite
+
+from . import search
+from .agents import Agent, now
+from .db import Database
+from .embeddings import Embedder, text_hash
+from .llm import LLMError
+
+log = logging.getLogger(__name__)
+
+CHUNK_CHARS = 1000
+OVERLAP_CHARS = 150
+# the model inserts notes, not books; documents come in through ingest with their own limit
+MAX_INSERT_CHARS = 20_000
+MAX_TAGS = 10
+CONTEXT_CHARS = 300
+
+# Fusion settings; see bench/retrieval.py for how they were measured.
+BM25_WEIGHTS = (0.0, 1.0, 0.3)  # agent, content, context
+CANDIDATES = 50
+RRF_K = 60
+KEYWORD_WEIGHT = 1.0
+VECTOR_WEIGHT = 1.0
+
+_BREAK = re.compile(r"(?<=[.!?。！？])\s+|\n\s*\n")
+
+
+def chunk(text: str, size: int = CHUNK_CHARS, overlap: int = OVERLAP_CHARS) -> list[str]:
+    """Split on sentence and paragraph ends into pieces of at most `size` characters.
+
+    Each piece repeats the last sentences (up to `overlap` characters) of the one
+    before, so a fact that straddles a boundary is whole in one of them.
+    """
+    text = text.replace("\x00", "").strip()
+    if len(text) <= size:
+        return [text] if text else []
+    sentences: list[str] = []
+    for s in _BREAK.split(text):
+        s = s.strip()
+        while len(s) > size:  # a sentence longer than a chunk: cut at a space
+            cut = s.rfind(" ", size // 2, size)
+            cut = cut if cut > 0 else size
+            sentences.append(s[:cut].strip())
+            s = s[cut:].strip()
+        if s:
+            sentences.append(s)
+    chunks: list[str] = []
+    current: list[str] = []
+    for s in sentences:
+        if current and len(" ".join(current)) + 1 + len(s) > size:
+            chunks.append(" ".join(current))
+            tail: list[str] = []
+            for prev in reversed(current):
+                if sum(len(t) + 1 for t in tail) + len(prev) > overlap or len(prev) + 1 + len(s) > size:
+                    break
+                tail.insert(0, prev)
+            current = tail
+        current.append(s)
+    if current:
+        chunks.append(" ".join(current))
+    return chunks
+
+
+def clean_tags(tags: Iterable[str] | None) -> list[str]:
+    out = []
+    for t in tags or []:
+        t = str(t).strip().lower().replace("\x00", "")[:50]
+        if t and t not in out:
+            out.append(t)
+    return out[:MAX_TAGS]
+
+
+@dataclass
+class Archive:
+    """Archival memory of every agent, with the embedder if one is configured."""
+
+    db: Database
+    embedder: Embedder | None = None
+
+    async def insert(
+        self,
+        agent: Agent,
+        content: str,
+        *,
+        tags: Iterable[str] | None = None,
+        source: str = "",
+        created_at: str | None = None,
+        max_chars: int = MAX_INSERT_CHARS,
+    ) -> list[int]:
+        """Store `content` as one or more passages; returns their ids.
+
+        Raises ValueError (with a message for the model) when the text is empty or too long.
+        """
+        if not content.strip():
+            raise ValueError("content is empty; nothing was stored")
+        if len(content) > max_chars:
+            raise ValueError(
+                f"content is {len(content)} characters; store at most {max_chars} at a time "
+                "(split it into several inserts, keeping what matters)"
+            )
+        pieces = chunk(content)
+        tag_list = clean_tags(tags)
+        stamp = created_at or now()
+        ids: list[int] = []
+        async with self.db.write() as w:
+            rows = await w.execute_fetchall(
+                "SELECT content FROM passages WHERE agent_id = ? ORDER BY id DESC LIMIT 1", (agent.id,)
+            )
+            previous = rows[0][0] if rows else ""
+            for piece in pieces:
+                cur = await w.execute(
+                    "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (agent.id, piece, previous[-CONTEXT_CHARS:], json.dumps(tag_list), source, stamp, text_hash(piece)),
+                )
+                pid = cur.lastrowid or 0
+                ids.append(pid)
+                await w.execute(
+                    "INSERT INTO passages_fts(rowid, agent, content, context) VALUES (?, ?, ?, ?)",
+                    (pid, f"a{agent.id}", piece, previous[-CONTEXT_CHARS:]),
+                )
+                await w.executemany(
+                    "INSERT OR IGNORE INTO passage_tags(passage_id, agent_id, tag) VALUES (?, ?, ?)",
+                    [(pid, agent.id, t) for t in tag_list],
+                )
+                previous = piece
+        await self.embed_pending(agent)
+        return ids
+
+    async def embed_pending(self, agent: Agent | None = None, limit: int = 10_000) -> int:
+        """Embed passages that have no vector yet (new, or after a model change or outage)."""
+        if self.embedder is None:
+            return 0
+        where, params = ("embedded = 0 AND agent_id = ?", (agent.id,)) if agent else ("embedded = 0", ())
+        rows = await self.db.fetchall(
+            f"SELECT id, agent_id, content FROM passages WHERE {where} ORDER BY id LIMIT ?", (*params, limit)
+        )
+        done = 0
+        step = self.embedder.batch_size * 4
+        for i in range(0, len(rows), step):
+            batch = rows[i : i + step]
+            try:
+                vectors = await self.embedder.embed([r["content"] for r in batch])
+            except LLMError as exc:
+                log.warning("embedding failed, %d passages stay keyword-only until the next try: %s", len(rows) - done, exc)
+                break
+            async with self.db.write() as w:
+                for r, v in zip(batch, vectors):
+                    # the passage may have been deleted while its vector was computed
+                    cur = await w.execute("UPDATE passages SET embedded = 1 WHERE id = ? AND embedded = 0", (r["id"],))
+                    if cur.rowcount:
+                        await w.execute(
+                            "INSERT OR REPLACE INTO passages_vec(rowid, agent_id, embedding) VALUES (?, ?, ?)",
+                            (r["id"], r["agent_id"], v),
+                        )
+            done += len(batch)
+        return done
+
+    async def search(
+        self,
+        agent: Agent,
+        query: str,
+        *,
+        tags: Iterable[str] | None = None,
+        start_date: str | None = None,
+        end_date: str | None = None,
+        page: object = 1,
+        page_size: int = search.PAGE_SIZE,
+    ) -> search.Page:
+        """Raises search.BadArgument for arguments the caller should correct."""
+        start = search.parse_date(start_date, "start_date")
+        end = search.parse_date(end_date, "end_date", end=True)
+        number = search.page_number(page)
+        tag_list = clean_tags(tags)
+        filters, params = ["p.agent_id = ?"], [agent.id]
+        if start:
+            filters.append("p.created_at >= ?")
+            params.append(start)
+        if end:
+            filters.append("p.created_at < ?")
+            params.append(end)
+        for t in tag_list:
+            filters.append("EXISTS (SELECT 1 FROM passage_tags t WHERE t.agent_id = p.agent_id AND t.passage_id = p.id AND t.tag = ?)")
+            params.append(t)
+        where = " AND ".join(filters)
+        filtered = len(params) > 1
+        wanted = max(CANDIDATES, number * page_size)
+
+        expression = search.match(f"a{agent.id}", query, "{content context}")
+        if not expression:
+            if query.strip():
+                return search.Page([], 0, number, page_size)
+            # no query: the newest passages, filtered
+            total = await self.db.fetchval(f"SELECT count(*) FROM passages p WHERE {where}", params, 0)
+            rows = await self.db.fetchall(
+                f"SELECT p.id FROM passages p WHERE {where} ORDER BY p.id DESC LIMIT ? OFFSET ?",
+                (*params, page_size, (number - 1) * page_size),
+            )
+            return search.Page(await self._hits(agent, [r[0] for r in rows]), total, number, page_size)
+
+        weights = ", ".join(str(w) for w in BM25_WEIGHTS)
+        keyword_rows = await self.db.fetchall(
+            f"SELECT p.id FROM passages_fts f JOIN passages p ON p.id = f.rowid"
+            f" WHERE passages_fts MATCH ? AND {where} ORDER BY bm25(passages_fts, {weights}) LIMIT ?",
+            (expression, *params, wanted),
+        )
+        keyword = [r[0] for r in keyword_rows]
+        vector = await self._knn(agent, query, wanted, where if filtered else None, params)
+        if vector is None:
+            total = await self.db.fetchval(
+                f"SELECT count(*) FROM passages_fts f JOIN passages p ON p.id = f.rowid WHERE passages_fts MATCH ? AND {where}",
+                (expression, *params), 0,
+            )
+            ranked, note = keyword, ""
+        else:
+            ranked = fuse([(keyword, KEYWORD_WEIGHT), (vector, VECTOR_WEIGHT)])
+            total, note = len(ranked), "best matches by keyword and meaning"
+        page_ids = ranked[(number - 1) * page_size : number * page_size]
+        return search.Page(await self._hits(agent, page_ids), total, number, page_size, note)
+
+    async def _knn(self, agent: Agent, query: str, wanted: int, where: str | None, params: list[object]) -> list[int] | None:
+        """Nearest passages by meaning, or None when there are no vectors to search."""
+        if self.embedder is None or self.embedder.dim is None:
+            return None
+        try:
+            (vector,) = await self.embedder.embed([query])
+        except LLMError as exc:
+            log.warning("query embedding failed, searching by keyword only: %s", exc)
+            return None
+        # vec0's KNN cannot apply our filters; over-fetch and filter after (k is capped at 4096)
+        k = 4096 if where else wanted
+        rows = await self.db.fetchall(
+            "SELECT rowid FROM passages_vec WHERE embedding MATCH ? AND k = ? AND agent_id = ? ORDER BY distance",
+            (vector, k, agent.id),
+        )
+        ids = [r[0] for r in rows]
+        if where and ids:
+            allowed = {
+                r[0] for r in await self.db.fetchall(
+                    f"SELECT p.id FROM passages p WHERE {where} AND p.id IN ({','.join('?' * len(ids))})", (*params, *ids)
+                )
+            }
+            ids = [i for i in ids if i in allowed]
+        return ids[:wanted]
+
+    async def _hits(self, agent: Agent, ids: list[int]) -> list[search.Hit]:
+        if not ids:
+            return []
+        rows = await self.db.fetchall(
+            f"SELECT id, created_at, content, tags FROM passages WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})",
+            (agent.id, *ids),
+        )
+        by_id = {r["id"]: r for r in rows}
+        hits = []
+        for i in ids:
+            if i in by_id:
+                r = by_id[i]
+                tags = json.loads(r["tags"])
+                hits.append(search.Hit(i, r["created_at"], r["content"], "tags " + ", ".join(tags) if tags else "passage"))
+        return hits
+
+    async def count(self, agent: Agent) -> int:
+        return await self.db.fetchval("SELECT count(*) FROM passages WHERE agent_id = ?", (agent.id,), 0)
+
+    async def delete(self, agent: Agent, ids: list[int]) -> int:
+        if not ids:
+            return 0
+        async with self.db.write() as w:
+            owned = [r[0] for r in await w.execute_fetchall(
+                f"SELECT id FROM passages WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})", (agent.id, *ids)
+            )]
+            await _delete_rows(w, owned)
+        return len(owned)
+
+    async def clear(self, agent: Agent) -> None:
+        async with self.db.write() as w:
+            owned = [r[0] for r in await w.execute_fetchall("SELECT id FROM passages WHERE agent_id = ?", (agent.id,))]
+            await _delete_rows(w, owned)
+
+
+async def _delete_rows(w: aiosqlite.Connection, ids: list[int]) -> None:
+    for i in range(0, len(ids), 500):
+        part = ids[i : i + 500]
+        marks = ",".join("?" * len(part))
+        await w.execute(f"DELETE FROM passages_fts WHERE rowid IN ({marks})", part)
+        has_vec = await w.execute_fetchall("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'")
+        if has_vec:
+            await w.execute(f"DELETE FROM passages_vec WHERE rowid IN ({marks})", part)
+        await w.execute(f"DELETE FROM passages WHERE id IN ({marks})", part)
+
+
+def fuse(lists: list[tuple[list[int], float]], k: int = RRF_K) -> list[int]:
+    """Weighted reciprocal-rank fusion of ranked id lists."""
+    scores: dict[int, float] = {}
+    for ids, weight in lists:
+        for rank, i in enumerate(ids):
+            scores[i] = scores.get(i, 0.0) + weight / (k + rank + 1)
+    return sorted(scores, key=lambda i: -scores[i])

@@ -1,0 +1,81 @@
+"""Engine settings, read from the environment and `.env`.
+
+Every setting has an environment variable of the same name in upper case;
+`.env.example` documents them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """Settings are missing or malformed; str() is one readable line per problem."""
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    database_path: Path = Path("data/mnemocord.db")
+
+    llm_base_url: str = Field("", description="OpenAI-compatible base URL, e.g. http://localhost:11434/v1")
+    llm_api_key: SecretStr = SecretStr("")
+    llm_model: str = ""
+    llm_timeout: float = Field(120.0, gt=0)
+    llm_max_retries: int = Field(4, ge=0, le=20)
+    # Total seconds a call may spend retrying before the error reaches the user.
+    llm_retry_budget: float = Field(60.0, gt=0)
+    max_concurrent_llm_calls: int = Field(4, ge=1)
+
+    # Empty: archival search is keyword-only.
+    embedding_model: str = ""
+    embedding_base_url: str = Field("", description="defaults to LLM_BASE_URL")
+    embedding_api_key: SecretStr = SecretStr("")
+    embedding_batch_size: int = Field(64, ge=1, le=2048)
+
+    context_window: int = Field(8192, ge=1024)
+    memory_warning_fraction: float = Field(0.75, gt=0, lt=1)
+    memory_flush_fraction: float = Field(0.9, gt=0, le=1)
+    # Messages always kept in context when older ones are evicted.
+    keep_last_messages: int = Field(4, ge=1)
+    max_steps_per_turn: int = Field(8, ge=1, le=50)
+
+    persona_limit: int = Field(2000, ge=100)
+    human_limit: int = Field(2000, ge=100)
+    channel_limit: int = Field(3000, ge=100)
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fractions_ordered(self) -> "EngineSettings":
+        if self.memory_warning_fraction >= self.memory_flush_fraction:
+            raise ValueError("MEMORY_WARNING_FRACTION must be below MEMORY_FLUSH_FRACTION")
+        return self
+
+    def require_llm(self) -> None:
+        """Raise ConfigError unless a model endpoint is configured."""
+        missing = [name for name, value in (("LLM_BASE_URL", self.llm_base_url), ("LLM_MODEL", self.llm_model)) if not value]
+        if missing:
+            raise ConfigError("\n".join(f"{m}: not set (see .env.example)" for m in missing))
+        if not self.llm_base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"LLM_BASE_URL: must start with http:// or https://, got {self.llm_base_url!r}")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build settings, turning pydantic's ValidationError into ConfigError."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {msg} (got {err.get('input')!r})" if err["loc"] else msg)
+        raise ConfigError("\n".join(lines)) from None

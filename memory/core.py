@@ -1,0 +1,117 @@
+"""Core memory: labelled, size-limited blocks that are always in the prompt.
+
+Edits return a sentence for the model. A refusal says what to do instead and
+never raises: the model reads it as a tool result and tries again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .agents import Agent, now
+from .db import Database
+
+
+@dataclass(frozen=True)
+class Block:
+    label: str
+    value: str
+    limit: int
+    description: str
+
+
+async def blocks(db: Database, agent: Agent) -> list[Block]:
+    rows = await db.fetchall(
+        "SELECT label, value, char_limit, description FROM blocks WHERE agent_id = ? ORDER BY rowid", (agent.id,)
+    )
+    return [Block(*row) for row in rows]
+
+
+def render(blocks: list[Block]) -> str:
+    parts = []
+    for b in blocks:
+        parts.append(f'<{b.label} chars="{len(b.value)}/{b.limit}" about="{b.description}">\n{b.value}\n</{b.label}>')
+    return "\n".join(parts)
+
+
+async def _get(db: Database, agent: Agent, label: str) -> tuple[Block | None, str]:
+    all_blocks = await blocks(db, agent)
+    for b in all_blocks:
+        if b.label == label:
+            return b, ""
+    labels = ", ".join(b.label for b in all_blocks)
+    return None, f"Error: there is no core memory block {label!r}. Use one of: {labels}."
+
+
+async def _store(db: Database, agent: Agent, block: Block, value: str, expected: str) -> bool:
+    """Write only if nobody changed the block meanwhile (consolidation runs beside turns)."""
+    async with db.write() as w:
+        cur = await w.execute(
+            "UPDATE blocks SET value = ?, updated_at = ? WHERE agent_id = ? AND label = ? AND value = ?",
+            (value, now(), agent.id, block.label, expected),
+        )
+        return cur.rowcount == 1
+
+
+def _too_long(block: Block, new_len: int) -> str:
+    return (
+        f"Error: block {block.label!r} would hold {new_len} characters; its limit is {block.limit} "
+        f"(now {len(block.value)}). Shorten it first with core_memory_replace (condense or drop old "
+        "details), or save long details with archival_memory_insert."
+    )
+
+
+async def append(db: Database, agent: Agent, label: str, content: str) -> str:
+    content = content.strip()
+    if not content:
+        return "Error: content is empty; nothing was appended."
+    block, error = await _get(db, agent, label)
+    if block is None:
+        return error
+    value = f"{block.value}\n{content}" if block.value else content
+    if len(value) > block.limit:
+        return _too_long(block, len(value))
+    if not await _store(db, agent, block, value, block.value):
+        return f"Error: block {label!r} changed while you edited it; read it again and retry."
+    return f"Appended to {label!r} ({len(value)}/{block.limit} characters)."
+
+
+async def replace(db: Database, agent: Agent, label: str, old: str, new: str) -> str:
+    block, error = await _get(db, agent, label)
+    if block is None:
+        return error
+    if not old:
+        return (
+            "Error: old_content is empty. Quote the exact text to change; "
+            "to add text use core_memory_append."
+        )
+    count = block.value.count(old)
+    if count == 0:
+        return (
+            f"Error: {old!r} does not occur in block {label!r}. Copy the exact text from the block "
+            "as shown in your core memory (same spelling, spacing and case)."
+        )
+    if count > 1:
+        return f"Error: {old!r} occurs {count} times in block {label!r}. Quote more surrounding text so it matches once."
+    value = block.value.replace(old, new, 1)
+    if len(value) > block.limit:
+        return _too_long(block, len(value))
+    if not await _store(db, agent, block, value, block.value):
+        return f"Error: block {label!r} changed while you edited it; read it again and retry."
+    action = "Deleted the text from" if not new else "Replaced the text in"
+    return f"{action} {label!r} ({len(value)}/{block.limit} characters)."
+
+
+async def set_value(db: Database, agent: Agent, label: str, value: str) -> str:
+    """Overwrite a whole block (persona edits by admins, consolidation, resets)."""
+    block, error = await _get(db, agent, label)
+    if block is None:
+        return error
+    if len(value) > block.limit:
+        return _too_long(block, len(value))
+    async with db.write() as w:
+        await w.execute(
+            "UPDATE blocks SET value = ?, updated_at = ? WHERE agent_id = ? AND label = ?",
+            (value, now(), agent.id, label),
+        )
+    return f"Block {label!r} set ({len(value)}/{block.limit} characters)."

@@ -1,0 +1,245 @@
+"""The SQLite file: connections, sqlite-vec, and schema migrations.
+
+One writer connection (every write goes through `Database.write()`, which holds
+an asyncio lock for the whole transaction) and one reader connection, which in
+WAL mode sees only committed data and never waits for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+# sqlean is a DB-API 2.0 twin of the stdlib sqlite3 module, with a recent SQLite
+# that can always load extensions (many Pythons' stdlib sqlite3 cannot).
+import sqlean as sqlite3
+import sqlite_vec
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(Exception):
+    """The database cannot be opened or used; str() says why in one line."""
+
+
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+async def m001_agents_and_blocks(c: aiosqlite.Connection) -> None:
+    await _script(c, 
+        """
+        CREATE TABLE agents (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            summary TEXT NOT NULL DEFAULT '',
+            summary_updated_at TEXT,
+            -- set when the memory-pressure warning was sent, cleared when usage drops
+            pressure_warned INTEGER NOT NULL DEFAULT 0,
+            tokens_in INTEGER NOT NULL DEFAULT 0,
+            tokens_out INTEGER NOT NULL DEFAULT 0,
+            model_calls INTEGER NOT NULL DEFAULT 0,
+            options TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE TABLE blocks (
+            agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+            label TEXT NOT NULL,
+            value TEXT NOT NULL,
+            char_limit INTEGER NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (agent_id, label)
+        );
+        """
+    )
+
+
+@migration
+async def m002_messages(c: aiosqlite.Connection) -> None:
+    await _script(c, 
+        """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'tool', 'system')),
+            author TEXT NOT NULL DEFAULT '',
+            author_id TEXT NOT NULL DEFAULT '',
+            content TEXT NOT NULL DEFAULT '',
+            tool_calls TEXT,
+            tool_call_id TEXT,
+            created_at TEXT NOT NULL,
+            in_context INTEGER NOT NULL DEFAULT 1,
+            tokens INTEGER NOT NULL DEFAULT 0,
+            -- platform id of the source message (e.g. a Discord message id), for dedup and forget
+            external_id TEXT
+        );
+        CREATE INDEX messages_agent_time ON messages(agent_id, created_at);
+        CREATE INDEX messages_context ON messages(agent_id, in_context, id);
+        -- the agent token lives inside the index so MATCH filters by agent itself
+        CREATE VIRTUAL TABLE messages_fts USING fts5(
+            agent, content, content='', contentless_delete=1, tokenize='porter unicode61 remove_diacritics 2'
+        );
+        """
+    )
+
+
+@migration
+async def m003_passages(c: aiosqlite.Connection) -> None:
+    await _script(c, 
+        """
+        CREATE TABLE passages (
+            id INTEGER PRIMARY KEY,
+            agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+            content TEXT NOT NULL,
+            -- text of the passage inserted just before it: indexed with a low weight,
+            -- so a question matches an answer split across neighbouring items
+            context TEXT NOT NULL DEFAULT '',
+            tags TEXT NOT NULL DEFAULT '[]',
+            source TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            text_hash TEXT NOT NULL,
+            embedded INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX passages_agent_time ON passages(agent_id, created_at);
+        CREATE INDEX passages_unembedded ON passages(embedded) WHERE embedded = 0;
+        CREATE TABLE passage_tags (
+            passage_id INTEGER NOT NULL REFERENCES passages(id) ON DELETE CASCADE,
+            agent_id INTEGER NOT NULL,
+            tag TEXT NOT NULL,
+            PRIMARY KEY (agent_id, tag, passage_id)
+        );
+        CREATE VIRTUAL TABLE passages_fts USING fts5(
+            agent, content, context, content='', contentless_delete=1,
+            tokenize='porter unicode61 remove_diacritics 2'
+        );
+        -- identical text is embedded once per model
+        CREATE TABLE embedding_cache (
+            model TEXT NOT NULL,
+            text_hash TEXT NOT NULL,
+            vector BLOB NOT NULL,
+            PRIMARY KEY (model, text_hash)
+        );
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """
+    )
+
+
+async def _script(c: aiosqlite.Connection, script: str) -> None:
+    """Run statements one by one: executescript() would commit the open transaction."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            await c.execute(statement)
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {statement!r}")
+
+
+def _connect_sync(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.enable_load_extension(True)
+        sqlite_vec.load(conn)
+        conn.enable_load_extension(False)
+    except Exception as exc:  # the wheel for this platform is missing or broken
+        conn.close()
+        raise StorageError(f"cannot load the sqlite-vec extension ({exc}); reinstall the sqlite-vec package") from exc
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+class Database:
+    """Both connections to one SQLite file, with sqlite-vec loaded."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> "Database":
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = await aiosqlite.Connection(lambda: _connect_sync(str(path)), 64)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot open database {path}: {exc}") from exc
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a committed write survives a crash of the process;
+            # only an OS crash or power cut can lose the last transactions.
+            await writer.execute("PRAGMA synchronous = NORMAL")
+            await _migrate(writer, list(MIGRATIONS if migrations is None else migrations))
+            reader = await aiosqlite.Connection(lambda: _connect_sync(str(path)), 64)
+            await reader.execute("PRAGMA query_only = ON")
+        except sqlite3.DatabaseError as exc:
+            await writer.close()
+            raise StorageError(f"cannot use database {path}: {exc}") from exc
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        async with self._write_lock:
+            await self._reader.close()
+            # a checkpoint folds the WAL back so a copied .db file is complete
+            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self._writer.close()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One transaction on the writer; commits on exit, rolls back on error."""
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return list(await self._reader.execute_fetchall(sql, tuple(params)))
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, params: Iterable[Any] = (), default: Any = None) -> Any:
+        row = await self.fetchone(sql, params)
+        return row[0] if row else default
+
+
+async def _migrate(c: aiosqlite.Connection, migrations: list[Migration]) -> None:
+    await c.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {row[0] for row in await c.execute_fetchall("SELECT name FROM _migrations")}
+    for fn in migrations:
+        if fn.__name__ in done:
+            continue
+        log.info("applying migration %s", fn.__name__)
+        await c.execute("BEGIN IMMEDIATE")
+        try:
+            await fn(c)
+            await c.execute("INSERT INTO _migrations VALUES (?, ?)", (fn.__name__, time.time()))
+        except BaseException:
+            await c.execute("ROLLBACK")
+            raise
+        await c.execute("COMMIT")

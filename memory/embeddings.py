@@ -1,0 +1,97 @@
+"""Embeddings for archival memory, from an OpenAI-compatible `/embeddings` endpoint.
+
+The model name and dimension in use are recorded in the database. When the
+configured model changes, the vector table is rebuilt and every passage is
+embedded again, so vectors of two models never share one space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import struct
+
+from .db import Database
+from .llm import LLMClient, LLMError
+
+log = logging.getLogger(__name__)
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def pack(vector: list[float]) -> bytes:
+    """Unit length, float32: L2 distance on unit vectors ranks like cosine and is faster."""
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return struct.pack(f"{len(vector)}f", *(x / norm for x in vector))
+
+
+class Embedder:
+    def __init__(self, db: Database, client: LLMClient, model: str, batch_size: int = 64) -> None:
+        self.db = db
+        self.client = client
+        self.model = model
+        self.batch_size = batch_size
+        self.dim: int | None = None
+
+    async def prepare(self) -> None:
+        """Compare the configured model with the recorded one; on a change, start over."""
+        recorded = dict(await self.db.fetchall("SELECT key, value FROM meta WHERE key LIKE 'embedding_%'"))
+        if recorded.get("embedding_model") == self.model:
+            self.dim = int(recorded["embedding_dim"])
+            return
+        if recorded:
+            log.warning(
+                "embedding model changed from %s to %s: archival passages will be embedded again",
+                recorded.get("embedding_model"), self.model,
+            )
+        async with self.db.write() as w:
+            await w.execute("DROP TABLE IF EXISTS passages_vec")
+            await w.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
+            await w.execute("UPDATE passages SET embedded = 0 WHERE embedded = 1")
+        self.dim = None
+
+    async def _start_space(self, dim: int) -> None:
+        async with self.db.write() as w:
+            await w.execute(
+                f"CREATE VIRTUAL TABLE IF NOT EXISTS passages_vec USING vec0("
+                f"agent_id INTEGER PARTITION KEY, embedding float[{dim}] distance_metric=l2)"
+            )
+            await w.executemany(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                [("embedding_model", self.model), ("embedding_dim", str(dim))],
+            )
+        self.dim = dim
+
+    async def embed(self, texts: list[str]) -> list[bytes]:
+        """Vectors for `texts`, packed; identical text is fetched from the cache."""
+        hashes = [text_hash(t) for t in texts]
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(hashes))
+        for i in range(0, len(unique), 500):
+            part = unique[i : i + 500]
+            rows = await self.db.fetchall(
+                f"SELECT text_hash, vector FROM embedding_cache WHERE model = ? AND text_hash IN ({','.join('?' * len(part))})",
+                (self.model, *part),
+            )
+            found.update((r[0], r[1]) for r in rows)
+        todo = {h: t for h, t in zip(hashes, texts) if h not in found}
+        items = list(todo.items())
+        for i in range(0, len(items), self.batch_size):
+            batch = items[i : i + self.batch_size]
+            vectors = await self.client.embed(self.model, [t for _, t in batch])
+            dim = len(vectors[0])
+            if self.dim is None:
+                await self._start_space(dim)
+            if any(len(v) != self.dim for v in vectors):
+                raise LLMError(f"embedding model {self.model} returned {dim} dimensions, expected {self.dim}")
+            packed = [pack(v) for v in vectors]
+            async with self.db.write() as w:
+                await w.executemany(
+                    "INSERT OR IGNORE INTO embedding_cache(model, text_hash, vector) VALUES (?, ?, ?)",
+                    [(self.model, h, p) for (h, _), p in zip(batch, packed)],
+                )
+            found.update((h, p) for (h, _), p in zip(batch, packed))
+        return [found[h] for h in hashes]

@@ -1,0 +1,223 @@
+"""Recall memory: every message ever exchanged, kept forever and searchable.
+
+The newest messages are also the in-context queue (`in_context = 1`); eviction
+only clears that flag, so nothing leaves recall.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import search, tokens
+from .agents import Agent, now
+from .db import Database
+
+ROLES = ("user", "assistant", "tool", "system")
+
+
+@dataclass
+class Message:
+    role: str
+    content: str = ""
+    author: str = ""
+    author_id: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    external_id: str | None = None
+    created_at: str = field(default_factory=now)
+    id: int = 0
+    tokens: int = 0
+
+    def to_openai(self) -> dict[str, Any]:
+        """The message as the model sees it: who and when, for user text and events."""
+        when = self.created_at[:16].replace("T", " ")
+        if self.role == "user":
+            who = f"{self.author} ({self.author_id})" if self.author_id else (self.author or "user")
+            return {"role": "user", "content": f"[{when}] {who}: {self.content}"}
+        if self.role == "system":
+            # mid-conversation system messages break many local chat templates
+            return {"role": "user", "content": f"[{when} system event] {self.content}"}
+        if self.role == "tool":
+            return {"role": "tool", "tool_call_id": self.tool_call_id or "", "content": self.content}
+        out: dict[str, Any] = {"role": "assistant", "content": self.content or None}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        return out
+
+    def index_text(self) -> str:
+        """What full-text search sees: the words people and the agent said."""
+        if self.role == "tool":
+            return ""
+        said = [self.content]
+        for call in self.tool_calls or []:
+            if call.get("function", {}).get("name") == "send_message":
+                try:
+                    said.append(str(json.loads(call["function"].get("arguments") or "{}").get("message", "")))
+                except (ValueError, AttributeError):
+                    pass
+        return "\n".join(s for s in said if s)
+
+    def visible_text(self) -> str:
+        """The text a person saw (the reply for assistant rows, inner monologue left out)."""
+        if self.role != "assistant" or not self.tool_calls:
+            return self.content
+        replies = [t for t in self.index_text().split("\n") if t and t != self.content]
+        return "\n".join(replies) or self.content
+
+
+_COLUMNS = "id, role, content, author, author_id, tool_calls, tool_call_id, external_id, created_at, tokens"
+
+
+def _row(row: Any) -> Message:
+    return Message(
+        id=row["id"],
+        role=row["role"],
+        content=row["content"],
+        author=row["author"],
+        author_id=row["author_id"],
+        tool_calls=json.loads(row["tool_calls"]) if row["tool_calls"] else None,
+        tool_call_id=row["tool_call_id"],
+        external_id=row["external_id"],
+        created_at=row["created_at"],
+        tokens=row["tokens"],
+    )
+
+
+async def append(db: Database, agent: Agent, messages: list[Message], *, in_context: bool = True) -> list[Message]:
+    """Persist messages (one transaction), filling in their ids and token counts."""
+    for m in messages:
+        if m.role not in ROLES:
+            raise ValueError(f"unknown role {m.role!r}")
+        m.content = m.content.replace("\x00", "")
+        m.tokens = tokens.count_message(m.to_openai())
+    async with db.write() as w:
+        for m in messages:
+            cur = await w.execute(
+                "INSERT INTO messages(agent_id, role, author, author_id, content, tool_calls, tool_call_id,"
+                " external_id, created_at, in_context, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    agent.id, m.role, m.author, m.author_id, m.content,
+                    json.dumps(m.tool_calls) if m.tool_calls else None,
+                    m.tool_call_id, m.external_id, m.created_at, int(in_context), m.tokens,
+                ),
+            )
+            m.id = cur.lastrowid or 0
+            text = m.index_text()
+            if text:
+                await w.execute(
+                    "INSERT INTO messages_fts(rowid, agent, content) VALUES (?, ?, ?)", (m.id, f"a{agent.id}", text)
+                )
+    return messages
+
+
+async def in_context(db: Database, agent: Agent) -> list[Message]:
+    rows = await db.fetchall(
+        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY id", (agent.id,)
+    )
+    return [_row(r) for r in rows]
+
+
+async def evict(db: Database, agent: Agent, up_to_id: int) -> None:
+    """Take messages up to `up_to_id` out of the context window (they stay in recall)."""
+    async with db.write() as w:
+        await w.execute(
+            "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 1 AND id <= ?", (agent.id, up_to_id)
+        )
+
+
+async def count(db: Database, agent: Agent) -> int:
+    return await db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ?", (agent.id,), 0)
+
+
+async def get(db: Database, agent: Agent, ids: list[int]) -> list[Message]:
+    marks = ",".join("?" * len(ids))
+    rows = await db.fetchall(
+        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks}) ORDER BY id", (agent.id, *ids)
+    )
+    return [_row(r) for r in rows]
+
+
+async def delete(db: Database, agent: Agent, ids: list[int]) -> int:
+    """Delete specific messages (a user's "forget"); the engine itself never deletes."""
+    if not ids:
+        return 0
+    marks = ",".join("?" * len(ids))
+    async with db.write() as w:
+        owned = [r[0] for r in await w.execute_fetchall(
+            f"SELECT id FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)
+        )]
+        if not owned:
+            return 0
+        marks = ",".join("?" * len(owned))
+        await w.execute(f"DELETE FROM messages_fts WHERE rowid IN ({marks})", owned)
+        await w.execute(f"DELETE FROM messages WHERE id IN ({marks})", owned)
+    return len(owned)
+
+
+async def clear(db: Database, agent: Agent) -> None:
+    """Forget the whole conversation: recall, the in-context queue and the summary."""
+    async with db.write() as w:
+        await w.execute(
+            "DELETE FROM messages_fts WHERE rowid IN (SELECT id FROM messages WHERE agent_id = ?)", (agent.id,)
+        )
+        await w.execute("DELETE FROM messages WHERE agent_id = ?", (agent.id,))
+        await w.execute("UPDATE agents SET summary = '', summary_updated_at = NULL, pressure_warned = 0 WHERE id = ?", (agent.id,))
+
+
+async def search_messages(
+    db: Database,
+    agent: Agent,
+    query: str,
+    *,
+    start_date: str | None = None,
+    end_date: str | None = None,
+    roles: list[str] | None = None,
+    page: object = 1,
+    page_size: int = search.PAGE_SIZE,
+) -> search.Page:
+    """Ranked full-text search; with an empty query, messages in the date range, newest first.
+
+    Raises search.BadArgument for arguments the caller should correct.
+    """
+    start = search.parse_date(start_date, "start_date")
+    end = search.parse_date(end_date, "end_date", end=True)
+    number = search.page_number(page)
+    if roles:
+        bad = [r for r in roles if r not in ROLES]
+        if bad:
+            raise search.BadArgument(f"unknown role(s) {bad}; use any of {list(ROLES)}")
+    filters, params = ["m.agent_id = ?"], [agent.id]
+    if start:
+        filters.append("m.created_at >= ?")
+        params.append(start)
+    if end:
+        filters.append("m.created_at < ?")
+        params.append(end)
+    if roles:
+        filters.append(f"m.role IN ({','.join('?' * len(roles))})")
+        params.extend(roles)
+    where = " AND ".join(filters)
+    expression = search.match(f"a{agent.id}", query or "", "{content}")
+    if expression:
+        source = "messages_fts f JOIN messages m ON m.id = f.rowid"
+        where = f"messages_fts MATCH ? AND {where}"
+        params.insert(0, expression)
+        order = "bm25(messages_fts, 0.0, 1.0)"
+    elif query and query.strip():  # words were all too long or not words: nothing can match
+        return search.Page([], 0, number, page_size)
+    else:
+        source, order = "messages m", "m.id DESC"
+    total = await db.fetchval(f"SELECT count(*) FROM {source} WHERE {where}", params, 0)
+    rows = await db.fetchall(
+        f"SELECT {', '.join('m.' + c.strip() for c in _COLUMNS.split(','))} FROM {source} WHERE {where}"
+        f" ORDER BY {order} LIMIT ? OFFSET ?",
+        (*params, page_size, (number - 1) * page_size),
+    )
+    hits = []
+    for r in rows:
+        m = _row(r)
+        label = m.author or m.role if m.role == "user" else m.role
+        hits.append(search.Hit(m.id, m.created_at, m.visible_text() if m.role != "system" else m.content, label))
+    return search.Page(hits, total, number, page_size)

@@ -1,0 +1,130 @@
+"""What recall and archival search share: safe FTS5 queries, dates, result pages.
+
+Any text becomes a safe FTS5 query: it is cut into words and every word is quoted, so FTS5 syntax in the
+input (`"`, `*`, `AND`, `NEAR(`, `-`, `:`) is only ever searched for, never
+parsed. Stop-words are dropped: on conversational data they drown the words
+that carry the meaning (measured in DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+MAX_TERMS = 32
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+STOP_WORDS = frozenset(
+    """
+    a about above after again against all am an and any are aren as at be because been before being below
+    between both but by can cannot could couldn did didn do does doesn doing don down during each few for from
+    further had hadn has hasn have haven having he her here hers herself him himself his how i if in into is
+    isn it its itself just let me more most mustn my myself no nor not now of off on once only or other ought
+    our ours ourselves out over own same shan she should shouldn so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was wasn we were weren what
+    when where which while who whom why will with won would wouldn you your yours yourself yourselves
+    s t d ll m re ve y also ever really get got go going gone like well much many
+    did does tell know think say said
+    """.split()
+)
+
+
+def terms(text: str) -> list[str]:
+    """Meaningful lower-case words of `text`, in order, without repeats."""
+    seen: dict[str, None] = {}
+    words = _WORD.findall(text.lower())
+    for word in words:
+        if word not in STOP_WORDS and word not in seen and len(word) < 64:
+            seen[word] = None
+    if not seen:  # a query of only stop-words ("who is it?") still searches for them
+        seen = dict.fromkeys(w for w in words if len(w) < 64)
+    return list(seen)[:MAX_TERMS]
+
+
+def match(agent_token: str, text: str, columns: str) -> str | None:
+    """An FTS5 MATCH expression limited to one agent, or None if `text` has no words.
+
+    `columns` is the FTS5 column filter for the text terms, e.g. "{content context}".
+    """
+    words = terms(text)
+    if not words:
+        return None
+    # "_" is a word character for Python but a separator for unicode61: quoting keeps it a phrase
+    ored = " OR ".join(f'"{w}"' for w in words)
+    return f'agent : "{agent_token}" AND {columns} : ({ored})'
+
+
+PAGE_SIZE = 5
+
+
+class BadArgument(ValueError):
+    """A search argument the model can correct; str() tells it how."""
+
+
+def parse_date(value: str | None, name: str, *, end: bool = False) -> str | None:
+    """ISO date or date-time to a timestamp comparable with stored ones.
+
+    A bare end date includes that whole day.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        if len(value) == 10:
+            day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+            if end:
+                day += timedelta(days=1)
+            return day.strftime("%Y-%m-%dT%H:%M:%SZ")
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadArgument(f"{name} {value!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def page_number(page: object) -> int:
+    try:
+        number = int(page) if page not in (None, "") else 1  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise BadArgument(f"page {page!r} is not a number; pages start at 1") from None
+    return max(1, number)
+
+
+@dataclass
+class Hit:
+    id: int
+    created_at: str
+    text: str
+    label: str  # who said it, or the passage's tags
+    score: float = 0.0
+
+
+@dataclass
+class Page:
+    hits: list[Hit]
+    total: int
+    page: int
+    page_size: int = PAGE_SIZE
+    note: str = ""
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+    def render(self, what: str, max_chars: int = 400) -> str:
+        if self.total == 0:
+            return f"No {what} matched.{' ' + self.note if self.note else ''}"
+        if not self.hits:
+            return f"Page {self.page} is past the end: {self.total} {what} matched ({self.pages} pages)."
+        head = f"Page {self.page} of {self.pages}, {self.total} {what} matched"
+        head += f" ({self.note})." if self.note else "."
+        lines = [head]
+        for h in self.hits:
+            text = h.text if len(h.text) <= max_chars else h.text[: max_chars - 1] + "…"
+            lines.append(f"[#{h.id} {h.created_at[:16].replace('T', ' ')}] {h.label}: {text}")
+        if self.page < self.pages:
+            lines.append(f"More on page {self.page + 1}.")
+        return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""A scripted OpenAI-compatible server on loopback (chat completions + embeddings).
+
+Tests queue what the "model" answers; the server records every request so a
+test can assert on exactly what the engine sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+def reply(text: str) -> dict[str, Any]:
+    """A plain-text assistant answer."""
+    return {"message": {"role": "assistant", "content": text}}
+
+
+def call(name: str, args: dict[str, Any] | str | None = None, *, content: str = "", call_id: str | None = None) -> dict[str, Any]:
+    """An assistant message with one tool call (`args` as a str is sent verbatim)."""
+    return calls((name, args, call_id), content=content)
+
+
+def calls(*items: tuple[str, dict[str, Any] | str | None, str | None], content: str = "") -> dict[str, Any]:
+    tool_calls = []
+    for n, (name, args, call_id) in enumerate(items):
+        raw = args if isinstance(args, str) else json.dumps(args or {})
+        tool_calls.append({"id": call_id or f"call_{n}_{time.monotonic_ns()}", "type": "function", "function": {"name": name, "arguments": raw}})
+    return {"message": {"role": "assistant", "content": content or None, "tool_calls": tool_calls}}
+
+
+@dataclass
+class Error:
+    status: int
+    body: dict[str, Any] | str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Delay:
+    seconds: float
+    then: Any
+
+
+Script = dict[str, Any] | Error | Delay | Callable[[dict[str, Any]], Any]
+
+
+_SKIP = frozenset("a an the is are was were do does did where what who when how to of in and or i you it".split())
+
+
+def embed_text(text: str, dim: int) -> list[float]:
+    """Deterministic bag-of-words vectors: texts sharing words are near each other."""
+    v = [0.0] * dim
+    for word in re.findall(r"\w+", text.lower()):
+        if word in _SKIP:
+            continue
+        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        v[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v] if any(v) else [1.0 / math.sqrt(dim)] * dim
+
+
+class FakeOpenAI:
+    def __init__(self, *, dim: int = 256, usage: bool = True) -> None:
+        self.dim = dim
+        self.usage = usage
+        self.script: list[Script] = []
+        self.default: Script | None = None
+        self.requests: list[dict[str, Any]] = []
+        self.embedding_inputs: list[str] = []
+        self.fail_embeddings: Error | None = None
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> "FakeOpenAI":
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    def push(self, *items: Script) -> None:
+        self.script.extend(items)
+
+    @property
+    def chat_requests(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if "messages" in r]
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        item = self.script.pop(0) if self.script else self.default
+        if item is None:
+            return web.json_response({"error": {"message": "fake: no scripted response left"}}, status=500)
+        return await self._answer(item, body)
+
+    async def _answer(self, item: Script, body: dict[str, Any]) -> web.Response:
+        while True:
+            if isinstance(item, Delay):
+                await asyncio.sleep(item.seconds)
+                item = item.then
+            elif callable(item):
+                item = item(body)
+            else:
+                break
+        if isinstance(item, Error):
+            payload = item.body if isinstance(item.body, str) else json.dumps(item.body)
+            return web.Response(text=payload, status=item.status, headers=item.headers, content_type="application/json")
+        choice = {"index": 0, "finish_reason": "tool_calls" if item["message"].get("tool_calls") else "stop", **item}
+        data: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"), "choices": [choice]}
+        if self.usage:
+            prompt = sum(len(json.dumps(m)) for m in body["messages"]) // 4
+            data["usage"] = {"prompt_tokens": prompt, "completion_tokens": 10, "total_tokens": prompt + 10}
+        return web.json_response(data)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.fail_embeddings:
+            e = self.fail_embeddings
+            return web.Response(text=json.dumps(e.body), status=e.status, content_type="application/json")
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        self.embedding_inputs.extend(inputs)
+        data = [{"object": "embedding", "index": i, "embedding": embed_text(t, self.dim)} for i, t in enumerate(inputs)]
+        return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 0, "total_tokens": 0}})

@@ -1,0 +1,209 @@
+"""Core, recall and archival memory against a real SQLite file and a loopback embeddings server."""
+
+from __future__ import annotations
+
+import pytest
+
+from memory import agents, core, recall, search
+from memory.agents import Agent
+from memory.archival import MAX_INSERT_CHARS, Archive, chunk
+from memory.config import EngineSettings
+from memory.db import Database
+from tests.fakeopenai import Error, FakeOpenAI
+
+
+# --- core memory -------------------------------------------------------------
+
+async def test_core_append_and_replace(db: Database, agent: Agent) -> None:
+    assert "Appended" in await core.append(db, agent, "human", "Name: Ann.")
+    assert "Appended" in await core.append(db, agent, "human", "Likes tea.")
+    assert "Replaced" in await core.replace(db, agent, "human", "Likes tea.", "Likes green tea.")
+    block = {b.label: b for b in await core.blocks(db, agent)}["human"]
+    assert block.value == "Name: Ann.\nLikes green tea."
+    assert '<human chars="27/2000"' in core.render(await core.blocks(db, agent))
+
+
+async def test_core_refusals_tell_the_model_what_to_do(db: Database, agent: Agent) -> None:
+    await core.append(db, agent, "human", "likes cats. likes cats.")
+    assert "occurs 2 times" in await core.replace(db, agent, "human", "likes cats.", "x")
+    assert "does not occur" in await core.replace(db, agent, "human", "dogs", "x")
+    assert "core_memory_append" in await core.replace(db, agent, "human", "", "x")
+    assert "Use one of: persona, human" in await core.append(db, agent, "nope", "x")
+    refusal = await core.append(db, agent, "human", "y" * 3000)
+    assert "limit is 2000" in refusal and "archival_memory_insert" in refusal
+    assert "limit is 2000" in await core.replace(db, agent, "human", "likes cats. likes", "z" * 2500)
+    value = {b.label: b.value for b in await core.blocks(db, agent)}["human"]
+    assert value == "likes cats. likes cats."  # every refusal left the block untouched
+
+
+# --- recall memory -----------------------------------------------------------
+
+async def _say(db: Database, agent: Agent, *texts: str, when: str | None = None, role: str = "user") -> None:
+    msgs = [recall.Message(role=role, content=t, author="ann", author_id="1001") for t in texts]
+    if when:
+        for m in msgs:
+            m.created_at = when
+    await recall.append(db, agent, msgs)
+
+
+async def test_conversation_search_ranks_pages_and_counts(db: Database, agent: Agent) -> None:
+    for i in range(33):
+        await _say(db, agent, f"note {i} about the garden and tomatoes")
+    await _say(db, agent, "tomatoes tomatoes tomatoes everywhere, I love tomatoes")
+    await _say(db, agent, "something unrelated about trains")
+    page = await recall.search_messages(db, agent, "tomatoes", page=2)
+    assert (page.total, page.page, page.pages) == (34, 2, 7)
+    assert len(page.hits) == 5
+    assert page.render("messages").startswith("Page 2 of 7, 34 messages matched")
+    first = await recall.search_messages(db, agent, "tomatoes")
+    assert "everywhere" in first.hits[0].text  # ranked, not chronological
+    past_end = await recall.search_messages(db, agent, "tomatoes", page=9)
+    assert past_end.hits == [] and "past the end" in past_end.render("messages")
+
+
+async def test_conversation_search_dates_and_roles_filter(db: Database, agent: Agent) -> None:
+    await _say(db, agent, "we planned the trip to Lisbon", when="2024-03-01T10:00:00Z")
+    await _say(db, agent, "booked the Lisbon hotel", when="2024-03-05T10:00:00Z")
+    await _say(db, agent, "Lisbon was lovely", when="2024-04-02T10:00:00Z")
+    await _say(db, agent, "Lisbon tips from the assistant", when="2024-03-03T10:00:00Z", role="assistant")
+    march = await recall.search_messages(db, agent, "Lisbon", start_date="2024-03-01", end_date="2024-03-31")
+    assert march.total == 3
+    users_in_march = await recall.search_messages(db, agent, "Lisbon", start_date="2024-03-01", end_date="2024-03-05", roles=["user"])
+    assert sorted(h.text for h in users_in_march.hits) == ["booked the Lisbon hotel", "we planned the trip to Lisbon"]
+    by_date_only = await recall.search_messages(db, agent, "", start_date="2024-04-01")
+    assert [h.text for h in by_date_only.hits] == ["Lisbon was lovely"]
+    with pytest.raises(search.BadArgument, match="YYYY-MM-DD"):
+        await recall.search_messages(db, agent, "Lisbon", start_date="last tuesday")
+    with pytest.raises(search.BadArgument, match="unknown role"):
+        await recall.search_messages(db, agent, "Lisbon", roles=["wizard"])
+
+
+HOSTILE = [
+    '"', '""', "*", "AND", "OR NOT", "NEAR(", "NEAR(a b", "-", "-foo", ":", "content:x", "agent:a1", "a1",
+    "{content}: x", "^start", "(((", "')--", "x' OR '1'='1", "\x00", "tea\x00cup", "", "   ", "🍵🐈",
+    "чай и кошки", "お茶と猫", "شاي", "a" * 5000, " ".join(["word"] * 2000), "AND OR NOT NEAR", "\"tea\" * -cats",
+]
+
+
+async def test_hostile_queries_never_raise(db: Database, agent: Agent, archive: Archive) -> None:
+    await _say(db, agent, "I like tea and cats 🍵🐈 чай и кошки お茶と猫")
+    await archive.insert(agent, "Ann likes tea and cats. чай и кошки")
+    for q in HOSTILE:
+        r = await recall.search_messages(db, agent, q)
+        a = await archive.search(agent, q)
+        assert r.total >= 0 and a.total >= 0
+    assert (await recall.search_messages(db, agent, "чай")).total == 1
+    assert (await recall.search_messages(db, agent, "🍵🐈")).total == 0  # not words: an empty result, no error
+    assert (await recall.search_messages(db, agent, '"tea" * -cats')).total == 1
+
+
+async def test_odd_message_content_is_stored(db: Database, agent: Agent) -> None:
+    await _say(db, agent, "nul\x00byte", "x" * 200_000, "mixed 中文 English عربى 🙂")
+    stored = await recall.in_context(db, agent)
+    assert stored[0].content == "nulbyte" and len(stored[1].content) == 200_000
+    assert (await recall.search_messages(db, agent, "中文")).total == 1
+
+
+# --- archival memory ---------------------------------------------------------
+
+def test_chunking_is_sentence_aware_with_overlap() -> None:
+    sentences = [f"Sentence number {i} talks about topic {i % 7}." for i in range(200)]
+    pieces = chunk(" ".join(sentences), size=400, overlap=100)
+    assert all(len(p) <= 400 for p in pieces)
+    assert all(p.endswith(".") for p in pieces)  # never cut mid-sentence
+    for a, b in zip(pieces, pieces[1:]):
+        assert a.split(". ")[-1] in b  # the next piece repeats the last sentence
+    text = " ".join(pieces)
+    assert all(s in text for s in sentences)
+    assert chunk("word " * 1000, size=300)  # no sentence ends at all: cut at spaces
+    assert all(len(p) <= 300 for p in chunk("word " * 1000, size=300))
+
+
+async def test_archival_insert_and_hybrid_search(archive: Archive, agent: Agent, fake: FakeOpenAI) -> None:
+    await archive.insert(agent, "Ann's sister Mia lives in Porto and works as a nurse.", tags=["family"])
+    await archive.insert(agent, "Ann is allergic to peanuts.", tags=["health"])
+    await archive.insert(agent, "The team standup is at 9:30 every weekday.", tags=["work"])
+    page = await archive.search(agent, "where does the sister live")
+    assert "Porto" in page.hits[0].text
+    assert "keyword and meaning" in page.note
+    family_only = await archive.search(agent, "peanuts", tags=["family"])
+    assert [h.label for h in family_only.hits] == ["tags family"]  # meaning may match, the tag filter holds
+    tagged = await archive.search(agent, "peanuts", tags=["Health"])
+    assert [h.text for h in tagged.hits] == ["Ann is allergic to peanuts."]
+    # a vector-only match: no shared word survives stop-words for keyword search
+    assert (await archive.search(agent, "nurse porto")).hits[0].text.startswith("Ann's sister")
+
+
+async def test_identical_text_is_embedded_once(archive: Archive, agent: Agent, fake: FakeOpenAI) -> None:
+    await archive.insert(agent, "The wifi password is hunter2.")
+    await archive.insert(agent, "The wifi password is hunter2.")
+    assert fake.embedding_inputs.count("The wifi password is hunter2.") == 1
+    assert await archive.count(agent) == 2
+
+
+async def test_embedding_outage_keeps_passage_and_catches_up(archive: Archive, agent: Agent, fake: FakeOpenAI, db: Database) -> None:
+    await archive.insert(agent, "first passage about kayaks")  # creates the vector space
+    fake.fail_embeddings = Error(400, {"error": {"message": "model not loaded"}})
+    await archive.insert(agent, "second passage about canoes")
+    assert await db.fetchval("SELECT count(*) FROM passages WHERE embedded = 0") == 1
+    assert (await archive.search(agent, "canoes")).total == 1  # keyword still works
+    fake.fail_embeddings = None
+    assert await archive.embed_pending() == 1
+    assert await db.fetchval("SELECT count(*) FROM passages_vec") == 2
+
+
+async def test_model_change_reembeds_instead_of_mixing(db: Database, client, agent: Agent, fake: FakeOpenAI) -> None:
+    from memory.embeddings import Embedder
+
+    first = Embedder(db, client, "model-a")
+    await first.prepare()
+    arch = Archive(db, first)
+    await arch.insert(agent, "a passage about violins")
+    fake.dim = 32  # the new model has another dimension
+    second = Embedder(db, client, "model-b")
+    await second.prepare()
+    assert await db.fetchval("SELECT count(*) FROM passages WHERE embedded = 1") == 0
+    arch2 = Archive(db, second)
+    assert await arch2.embed_pending() == 1
+    assert second.dim == 32
+    assert await db.fetchval("SELECT value FROM meta WHERE key = 'embedding_model'") == "model-b"
+    assert (await arch2.search(agent, "violins")).hits[0].text == "a passage about violins"
+
+
+async def test_keyword_only_without_embedder(db: Database, agent: Agent) -> None:
+    arch = Archive(db, None)
+    await arch.insert(agent, "The boat is called Seagull.")
+    page = await arch.search(agent, "what is the boat called")
+    assert page.total == 1 and page.note == ""
+
+
+async def test_oversized_insert_is_refused_and_long_text_chunked(archive: Archive, agent: Agent) -> None:
+    with pytest.raises(ValueError, match="at most 20000"):
+        await archive.insert(agent, "x" * (MAX_INSERT_CHARS + 1))
+    with pytest.raises(ValueError, match="empty"):
+        await archive.insert(agent, "   ")
+    ids = await archive.insert(agent, "A fact about otters. " * 500, max_chars=50_000)
+    assert len(ids) > 5
+
+
+# --- isolation ---------------------------------------------------------------
+
+async def test_agents_never_see_each_others_rows(db: Database, settings: EngineSettings, archive: Archive) -> None:
+    alice = await agents.get_or_create(db, "dm:1", settings)
+    bob = await agents.get_or_create(db, "channel:2", settings)
+    await recall.append(db, alice, [recall.Message(role="user", content="my secret is swordfish", author="alice", author_id="1")])
+    await archive.insert(alice, "alice secret swordfish passage", tags=["secret"])
+    await core.append(db, alice, "human", "secret: swordfish")
+    probes = ["swordfish", "secret", f"a{alice.id}", f'agent:"a{alice.id}"', f"a{alice.id} OR swordfish", "*", ""]
+    for q in probes:
+        assert (await recall.search_messages(db, bob, q)).total == 0, q
+        assert (await archive.search(bob, q)).total == 0, q
+        assert (await archive.search(bob, q, tags=["secret"])).total == 0, q
+    assert await recall.delete(db, bob, [m.id for m in await recall.in_context(db, alice)]) == 0
+    alice_passages = [r[0] for r in await db.fetchall("SELECT id FROM passages WHERE agent_id = ?", (alice.id,))]
+    assert await archive.delete(bob, alice_passages) == 0
+    assert "swordfish" not in core.render(await core.blocks(db, bob))
+    await recall.clear(db, bob)
+    await archive.clear(bob)
+    assert (await recall.search_messages(db, alice, "swordfish")).total == 1
+    assert (await archive.search(alice, "swordfish")).total == 1
