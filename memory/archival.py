@@ -234,6 +234,10 @@ class Archive:
         page_ids = ranked[(number - 1) * page_size : number * page_size]
         return search.Page(await self._hits(agent, page_ids), total, number, page_size, note)
 
+    async def nearest(self, agent: Agent, query: str, k: int = 10) -> list[int]:
+        """Passage ids nearest to `query` by meaning alone (empty without vectors)."""
+        return await self._knn(agent, query, k, None, []) or []
+
     async def _knn(self, agent: Agent, query: str, wanted: int, where: str | None, params: list[object]) -> list[int] | None:
         """Nearest passages by meaning, or None when there are no vectors to search."""
         if self.embedder is None or self.embedder.dim is None:
