@@ -82,13 +82,16 @@ async def m002_messages(c: aiosqlite.Connection) -> None:
             tool_calls TEXT,
             tool_call_id TEXT,
             created_at TEXT NOT NULL,
+            -- 1 in the context window, 0 evicted, 2 waiting for the next turn
             in_context INTEGER NOT NULL DEFAULT 1,
+            -- order inside the context window: the order messages entered it
+            position INTEGER,
             tokens INTEGER NOT NULL DEFAULT 0,
             -- platform id of the source message (e.g. a Discord message id), for dedup and forget
             external_id TEXT
         );
         CREATE INDEX messages_agent_time ON messages(agent_id, created_at);
-        CREATE INDEX messages_context ON messages(agent_id, in_context, id);
+        CREATE INDEX messages_context ON messages(agent_id, in_context, position);
         -- the agent token lives inside the index so MATCH filters by agent itself
         CREATE VIRTUAL TABLE messages_fts USING fts5(
             agent, content, content='', contentless_delete=1, tokenize='porter unicode61 remove_diacritics 2'

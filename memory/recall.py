@@ -16,6 +16,9 @@ from .db import Database
 
 ROLES = ("user", "assistant", "tool", "system")
 
+# messages.in_context
+EVICTED, IN_CONTEXT, WAITING = 0, 1, 2
+
 
 @dataclass
 class Message:
@@ -85,8 +88,12 @@ def _row(row: Any) -> Message:
     )
 
 
-async def append(db: Database, agent: Agent, messages: list[Message], *, in_context: bool = True) -> list[Message]:
-    """Persist messages (one transaction), filling in their ids and token counts."""
+async def append(db: Database, agent: Agent, messages: list[Message], *, state: int = IN_CONTEXT) -> list[Message]:
+    """Persist messages (one transaction), filling in their ids and token counts.
+
+    WAITING messages are in recall at once but enter the context only when a
+    turn admits them, so they never land in the middle of a running turn.
+    """
     for m in messages:
         if m.role not in ROLES:
             raise ValueError(f"unknown role {m.role!r}")
@@ -96,11 +103,12 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, in_cont
         for m in messages:
             cur = await w.execute(
                 "INSERT INTO messages(agent_id, role, author, author_id, content, tool_calls, tool_call_id,"
-                " external_id, created_at, in_context, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " external_id, created_at, in_context, tokens, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " CASE WHEN ?10 = 1 THEN (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ?1 AND in_context = 1) END)",
                 (
                     agent.id, m.role, m.author, m.author_id, m.content,
                     json.dumps(m.tool_calls) if m.tool_calls else None,
-                    m.tool_call_id, m.external_id, m.created_at, int(in_context), m.tokens,
+                    m.tool_call_id, m.external_id, m.created_at, state, m.tokens,
                 ),
             )
             m.id = cur.lastrowid or 0
@@ -114,17 +122,25 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, in_cont
 
 async def in_context(db: Database, agent: Agent) -> list[Message]:
     rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY id", (agent.id,)
+        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position", (agent.id,)
     )
     return [_row(r) for r in rows]
 
 
-async def evict(db: Database, agent: Agent, up_to_id: int) -> None:
-    """Take messages up to `up_to_id` out of the context window (they stay in recall)."""
+async def admit_waiting(db: Database, agent: Agent) -> int:
+    """Move waiting messages into the context, in the order they arrived."""
     async with db.write() as w:
-        await w.execute(
-            "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 1 AND id <= ?", (agent.id, up_to_id)
-        )
+        waiting = [r[0] for r in await w.execute_fetchall(
+            "SELECT id FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id", (agent.id,)
+        )]
+        for message_id in waiting:
+            await w.execute(
+                "UPDATE messages SET in_context = 1,"
+                " position = (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ? AND in_context = 1)"
+                " WHERE id = ?",
+                (agent.id, message_id),
+            )
+    return len(waiting)
 
 
 async def count(db: Database, agent: Agent) -> int:

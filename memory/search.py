@@ -63,14 +63,14 @@ class BadArgument(ValueError):
     """A search argument the model can correct; str() tells it how."""
 
 
-def parse_date(value: str | None, name: str, *, end: bool = False) -> str | None:
+def parse_date(value: object, name: str, *, end: bool = False) -> str | None:
     """ISO date or date-time to a timestamp comparable with stored ones.
 
     A bare end date includes that whole day.
     """
     if not value:
         return None
-    value = value.strip()
+    value = str(value).strip()
     try:
         if len(value) == 10:
             day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)

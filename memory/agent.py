@@ -1,0 +1,172 @@
+"""One turn of an agent: steps of model call → function calls → results until a reply.
+
+The user's messages are already in recall (and in context) before a turn
+starts. Each step's assistant message and its function results are stored in
+one transaction, so a crash never leaves a call without its result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import context, recall, tools
+from .agents import Agent
+from .archival import Archive
+from .config import EngineSettings
+from .db import Database
+from .llm import ContextOverflowError, LLMClient, LLMError
+
+log = logging.getLogger(__name__)
+
+APOLOGY = "Sorry, I can't reach my language model right now. Your message is saved; please try again in a moment."
+STUCK = "Sorry, I got stuck working on that and stopped. Could you rephrase or ask again?"
+# after eviction the prompt should be at most this share of the flush line
+COMPACT_TO = 0.6
+
+
+@dataclass
+class TurnResult:
+    reply: str | None
+    outcome: str  # reply | step_limit | loop | error | merged
+    steps: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    model_seconds: float = 0.0
+    engine_seconds: float = 0.0
+    error: str = ""
+    evicted: list[recall.Message] = field(default_factory=list)
+    request_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Turn:
+    db: Database
+    llm: LLMClient
+    archive: Archive
+    settings: EngineSettings
+    agent: Agent
+    # provider count / our estimate, when the provider says more than we thought
+    token_scale: float = 1.0
+
+    async def run(self) -> TurnResult:
+        started = time.perf_counter()
+        result = TurnResult(reply=None, outcome="reply")
+        await recall.admit_waiting(self.db, self.agent)
+        try:
+            await self._steps(result)
+        except LLMError as exc:
+            log.warning("%s: model call failed: %s", self.agent.key, exc)
+            result.outcome, result.error, result.reply = "error", str(exc), APOLOGY
+            await recall.append(self.db, self.agent, [recall.Message(role="system", content=f"The model call failed: {exc}")])
+        await self._record_usage(result)
+        result.engine_seconds = time.perf_counter() - started - result.model_seconds
+        return result
+
+    async def _steps(self, result: TurnResult) -> None:
+        max_steps = self.settings.max_steps_per_turn
+        seen: dict[tuple[str, str], int] = {}
+        for step in range(1, max_steps + 1):
+            last = step == max_steps and max_steps > 1
+            if last:
+                await self._event(f"Step limit reached ({max_steps} steps). Answer the user now in plain text.")
+            prompt = await self._prompt(result)
+            answer = await self._call(prompt, result, use_tools=not last)
+            result.steps = step
+            if not answer.tool_calls:
+                text = answer.content.strip()
+                if text:
+                    await recall.append(self.db, self.agent, [recall.Message(role="assistant", content=text)])
+                    result.reply = text
+                    if last:
+                        result.outcome = "step_limit"
+                    return
+                await self._event("Your answer was empty. Reply to the user with send_message.")
+                continue
+            stored = [recall.Message(role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in answer.tool_calls])]
+            replies: list[str] = []
+            looping = False
+            for call in answer.tool_calls:
+                signature = (call.name, _normalized(call.arguments))
+                seen[signature] = seen.get(signature, 0) + 1
+                if seen[signature] > 1 and call.name != "send_message":
+                    looping = looping or seen[signature] > 2
+                    outcome = tools.Outcome(
+                        f"Error: you already called {call.name} with these arguments in this turn; its result is above. "
+                        "Do not repeat it: answer the user with send_message."
+                    )
+                else:
+                    outcome = await tools.execute(self.db, self.archive, self.agent, call.name, call.arguments)
+                if outcome.reply:
+                    replies.append(outcome.reply)
+                stored.append(recall.Message(role="tool", content=outcome.text, tool_call_id=call.id))
+            await recall.append(self.db, self.agent, stored)
+            if replies:
+                result.reply = "\n\n".join(replies)
+                return
+            if looping:
+                await self._event("The turn was stopped: the same function call kept repeating.")
+                result.reply, result.outcome = STUCK, "loop"
+                return
+        await self._event(f"The turn was stopped after {max_steps} steps without an answer.")
+        result.reply, result.outcome = STUCK, "step_limit"
+
+    async def _prompt(self, result: TurnResult) -> context.Prompt:
+        """The next request, compacted and with a pressure warning if needed."""
+        s = self.settings
+        prompt = await context.build(self.db, self.archive, self.agent)
+        if prompt.tokens * self.token_scale > s.memory_flush_fraction * s.context_window:
+            eviction = await context.compact(
+                self.db, self.llm, s.llm_model, self.agent, prompt, s, target=s.memory_flush_fraction * COMPACT_TO
+            )
+            if eviction:
+                result.evicted.extend(eviction.messages)
+                prompt = await context.build(self.db, self.archive, self.agent)
+        if await context.warn_if_pressured(self.db, self.agent, prompt, s):
+            prompt = await context.build(self.db, self.archive, self.agent)
+        return prompt
+
+    async def _call(self, prompt: context.Prompt, result: TurnResult, *, use_tools: bool = True):
+        schemas = tools.SCHEMAS if use_tools else None
+        try:
+            answer = await self.llm.chat(self.settings.llm_model, prompt.messages, schemas)
+        except ContextOverflowError as exc:
+            # our estimate was low for this model: compact hard, then one retry
+            log.warning("%s: provider says the context overflowed (%s); compacting", self.agent.key, exc)
+            self.token_scale = max(self.token_scale, 1.25)
+            forced = context.Prompt(prompt.messages, prompt.history, max(prompt.tokens, self.settings.context_window + 1))
+            eviction = await context.compact(
+                self.db, self.llm, self.settings.llm_model, self.agent, forced, self.settings, target=0.4
+            )
+            if eviction is None:
+                raise
+            result.evicted.extend(eviction.messages)
+            prompt = await context.build(self.db, self.archive, self.agent)
+            answer = await self.llm.chat(self.settings.llm_model, prompt.messages, schemas)
+        result.request_tokens.append(prompt.tokens)
+        result.model_seconds += answer.seconds
+        if answer.usage:
+            result.tokens_in += answer.usage.prompt_tokens
+            result.tokens_out += answer.usage.completion_tokens
+            if prompt.tokens:
+                self.token_scale = max(1.0, min(3.0, answer.usage.prompt_tokens / prompt.tokens))
+        return answer
+
+    async def _event(self, text: str) -> None:
+        await recall.append(self.db, self.agent, [recall.Message(role="system", content=text)])
+
+    async def _record_usage(self, result: TurnResult) -> None:
+        async with self.db.write() as w:
+            await w.execute(
+                "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
+                (result.tokens_in, result.tokens_out, len(result.request_tokens), self.agent.id),
+            )
+
+
+def _normalized(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True)
+    except ValueError:
+        return arguments.strip()

@@ -1,0 +1,228 @@
+"""The context window: what the model sees on each step, and keeping it within bounds.
+
+The system part (instructions, core memory, memory status, summary) changes only
+when memory changes, so providers' prompt caches hit from turn to turn; the time
+travels in the messages instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from . import core, recall, tokens
+from .agents import Agent, now
+from .archival import Archive
+from .config import EngineSettings
+from .db import Database
+from .llm import LLMClient, LLMError
+from .tools import SCHEMAS
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+You are a companion with long-term memory (MemGPT-style), talking with people on Discord.
+Your context window is small. It holds these instructions, your core memory, a summary of older conversation, and the latest messages. Older messages move out of context into recall memory, where conversation_search finds them. Archival memory is your unlimited store: archival_memory_insert and archival_memory_search.
+- Answer with send_message or with plain text; either ends your turn. Text you write next to other function calls is private thought that nobody sees.
+- When you learn something lasting about a person, the channel or yourself, save it right away: short facts with core_memory_append or core_memory_replace, longer details with archival_memory_insert.
+- Before saying you do not know or remember something, search recall and archival memory.
+- Each user message starts with its time and its author's name and id. In channels many people talk: keep them apart.
+- Messages marked "system event" come from the memory system, not from a person."""
+
+SUMMARY_INSTRUCTIONS = """\
+You keep the running summary of a long conversation for an assistant whose context window is limited.
+Fold the messages that are leaving the context into the previous summary. Keep names, facts about people, dates, decisions, promises and open questions; drop greetings and small talk. Write plain prose in the past tense, at most {words} words. Answer with the summary only."""
+
+TOOL_TOKENS = tokens.count_tools(SCHEMAS)
+
+
+@dataclass
+class Prompt:
+    messages: list[dict[str, Any]]
+    history: list[recall.Message]
+    tokens: int
+
+
+@lru_cache(maxsize=256)
+def _count_system(text: str) -> int:
+    return tokens.count(text) + tokens.PER_MESSAGE
+
+
+async def system_prompt(db: Database, archive: Archive, agent: Agent) -> str:
+    blocks = await core.blocks(db, agent)
+    row = await db.fetchone(
+        "SELECT summary,"
+        " (SELECT count(*) FROM messages WHERE agent_id = a.id AND in_context = 0),"
+        " (SELECT max(updated_at) FROM blocks WHERE agent_id = a.id)"
+        " FROM agents a WHERE id = ?",
+        (agent.id,),
+    )
+    summary, out_of_context, changed = row[0], row[1], row[2]
+    passages = await archive.count(agent)
+    parts = [
+        INSTRUCTIONS,
+        "### Core memory",
+        core.render(blocks),
+        "### Memory status",
+        f"{out_of_context} older messages are in recall memory; {passages} passages in archival memory; "
+        f"core memory last changed {changed[:16].replace('T', ' ') if changed else 'never'} UTC.",
+    ]
+    if summary:
+        parts += ["### Summary of earlier conversation", summary]
+    return "\n".join(parts)
+
+
+async def build(db: Database, archive: Archive, agent: Agent) -> Prompt:
+    system = await system_prompt(db, archive, agent)
+    history = await recall.in_context(db, agent)
+    messages = [{"role": "system", "content": system}] + [m.to_openai() for m in history]
+    total = _count_system(system) + TOOL_TOKENS + sum(m.tokens for m in history)
+    return Prompt(messages, history, total)
+
+
+async def warn_if_pressured(db: Database, agent: Agent, prompt: Prompt, settings: EngineSettings) -> bool:
+    """Once per crossing of the warning line, tell the model to save what matters."""
+    share = prompt.tokens / settings.context_window
+    warned = await db.fetchval("SELECT pressure_warned FROM agents WHERE id = ?", (agent.id,), 0)
+    if share < settings.memory_warning_fraction:
+        if warned:
+            async with db.write() as w:
+                await w.execute("UPDATE agents SET pressure_warned = 0 WHERE id = ?", (agent.id,))
+        return False
+    if warned:
+        return False
+    event = recall.Message(
+        role="system",
+        content=(
+            f"Memory pressure: the context is {share:.0%} full. The oldest messages will soon move out of "
+            "context into a summary. Save anything important now: facts with core_memory_append or "
+            "core_memory_replace, details with archival_memory_insert."
+        ),
+    )
+    await recall.append(db, agent, [event])
+    async with db.write() as w:
+        await w.execute("UPDATE agents SET pressure_warned = 1 WHERE id = ?", (agent.id,))
+    return True
+
+
+def _cut(history: list[recall.Message], excess: int, keep_last: int) -> int:
+    """Index of the first message to keep: frees at least `excess` tokens when it can.
+
+    Never separates a tool result from the assistant call before it, and always
+    keeps the last `keep_last` messages.
+    """
+    limit = max(0, len(history) - keep_last)
+    freed, cut = 0, 0
+    while cut < limit and freed < excess:
+        freed += history[cut].tokens
+        cut += 1
+    while cut < len(history) and history[cut].role == "tool":
+        cut += 1  # the call left: its results leave with it
+    if cut > limit:  # ...unless that would evict the protected tail; keep the whole group
+        cut -= 1
+        while cut > 0 and history[cut].role == "tool":
+            cut -= 1
+    return cut
+
+
+def transcript(messages: list[recall.Message], max_tool_chars: int = 300) -> str:
+    lines = []
+    for m in messages:
+        when = m.created_at[:16].replace("T", " ")
+        if m.role == "user":
+            lines.append(f"[{when}] {m.author or 'user'}: {m.content}")
+        elif m.role == "system":
+            lines.append(f"[{when}] (system) {m.content}")
+        elif m.role == "tool":
+            lines.append(f"[{when}] (function result) {m.content[:max_tool_chars]}")
+        else:
+            if m.content:
+                lines.append(f"[{when}] assistant (thinking): {m.content}")
+            for call in m.tool_calls or []:
+                fn = call.get("function", {})
+                lines.append(f"[{when}] assistant called {fn.get('name')}({fn.get('arguments', '')[:max_tool_chars]})")
+    return "\n".join(lines)
+
+
+async def summarize(
+    llm: LLMClient, model: str, previous: str, evicted: list[recall.Message], settings: EngineSettings
+) -> str:
+    """Fold `evicted` into `previous`, in pieces when the span is larger than the window allows."""
+    budget = settings.context_window // 10  # tokens for the summary itself
+    piece_budget = settings.context_window // 2
+    pieces: list[list[recall.Message]] = [[]]
+    size = 0
+    for m in evicted:
+        if pieces[-1] and size + m.tokens > piece_budget:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(m)
+        size += m.tokens
+    summary = previous
+    for piece in pieces:
+        text = transcript(piece)
+        if tokens.count(text) > piece_budget:  # one huge message: its head is enough for a summary
+            text = text[: piece_budget * 3]
+        result = await llm.chat(
+            model,
+            [
+                {"role": "system", "content": SUMMARY_INSTRUCTIONS.format(words=int(budget * 0.7))},
+                {"role": "user", "content": f"Previous summary:\n{summary or '(none)'}\n\nMessages leaving the context:\n{text}"},
+            ],
+            max_tokens=budget,
+        )
+        new = (result.content or "").strip()
+        if not new:
+            raise LLMError("the summarizer returned an empty summary")
+        summary = new
+    return summary
+
+
+@dataclass
+class Eviction:
+    messages: list[recall.Message]
+    summary: str
+    summarized: bool
+
+
+async def compact(
+    db: Database, llm: LLMClient, model: str, agent: Agent, prompt: Prompt, settings: EngineSettings, *, target: float
+) -> Eviction | None:
+    """Evict the oldest messages until the prompt is under `target` × window.
+
+    A summarizer failure keeps the messages in context unless the prompt no longer
+    fits the window at all; then they leave without a summary (they stay in recall)
+    and the summary says so.
+    """
+    excess = prompt.tokens - int(target * settings.context_window)
+    cut = _cut(prompt.history, excess, settings.keep_last_messages)
+    if cut == 0:
+        return None
+    evicted = prompt.history[:cut]
+    previous = await db.fetchval("SELECT summary FROM agents WHERE id = ?", (agent.id,), "")
+    try:
+        summary = await summarize(llm, model, previous, evicted, settings)
+        summarized = True
+    except LLMError as exc:
+        if prompt.tokens <= settings.context_window:
+            log.warning("summarizer failed for %s, keeping messages in context for now: %s", agent.key, exc)
+            return None
+        log.warning("summarizer failed for %s and the window is full; evicting without a summary: %s", agent.key, exc)
+        note = (
+            f"(Messages from {evicted[0].created_at[:16]} to {evicted[-1].created_at[:16]} left the context "
+            "without a summary; find them with conversation_search.)"
+        )
+        summary, summarized = (f"{previous}\n{note}" if previous else note), False
+    async with db.write() as w:
+        await w.execute(
+            "UPDATE agents SET summary = ?, summary_updated_at = ? WHERE id = ?", (summary, now(), agent.id)
+        )
+        ids = [m.id for m in evicted]
+        await w.execute(
+            f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})",
+            (agent.id, *ids),
+        )
+    log.info("%s: evicted %d messages (%d tokens)", agent.key, len(evicted), sum(m.tokens for m in evicted))
+    return Eviction(evicted, summary, summarized)

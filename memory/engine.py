@@ -1,0 +1,208 @@
+"""The engine: opens the store and the model client, and runs agents' turns.
+
+One turn at a time per agent: messages that arrive while a turn runs are
+persisted at once and answered together by the next turn, in order. Different
+agents run concurrently; the model client caps calls in flight for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+from . import agents, context, core, recall, tools
+from .agent import Turn, TurnResult
+from .agents import Agent
+from .archival import Archive
+from .config import EngineSettings
+from .db import Database
+from .embeddings import Embedder
+from .llm import LLMClient, LLMError
+
+log = logging.getLogger(__name__)
+
+CONSOLIDATION_STEPS = 3
+CONSOLIDATION_INSTRUCTIONS = """\
+You maintain the long-term memory of an assistant. The conversation below is leaving its context window.
+1. Save what is worth remembering from it with archival_memory_insert: one passage of dated notes (who, what, when).
+2. If it taught something lasting about the people, the channel or the assistant, update core memory with core_memory_append or core_memory_replace.
+Then answer "done". Do not save small talk.
+
+Current core memory:
+{core}"""
+
+
+@dataclass
+class _Mailbox:
+    pending: list[tuple[recall.Message, asyncio.Future[TurnResult]]] = field(default_factory=list)
+    worker: asyncio.Task[None] | None = None
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings, db: Database, llm: LLMClient, archive: Archive) -> None:
+        self.settings = settings
+        self.db = db
+        self.llm = llm
+        self.archive = archive
+        self.token_scale = 1.0
+        self._mailboxes: dict[str, _Mailbox] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(cls, settings: EngineSettings) -> "Engine":
+        """Open the database and the model client. Raises ConfigError or StorageError."""
+        settings.require_llm()
+        db = await Database.open(settings.database_path)
+        llm = LLMClient(
+            settings.llm_base_url,
+            api_key=settings.llm_api_key.get_secret_value(),
+            timeout=settings.llm_timeout,
+            max_retries=settings.llm_max_retries,
+            retry_budget=settings.llm_retry_budget,
+            max_concurrent=settings.max_concurrent_llm_calls,
+        )
+        embedder = None
+        if settings.embedding_model:
+            embed_client = llm
+            if settings.embedding_base_url and settings.embedding_base_url != settings.llm_base_url:
+                embed_client = LLMClient(
+                    settings.embedding_base_url,
+                    api_key=(settings.embedding_api_key or settings.llm_api_key).get_secret_value(),
+                    timeout=settings.llm_timeout,
+                    max_retries=settings.llm_max_retries,
+                    retry_budget=settings.llm_retry_budget,
+                )
+            embedder = Embedder(db, embed_client, settings.embedding_model, settings.embedding_batch_size)
+            await embedder.prepare()
+        else:
+            log.info("EMBEDDING_MODEL is not set: archival search is keyword-only")
+        engine = cls(settings, db, llm, Archive(db, embedder))
+        if embedder:
+            engine._spawn(engine._catch_up_embeddings())
+        return engine
+
+    async def close(self) -> None:
+        """Let running turns finish, stop background work, close the database."""
+        workers = [m.worker for m in self._mailboxes.values() if m.worker and not m.worker.done()]
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        embedder = self.archive.embedder
+        if embedder and embedder.client is not self.llm:
+            await embedder.client.aclose()
+        await self.llm.aclose()
+        await self.db.close()
+
+    async def agent(self, key: str) -> Agent:
+        return await agents.get_or_create(self.db, key, self.settings)
+
+    async def record(self, key: str, message: recall.Message) -> recall.Message:
+        """Store a message the agent should remember but not answer; the next turn sees it."""
+        agent = await self.agent(key)
+        (stored,) = await recall.append(self.db, agent, [message], state=recall.WAITING)
+        return stored
+
+    async def send(self, key: str, message: recall.Message) -> TurnResult:
+        """Persist `message`, then answer it in this agent's next turn.
+
+        When several messages wait for one agent, one turn answers them all: the
+        last one's result carries the reply, the others get outcome "merged".
+        """
+        agent = await self.agent(key)
+        await recall.append(self.db, agent, [message], state=recall.WAITING)
+        box = self._mailboxes.setdefault(key, _Mailbox())
+        future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
+        box.pending.append((message, future))
+        if box.worker is None or box.worker.done():
+            box.worker = asyncio.create_task(self._work(agent, box))
+        return await future
+
+    async def _work(self, agent: Agent, box: _Mailbox) -> None:
+        while box.pending:
+            batch, box.pending = box.pending, []
+            try:
+                result = await self.run_turn(agent)
+            except Exception as exc:  # a bug must not leave callers waiting forever
+                log.exception("%s: turn failed", agent.key)
+                result = TurnResult(reply="Sorry, something went wrong on my side.", outcome="error", error=repr(exc))
+            for _, future in batch[:-1]:
+                if not future.done():
+                    future.set_result(TurnResult(reply=None, outcome="merged"))
+            if not batch[-1][1].done():
+                batch[-1][1].set_result(result)
+        if self._mailboxes.get(agent.key) is box and not box.pending:
+            del self._mailboxes[agent.key]
+
+    async def run_turn(self, agent: Agent) -> TurnResult:
+        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
+        result = await turn.run()
+        self.token_scale = turn.token_scale
+        if result.evicted:
+            self._spawn(self._consolidate(agent, result.evicted))
+        return result
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_background(self) -> None:
+        """For tests and shutdown: wait until background passes are finished."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def _catch_up_embeddings(self) -> None:
+        while await self.archive.embed_pending():
+            pass
+
+    async def _consolidate(self, agent: Agent, evicted: list[recall.Message]) -> None:
+        """Off the reply path: turn an evicted span into archival notes and core edits."""
+        try:
+            blocks = core.render(await core.blocks(self.db, agent))
+            messages = [
+                {"role": "system", "content": CONSOLIDATION_INSTRUCTIONS.format(core=blocks)},
+                {"role": "user", "content": context.transcript(evicted)},
+            ]
+            done: list[str] = []
+            for _ in range(CONSOLIDATION_STEPS):
+                answer = await self.llm.chat(self.settings.llm_model, messages, tools.MEMORY_EDIT_SCHEMAS)
+                if not answer.tool_calls:
+                    break
+                messages.append({"role": "assistant", "content": answer.content or None, "tool_calls": [c.as_openai() for c in answer.tool_calls]})
+                for call in answer.tool_calls:
+                    if call.name == "archival_memory_insert" and '"content"' in call.arguments:
+                        # date the notes by the span they come from
+                        call.arguments = _with_tag(call.arguments, "conversation " + evicted[0].created_at[:10])
+                    allowed = call.name in {s["function"]["name"] for s in tools.MEMORY_EDIT_SCHEMAS}
+                    outcome = (
+                        await tools.execute(self.db, self.archive, agent, call.name, call.arguments)
+                        if allowed else tools.Outcome(f"Error: only {', '.join(s['function']['name'] for s in tools.MEMORY_EDIT_SCHEMAS)} are available here.")
+                    )
+                    messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.text})
+                    if outcome.changed_memory:
+                        done.append(f"{call.name}: {outcome.text}")
+            if done:
+                await recall.append(
+                    self.db, agent, [recall.Message(role="system", content="Memory consolidation: " + " ".join(done))],
+                    state=recall.EVICTED,
+                )
+        except LLMError as exc:
+            log.warning("%s: consolidation skipped: %s", agent.key, exc)
+        except Exception:
+            log.exception("%s: consolidation failed", agent.key)
+
+
+def _with_tag(arguments: str, tag: str) -> str:
+    try:
+        args = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(args, dict):
+        tags = args.get("tags") if isinstance(args.get("tags"), list) else []
+        args["tags"] = [*tags, tag]
+        return json.dumps(args)
+    return arguments

@@ -1,0 +1,334 @@
+"""The agent loop against a scripted OpenAI-compatible server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memory import core, recall
+from memory.config import EngineSettings
+from memory.db import Database
+from memory.engine import Engine
+from tests.fakeopenai import Delay, Error, FakeOpenAI, call, calls, reply
+
+
+def user(text: str, author: str = "ann", author_id: str = "1001") -> recall.Message:
+    return recall.Message(role="user", content=text, author=author, author_id=author_id)
+
+
+def make_settings(tmp_path: Path, fake: FakeOpenAI, **over: Any) -> EngineSettings:
+    values: dict[str, Any] = dict(
+        database_path=tmp_path / "engine.db", llm_base_url=fake.url, llm_model="fake-model",
+        llm_timeout=5, llm_max_retries=3, llm_retry_budget=10,
+    )
+    values.update(over)
+    return EngineSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, fake: FakeOpenAI) -> AsyncIterator[Engine]:
+    e = await Engine.open(make_settings(tmp_path, fake))
+    yield e
+    await e.close()
+
+
+def is_summarizer(body: dict[str, Any]) -> bool:
+    return body["messages"][0]["content"].startswith("You keep the running summary")
+
+
+def is_consolidation(body: dict[str, Any]) -> bool:
+    return body["messages"][0]["content"].startswith("You maintain the long-term memory")
+
+
+def system_of(body: dict[str, Any]) -> str:
+    return body["messages"][0]["content"]
+
+
+async def test_plain_text_reply(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(reply("Hello Ann!"))
+    result = await engine.send("dm:1", user("hi"))
+    assert (result.reply, result.outcome, result.steps) == ("Hello Ann!", "reply", 1)
+    sent = fake.chat_requests[0]
+    assert sent["model"] == "fake-model" and len(sent["tools"]) == 6
+    assert sent["messages"][-1]["content"].endswith("ann (1001): hi")  # author name and id
+
+
+async def test_search_then_answer_chain(engine: Engine, fake: FakeOpenAI) -> None:
+    for i in range(12):
+        await engine.record("dm:1", user(f"my tomato plant number {i} is growing"))
+    fake.push(
+        call("conversation_search", {"query": "tomato plant"}, content="Let me look that up."),
+        call("conversation_search", {"query": "tomato plant", "page": 2}),
+        call("send_message", {"message": "You have at least 12 tomato plants."}),
+    )
+    result = await engine.send("dm:1", user("how many tomato plants did I mention?"))
+    assert result.reply == "You have at least 12 tomato plants." and result.steps == 3
+    second, third = fake.chat_requests[1], fake.chat_requests[2]
+    assert second["messages"][-1]["role"] == "tool"
+    assert second["messages"][-1]["content"].startswith("Page 1 of 3, 13 messages matched")
+    assert third["messages"][-1]["content"].startswith("Page 2 of 3")
+    assert second["messages"][-2]["tool_calls"][0]["function"]["name"] == "conversation_search"
+    # inner monologue is stored but is not the reply
+    stored = await recall.in_context(engine.db, await engine.agent("dm:1"))
+    assert any(m.content == "Let me look that up." and m.role == "assistant" for m in stored)
+
+
+async def test_core_edit_shows_in_next_system_prompt_and_prompt_is_stable(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(reply("one"), reply("two"))
+    await engine.send("dm:1", user("first"))
+    await engine.send("dm:1", user("second"))
+    a, b = fake.chat_requests
+    assert system_of(a) == system_of(b)  # byte-identical: prompt caches hit
+    fake.push(call("core_memory_append", {"label": "human", "content": "Ann plays the cello."}), call("send_message", {"message": "Noted!"}))
+    await engine.send("dm:1", user("I play the cello"))
+    after = fake.chat_requests[-1]
+    assert "Ann plays the cello." in system_of(after)
+    assert "Ann plays the cello." not in system_of(fake.chat_requests[-2])
+
+
+async def test_malformed_arguments_and_unknown_tool_come_back_as_errors(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(
+        call("core_memory_append", '{"label": "human", "content": "likes'),
+        call("teleport", {"where": "mars"}),
+        call("core_memory_replace", {"label": "human", "old_content": "", "new_content": "x"}),
+        call("send_message", {"message": "ok"}),
+    )
+    result = await engine.send("dm:1", user("hi"))
+    assert result.reply == "ok"
+    results = [r["messages"][-1]["content"] for r in fake.chat_requests[1:]]
+    assert "not valid JSON" in results[0] and '{"label": "human", "content": "likes' in results[0]
+    assert "no function 'teleport'" in results[1] and "send_message" in results[1]
+    assert "old_content is empty" in results[2]
+
+
+async def test_model_that_never_stops_is_capped(tmp_path: Path, fake: FakeOpenAI) -> None:
+    engine = await Engine.open(make_settings(tmp_path, fake, max_steps_per_turn=5))
+    counter = iter(range(1000))
+    fake.default = lambda body: (
+        reply("I'll stop here: nothing found.") if "tools" not in body
+        else call("archival_memory_search", {"query": f"thing {next(counter)}"})
+    )
+    result = await engine.send("dm:1", user("find it"))
+    assert result.steps == 5 and result.outcome == "step_limit"
+    assert result.reply == "I'll stop here: nothing found."
+    assert "tools" not in fake.chat_requests[-1]  # the last step must answer in text
+    assert len(fake.chat_requests) == 5
+    events = await recall.search_messages(engine.db, await engine.agent("dm:1"), "step limit", roles=["system"])
+    assert events.total == 1
+    await engine.close()
+
+
+async def test_repeated_identical_call_breaker(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.default = lambda body: call("archival_memory_search", {"query": "same"})
+    result = await engine.send("dm:1", user("loop please"))
+    assert result.outcome == "loop" and result.reply and result.steps == 3
+    assert "already called archival_memory_search" in fake.chat_requests[2]["messages"][-1]["content"]
+
+
+async def test_retries_429_with_retry_after_and_500(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(Error(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.3"}), Error(502, "bad gateway"), reply("finally"))
+    started = time.monotonic()
+    result = await engine.send("dm:1", user("hi"))
+    assert result.reply == "finally" and len(fake.chat_requests) == 3
+    assert time.monotonic() - started >= 0.3
+
+
+async def test_timeout_is_retried(tmp_path: Path, fake: FakeOpenAI) -> None:
+    engine = await Engine.open(make_settings(tmp_path, fake, llm_timeout=0.3))
+    fake.push(Delay(1.0, reply("too late")), reply("in time"))
+    assert (await engine.send("dm:1", user("hi"))).reply == "in time"
+    await engine.close()
+
+
+async def test_client_errors_are_not_retried_and_user_gets_apology(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(Error(401, {"error": {"message": "invalid api key"}}))
+    result = await engine.send("dm:1", user("are you there?"))
+    assert result.outcome == "error" and "can't reach" in result.reply and "invalid api key" in result.error
+    assert len(fake.chat_requests) == 1
+    page = await recall.search_messages(engine.db, await engine.agent("dm:1"), "are you there")
+    assert page.total == 1  # the message is kept
+
+
+async def test_unreachable_endpoint_keeps_message(tmp_path: Path, fake: FakeOpenAI) -> None:
+    settings = make_settings(tmp_path, fake, llm_base_url="http://127.0.0.1:9/v1", llm_max_retries=1, llm_retry_budget=2)
+    engine = await Engine.open(settings)
+    result = await engine.send("dm:1", user("hello?"))
+    assert result.outcome == "error" and "cannot reach" in result.error
+    assert (await recall.search_messages(engine.db, await engine.agent("dm:1"), "hello")).total == 1
+    await engine.close()
+
+
+async def test_memory_pressure_warns_once_then_evicts_with_summary(tmp_path: Path, fake: FakeOpenAI) -> None:
+    engine = await Engine.open(make_settings(tmp_path, fake, context_window=2048, keep_last_messages=3))
+    summaries: list[dict[str, Any]] = []
+
+    def model(body: dict[str, Any]) -> dict[str, Any]:
+        if is_summarizer(body):
+            summaries.append(body)
+            return reply(f"SUMMARY v{len(summaries)}: Ann talked about her garden.")
+        if is_consolidation(body):
+            return reply("done")
+        last = body["messages"][-1]
+        if last["role"] == "user" and "lookup" in last["content"]:
+            return call("archival_memory_search", {"query": "garden"})
+        return reply("ok")
+
+    fake.default = model
+    key = "dm:1"
+    n = 0
+    while not summaries and n < 60:
+        text = f"message {n} about my garden, beans and courgettes " + ("lookup " if n % 3 == 0 else "") + "x " * 40
+        await engine.send(key, user(text))
+        n += 1
+    assert summaries, "eviction never happened"
+    agent = await engine.agent(key)
+    chats = [r for r in fake.chat_requests if not is_summarizer(r) and not is_consolidation(r)]
+    warnings = [r for r in chats if any("Memory pressure" in (m.get("content") or "") for m in r["messages"])]
+    assert warnings, "no memory-pressure event was sent"
+    events = await recall.search_messages(engine.db, agent, "memory pressure", roles=["system"])
+    assert events.total == 1  # once per crossing, not on every step
+    # the next request carries the summary, fits the flush line, and starts on a whole tool group
+    fake.default = model
+    await engine.send(key, user("after eviction"))
+    last = [r for r in fake.chat_requests if not is_summarizer(r) and not is_consolidation(r)][-1]
+    assert "SUMMARY v1" in system_of(last)
+    first_kept = last["messages"][1]
+    assert first_kept["role"] != "tool"
+    ids = {c["id"] for m in last["messages"] if m.get("tool_calls") for c in m["tool_calls"]}
+    results = {m["tool_call_id"] for m in last["messages"] if m["role"] == "tool"}
+    assert ids == results  # every call has its result and vice versa
+    # evicted messages stay searchable
+    assert (await recall.search_messages(engine.db, agent, "message 0")).total >= 1
+    assert await engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND in_context = 0", (agent.id,)) > 0
+    await engine.wait_background()
+    await engine.close()
+
+
+async def test_overflow_error_compacts_and_retries_once(engine: Engine, fake: FakeOpenAI) -> None:
+    for i in range(20):
+        await engine.record("dm:1", user(f"old message {i}"))
+    overflow = Error(400, {"error": {"message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.", "code": "context_length_exceeded"}})
+    fake.push(overflow, reply("SUMMARY: twenty old messages"), reply("fits now"))
+    fake.default = lambda body: reply("done")  # consolidation
+    result = await engine.send("dm:1", user("new"))
+    assert result.reply == "fits now"
+    assert is_summarizer(fake.chat_requests[1])
+    assert "SUMMARY: twenty old messages" in system_of(fake.chat_requests[2])
+    assert len(fake.chat_requests[2]["messages"]) < len(fake.chat_requests[0]["messages"])
+    # a second overflow right after the retry is an error, not a loop
+    await engine.wait_background()
+    fake.push(overflow, reply("SUMMARY again"), overflow)
+    result = await engine.send("dm:1", user("again"))
+    assert result.outcome == "error"
+    await engine.wait_background()
+
+
+async def test_summarizer_failure_keeps_history(tmp_path: Path, fake: FakeOpenAI) -> None:
+    engine = await Engine.open(make_settings(tmp_path, fake, context_window=2048))
+    fake.default = lambda body: Error(400, {"error": {"message": "summarizer broke"}}) if is_summarizer(body) else reply("ok")
+    agent = await engine.agent("dm:1")
+    for n in range(25):
+        await engine.send("dm:1", user(f"message {n} " + "words " * 30))
+    # the window never overflowed outright, so nothing left the context without a summary
+    evicted_unsummarized = await engine.db.fetchval("SELECT summary FROM agents WHERE id = ?", (agent.id,))
+    in_context = await engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND in_context = 1", (agent.id,))
+    total = await engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ?", (agent.id,))
+    assert total >= 50 and (in_context == total or "without a summary" in evicted_unsummarized)
+    await engine.close()
+
+
+async def test_agents_run_in_parallel_and_one_agents_messages_stay_ordered(engine: Engine, fake: FakeOpenAI) -> None:
+    order: list[str] = []
+
+    def model(body: dict[str, Any]) -> Any:
+        last = body["messages"][-1]["content"]
+        order.append(last.split(": ", 1)[-1])
+        return Delay(0.3, reply("answer to " + last.split(": ", 1)[-1]))
+
+    fake.default = model
+    started = time.monotonic()
+    a1 = asyncio.create_task(engine.send("dm:A", user("a-first")))
+    await asyncio.sleep(0.05)
+    a2 = asyncio.create_task(engine.send("dm:A", user("a-second")))
+    a3 = asyncio.create_task(engine.send("dm:A", user("a-third")))
+    b1 = asyncio.create_task(engine.send("dm:B", user("b-first")))
+    r_b1 = await b1
+    assert time.monotonic() - started < 0.55  # B did not wait for A's turn
+    r_a1, r_a2, r_a3 = await asyncio.gather(a1, a2, a3)
+    assert r_a1.reply == "answer to a-first"
+    assert r_a2.outcome == "merged" and r_a3.reply == "answer to a-third"  # one turn for both, in order
+    second_turn = [r for r in fake.chat_requests if "a-second" in json.dumps(r)][0]
+    contents = [m["content"] for m in second_turn["messages"][1:]]
+    assert contents.index(next(c for c in contents if c.endswith("a-second"))) < contents.index(next(c for c in contents if c.endswith("a-third")))
+    assert r_b1.reply == "answer to b-first"
+    a_requests = [r for r in fake.chat_requests if "a-first" in json.dumps(r)]
+    assert not any("b-first" in json.dumps(r) for r in a_requests)
+
+
+CRASH_SCRIPT = """
+import asyncio, sys
+from memory.config import EngineSettings
+from memory.engine import Engine
+from memory import recall
+
+async def main():
+    s = EngineSettings(_env_file=None, database_path=sys.argv[1], llm_base_url=sys.argv[2], llm_model="m", llm_timeout=60)
+    e = await Engine.open(s)
+    await e.send("dm:1", recall.Message(role="user", content="please remember the crash canary", author="ann", author_id="1"))
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_mid_turn_loses_nothing(tmp_path: Path, fake: FakeOpenAI) -> None:
+    db_path = tmp_path / "crash.db"
+    arrived = asyncio.Event()
+
+    def hang(body: dict[str, Any]) -> Any:
+        if len(fake.chat_requests) == 1:
+            return call("core_memory_append", {"label": "human", "content": "Ann fears crashes."})
+        arrived.set()
+        return Delay(30, reply("never"))
+
+    fake.default = hang
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(db_path), fake.url], cwd=Path(__file__).parent.parent)
+    try:
+        await asyncio.wait_for(arrived.wait(), 20)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    db = await Database.open(db_path)
+    assert await db.fetchval("PRAGMA integrity_check") == "ok"
+    await db.close()
+    engine = await Engine.open(make_settings(tmp_path, fake, database_path=db_path))
+    agent = await engine.agent("dm:1")
+    assert (await recall.search_messages(engine.db, agent, "crash canary")).total == 1
+    assert "Ann fears crashes." in core.render(await core.blocks(engine.db, agent))
+    fake.default = None
+    fake.push(reply("I'm back."))
+    assert (await engine.send("dm:1", user("still there?"))).reply == "I'm back."
+    last = fake.chat_requests[-1]["messages"]
+    calls_ = {c["id"] for m in last if m.get("tool_calls") for c in m["tool_calls"]}
+    assert calls_ == {m["tool_call_id"] for m in last if m["role"] == "tool"}
+    assert any("crash canary" in (m.get("content") or "") for m in last)
+    await engine.close()
+
+
+async def test_first_request_is_lean(engine: Engine, fake: FakeOpenAI) -> None:
+    from memory import tokens
+
+    fake.push(reply("hi"))
+    await engine.send("dm:1", user("hello"))
+    body = fake.chat_requests[0]
+    estimate = sum(tokens.count_message(m) for m in body["messages"]) + tokens.count_tools(body["tools"])
+    assert estimate <= 1500, estimate
