@@ -1,9 +1,10 @@
 """Archival memory: passages the agent (or a document upload) chose to keep.
 
-Search is hybrid: FTS5 BM25 over the passage and, with a low weight, the
-passage inserted before it; plus sqlite-vec KNN inside the agent's partition.
-The two ranked lists are fused by weighted reciprocal rank. Without an
-embedding endpoint search is keyword-only.
+Search is hybrid: FTS5 BM25 over the passage and, with lower weights, the
+passages inserted before and after it and its date; plus sqlite-vec KNN inside
+the agent's partition. The scores are fused linearly (BM25 scaled by the best
+one, cosine as is). Without an embedding endpoint search is keyword-only.
+bench/retrieval.py measures these choices on LoCoMo.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 import aiosqlite
 
@@ -29,14 +31,12 @@ OVERLAP_CHARS = 150
 # the model inserts notes, not books; documents come in through ingest with their own limit
 MAX_INSERT_CHARS = 20_000
 MAX_TAGS = 10
-CONTEXT_CHARS = 300
+# of each neighbour, in the context column
+CONTEXT_CHARS = 500
 
-# Fusion settings; see bench/retrieval.py for how they were measured.
-BM25_WEIGHTS = (0.0, 1.0, 0.3)  # agent, content, context
+BM25_WEIGHTS = (0.0, 1.0, 0.5, 0.5)  # agent, content, context, date
 CANDIDATES = 50
-RRF_K = 60
-KEYWORD_WEIGHT = 1.0
-VECTOR_WEIGHT = 1.0
+KEYWORD_SHARE = 0.5  # of the fused score; the rest is cosine similarity
 
 _BREAK = re.compile(r"(?<=[.!?。！？])\s+|\n\s*\n")
 
@@ -75,6 +75,15 @@ def chunk(text: str, size: int = CHUNK_CHARS, overlap: int = OVERLAP_CHARS) -> l
     if current:
         chunks.append(" ".join(current))
     return chunks
+
+
+def spoken_date(stamp: str) -> str:
+    """"2023-05-08T13:56:00Z" -> "8 May 2023", the way people ask about dates."""
+    try:
+        day = datetime.strptime(stamp[:10], "%Y-%m-%d")
+    except ValueError:
+        return ""
+    return f"{day.day} {day:%B %Y}"
 
 
 def clean_tags(tags: Iterable[str] | None) -> list[str]:
@@ -118,28 +127,39 @@ class Archive:
         tag_list = clean_tags(tags)
         stamp = created_at or now()
         ids: list[int] = []
+        agent_token = f"a{agent.id}"
         async with self.db.write() as w:
             rows = await w.execute_fetchall(
-                "SELECT content FROM passages WHERE agent_id = ? ORDER BY id DESC LIMIT 1", (agent.id,)
+                "SELECT id, content, context, created_at FROM passages WHERE agent_id = ? ORDER BY id DESC LIMIT 1",
+                (agent.id,),
             )
-            previous = rows[0][0] if rows else ""
+            previous = rows[0] if rows else None
             for piece in pieces:
+                before = previous["content"][-CONTEXT_CHARS:] if previous else ""
                 cur = await w.execute(
                     "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (agent.id, piece, previous[-CONTEXT_CHARS:], json.dumps(tag_list), source, stamp, text_hash(piece)),
+                    (agent.id, piece, before, json.dumps(tag_list), source, stamp, text_hash(piece)),
                 )
                 pid = cur.lastrowid or 0
                 ids.append(pid)
                 await w.execute(
-                    "INSERT INTO passages_fts(rowid, agent, content, context) VALUES (?, ?, ?, ?)",
-                    (pid, f"a{agent.id}", piece, previous[-CONTEXT_CHARS:]),
+                    "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
+                    (pid, agent_token, piece, before, spoken_date(stamp)),
                 )
                 await w.executemany(
                     "INSERT OR IGNORE INTO passage_tags(passage_id, agent_id, tag) VALUES (?, ?, ?)",
                     [(pid, agent.id, t) for t in tag_list],
                 )
-                previous = piece
+                if previous:  # this passage is the previous one's "after" context
+                    context = f"{previous['context']} {piece[:CONTEXT_CHARS]}".strip()
+                    await w.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
+                    # a contentless FTS5 row is replaced whole
+                    await w.execute(
+                        "UPDATE passages_fts SET agent = ?, content = ?, context = ?, date = ? WHERE rowid = ?",
+                        (agent_token, previous["content"], context, spoken_date(previous["created_at"]), previous["id"]),
+                    )
+                previous = {"id": pid, "content": piece, "context": before, "created_at": stamp}
         await self.embed_pending(agent)
         return ids
 
@@ -216,30 +236,32 @@ class Archive:
 
         weights = ", ".join(str(w) for w in BM25_WEIGHTS)
         keyword_rows = await self.db.fetchall(
-            f"SELECT p.id FROM passages_fts f JOIN passages p ON p.id = f.rowid"
+            f"SELECT p.id, -bm25(passages_fts, {weights}) FROM passages_fts f JOIN passages p ON p.id = f.rowid"
             f" WHERE passages_fts MATCH ? AND {where} ORDER BY bm25(passages_fts, {weights}) LIMIT ?",
             (expression, *params, wanted),
         )
-        keyword = [r[0] for r in keyword_rows]
+        keyword = [(r[0], r[1]) for r in keyword_rows]
         vector = await self._knn(agent, query, wanted, where if filtered else None, params)
         if vector is None:
             total = await self.db.fetchval(
                 f"SELECT count(*) FROM passages_fts f JOIN passages p ON p.id = f.rowid WHERE passages_fts MATCH ? AND {where}",
                 (expression, *params), 0,
             )
-            ranked, note = keyword, ""
+            ranked, note = [i for i, _ in keyword], ""
         else:
-            ranked = fuse([(keyword, KEYWORD_WEIGHT), (vector, VECTOR_WEIGHT)])
+            ranked = fuse(keyword, vector)
             total, note = len(ranked), "best matches by keyword and meaning"
         page_ids = ranked[(number - 1) * page_size : number * page_size]
         return search.Page(await self._hits(agent, page_ids), total, number, page_size, note)
 
     async def nearest(self, agent: Agent, query: str, k: int = 10) -> list[int]:
         """Passage ids nearest to `query` by meaning alone (empty without vectors)."""
-        return await self._knn(agent, query, k, None, []) or []
+        return [i for i, _ in await self._knn(agent, query, k, None, []) or []]
 
-    async def _knn(self, agent: Agent, query: str, wanted: int, where: str | None, params: list[object]) -> list[int] | None:
-        """Nearest passages by meaning, or None when there are no vectors to search."""
+    async def _knn(
+        self, agent: Agent, query: str, wanted: int, where: str | None, params: list[object]
+    ) -> list[tuple[int, float]] | None:
+        """(id, cosine) of the nearest passages, or None when there are no vectors to search."""
         if self.embedder is None or self.embedder.dim is None:
             return None
         try:
@@ -250,18 +272,20 @@ class Archive:
         # vec0's KNN cannot apply our filters; over-fetch and filter after (k is capped at 4096)
         k = 4096 if where else wanted
         rows = await self.db.fetchall(
-            "SELECT rowid FROM passages_vec WHERE embedding MATCH ? AND k = ? AND agent_id = ? ORDER BY distance",
+            "SELECT rowid, distance FROM passages_vec WHERE embedding MATCH ? AND k = ? AND agent_id = ? ORDER BY distance",
             (vector, k, agent.id),
         )
-        ids = [r[0] for r in rows]
-        if where and ids:
+        # unit vectors: cosine = 1 - L2² / 2
+        found = [(r[0], 1.0 - r[1] * r[1] / 2) for r in rows]
+        if where and found:
             allowed = {
                 r[0] for r in await self.db.fetchall(
-                    f"SELECT p.id FROM passages p WHERE {where} AND p.id IN ({','.join('?' * len(ids))})", (*params, *ids)
+                    f"SELECT p.id FROM passages p WHERE {where} AND p.id IN ({','.join('?' * len(found))})",
+                    (*params, *(i for i, _ in found)),
                 )
             }
-            ids = [i for i in ids if i in allowed]
-        return ids[:wanted]
+            found = [(i, c) for i, c in found if i in allowed]
+        return found[:wanted]
 
     async def _hits(self, agent: Agent, ids: list[int]) -> list[search.Hit]:
         if not ids:
@@ -309,10 +333,17 @@ async def _delete_rows(w: aiosqlite.Connection, ids: list[int]) -> None:
         await w.execute(f"DELETE FROM passages WHERE id IN ({marks})", part)
 
 
-def fuse(lists: list[tuple[list[int], float]], k: int = RRF_K) -> list[int]:
-    """Weighted reciprocal-rank fusion of ranked id lists."""
-    scores: dict[int, float] = {}
-    for ids, weight in lists:
-        for rank, i in enumerate(ids):
-            scores[i] = scores.get(i, 0.0) + weight / (k + rank + 1)
+def fuse(keyword: list[tuple[int, float]], vector: list[tuple[int, float]]) -> list[int]:
+    """Linear fusion: BM25 scaled by the best keyword score, plus cosine similarity.
+
+    A keyword hit outside the nearest-neighbour list gets the lowest cosine seen
+    there (it is at most that near), not zero: zero would let any weak vector
+    match outrank a strong keyword match.
+    """
+    cosine = dict(vector)
+    floor = min(cosine.values(), default=0.0)
+    best = max((s for _, s in keyword), default=0.0) or 1.0
+    scores = {i: (1 - KEYWORD_SHARE) * c for i, c in vector}
+    for i, s in keyword:
+        scores[i] = (1 - KEYWORD_SHARE) * cosine.get(i, floor) + KEYWORD_SHARE * s / best
     return sorted(scores, key=lambda i: -scores[i])

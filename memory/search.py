@@ -14,19 +14,21 @@ from datetime import UTC, datetime, timedelta
 
 MAX_TERMS = 32
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+# letters and digits; "_" separates words, as in FTS5's unicode61 tokenizer
+_WORD = re.compile(r"[^\W_]+")
 
+# NLTK's English list plus question fillers; not "may", which is also a month.
 STOP_WORDS = frozenset(
     """
-    a about above after again against all am an and any are aren as at be because been before being below
-    between both but by can cannot could couldn did didn do does doesn doing don down during each few for from
-    further had hadn has hasn have haven having he her here hers herself him himself his how i if in into is
-    isn it its itself just let me more most mustn my myself no nor not now of off on once only or other ought
-    our ours ourselves out over own same shan she should shouldn so some such than that the their theirs them
-    themselves then there these they this those through to too under until up very was wasn we were weren what
-    when where which while who whom why will with won would wouldn you your yours yourself yourselves
-    s t d ll m re ve y also ever really get got go going gone like well much many
-    did does tell know think say said
+    a about above after again against ain all also am an and any anything are aren as at be because been
+    before being below between both but by can could couldn d did didn do does doesn doing don down during
+    each ever few for from further had hadn has hasn have haven having he her here hers herself him himself
+    his how i if in into is isn it its itself just kind kinds likely ll m ma many me might mightn more most
+    much mustn my myself needn no nor not now o of off on once one ones only or other our ours ourselves out
+    over own re s same shan she should shouldn so some something sort such t than that the their theirs
+    them themselves then there these they thing things this those through to too type types under until up
+    ve very was wasn we were weren what when where which while who whom why will with won would wouldn y
+    you your yours yourself yourselves
     """.split()
 )
 
@@ -51,7 +53,6 @@ def match(agent_token: str, text: str, columns: str) -> str | None:
     words = terms(text)
     if not words:
         return None
-    # "_" is a word character for Python but a separator for unicode61: quoting keeps it a phrase
     ored = " OR ".join(f'"{w}"' for w in words)
     return f'agent : "{agent_token}" AND {columns} : ({ored})'
 

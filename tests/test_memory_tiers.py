@@ -146,7 +146,8 @@ async def test_embedding_outage_keeps_passage_and_catches_up(archive: Archive, a
     fake.fail_embeddings = Error(400, {"error": {"message": "model not loaded"}})
     await archive.insert(agent, "second passage about canoes")
     assert await db.fetchval("SELECT count(*) FROM passages WHERE embedded = 0") == 1
-    assert (await archive.search(agent, "canoes")).total == 1  # keyword still works
+    found = await archive.search(agent, "canoes")  # keyword search still works
+    assert found.note == "" and found.hits[0].text == "second passage about canoes"
     fake.fail_embeddings = None
     assert await archive.embed_pending() == 1
     assert await db.fetchval("SELECT count(*) FROM passages_vec") == 2

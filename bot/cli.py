@@ -1,0 +1,124 @@
+"""The `mnemocord` command: run the bot, chat in a terminal, sync commands, import memory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from memory import recall
+from memory.config import ConfigError, EngineSettings, load_settings
+from memory.db import StorageError
+from memory.engine import Engine
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mnemocord", description="A Discord bot with MemGPT-style long-term memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the Discord bot (reads .env)")
+    sub.add_parser("sync", help="register the slash commands with Discord now")
+    chat = sub.add_parser("chat", help="talk to an agent in the terminal, without Discord")
+    chat.add_argument("--agent", default="local:terminal", help="agent key, e.g. dm:<user id> (default local:terminal)")
+    chat.add_argument("-v", "--verbose", action="store_true", help="also show inner monologue, function calls and events")
+    imp = sub.add_parser("import", help="load a /memory export file into an agent")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--agent", help="agent key to import into (default: the key in the file)")
+    exp = sub.add_parser("export", help="write an agent's whole memory as JSON")
+    exp.add_argument("--agent", required=True)
+    exp.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command in ("run", "sync"):
+            from bot.main import run, sync  # discord.py is imported only for these
+
+            asyncio.run(run() if args.command == "run" else sync())
+        else:
+            settings = load_settings(EngineSettings)
+            logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            if args.command == "chat":
+                asyncio.run(_chat(settings, args.agent, args.verbose))
+            elif args.command == "import":
+                asyncio.run(_import(settings, args.file, args.agent))
+            else:
+                asyncio.run(_export(settings, args.agent, args.output))
+    except (ConfigError, StorageError) as exc:
+        sys.exit(f"mnemocord: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
+    engine = await Engine.open(settings)
+    agent = await engine.agent(key)
+    print(f"Chatting with agent {key} via {settings.llm_model} at {settings.llm_base_url}. Ctrl-D to quit.")
+    seen = await engine.db.fetchval("SELECT coalesce(max(id), 0) FROM messages WHERE agent_id = ?", (agent.id,), 0)
+    try:
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "you> ")
+            except EOFError:
+                print()
+                break
+            if not line.strip():
+                continue
+            result = await engine.send(key, recall.Message(role="user", content=line, author="you", author_id="terminal"))
+            if verbose:
+                rows = await engine.db.fetchall(
+                    "SELECT id FROM messages WHERE agent_id = ? AND id > ? ORDER BY id", (agent.id, seen)
+                )
+                for m in await recall.get(engine.db, agent, [r[0] for r in rows]):
+                    _show(m)
+                seen = max([seen, *(r[0] for r in rows)])
+            print(f"bot> {result.reply}")
+            if verbose:
+                print(f"     ({result.steps} steps, {result.tokens_in} tokens in, {result.tokens_out} out, {result.model_seconds:.1f} s model)")
+    finally:
+        await engine.close()
+
+
+def _show(m: recall.Message) -> None:
+    if m.role == "assistant":
+        if m.content and m.tool_calls:
+            print(f"  (thinks) {m.content}")
+        for call in m.tool_calls or []:
+            print(f"  (calls) {call['function']['name']}({call['function']['arguments']})")
+    elif m.role == "tool":
+        print("  (result) " + m.content.replace("\n", "\n           "))
+    elif m.role == "system":
+        print(f"  (event) {m.content}")
+
+
+async def _import(settings: EngineSettings, path: Path, key: str | None) -> None:
+    from memory import portability
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        sys.exit(f"mnemocord: cannot read {path}: {exc}")
+    engine = await Engine.open(settings)
+    try:
+        counts = await portability.import_agent(engine, data, key)
+    except ValueError as exc:
+        sys.exit(f"mnemocord: {path} is not a mnemocord export: {exc}")
+    finally:
+        await engine.close()
+    print(f"Imported into {counts['agent']}: {counts['blocks']} blocks, {counts['messages']} messages, {counts['passages']} passages.")
+
+
+async def _export(settings: EngineSettings, key: str, output: Path | None) -> None:
+    from memory import portability
+
+    engine = await Engine.open(settings)
+    try:
+        data = await portability.export_agent(engine, await engine.agent(key))
+    finally:
+        await engine.close()
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        print(text)

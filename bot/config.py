@@ -1,0 +1,43 @@
+"""Discord settings, on top of the engine's."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
+
+from memory.config import ConfigError, EngineSettings
+
+IdSet = Annotated[frozenset[int], NoDecode]
+
+
+class BotSettings(EngineSettings):
+    discord_token: SecretStr = SecretStr("")
+    # Discord's by default; point these at a Discord-compatible server or a test fake
+    discord_api_base: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+
+    # Channel messages not addressed to the bot are still kept in the channel's recall memory.
+    store_unaddressed_messages: bool = True
+    # Empty: everyone / every guild / every channel. Comma-separated ids.
+    allowed_users: IdSet = frozenset()
+    allowed_guilds: IdSet = frozenset()
+    allowed_channels: IdSet = frozenset()
+    rate_limit_per_minute: int = Field(12, ge=1)
+    max_attachment_bytes: int = Field(2_000_000, ge=1_000)
+
+    @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
+    @classmethod
+    def _ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
+            bad = [p for p in parts if not p.isdigit()]
+            if bad:
+                raise ValueError(f"expected comma-separated numeric Discord ids, found {bad}")
+            return frozenset(int(p) for p in parts)
+        return value
+
+    def require_discord(self) -> None:
+        if not self.discord_token.get_secret_value():
+            raise ConfigError("DISCORD_TOKEN: not set (create a bot at https://discord.com/developers/applications; see README)")
