@@ -138,4 +138,4 @@ async def _run(db: Database, archive: Archive, agent: Agent, name: str, args: di
         agent, _str(args, "query", ""), tags=_list(args, "tags"),
         start_date=args.get("start_date"), end_date=args.get("end_date"), page=args.get("page", 1),
     )
-    return Outcome(page.render("passages"))
+    return Outcome(page.render("passages", max_chars=1200))  # a whole chunk: the answer may be at its end

@@ -1,0 +1,172 @@
+"""The Discord client: turns messages into agent turns and replies."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+
+import discord
+from discord import app_commands
+
+from memory import agents, recall
+from memory.engine import Engine
+
+from . import attachments, commands
+from .access import RateLimiter, allowed
+from .config import BotSettings
+from .format import split_message
+from .routing import agent_key, is_addressed, is_ignored
+
+log = logging.getLogger(__name__)
+
+
+class MnemoBot(discord.Client):
+    def __init__(self, settings: BotSettings, engine: Engine, *, sync_commands: bool = True) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        intents.guild_messages = True
+        intents.dm_messages = True
+        intents.message_content = True
+        super().__init__(
+            intents=intents,
+            # model output must never ping @everyone, roles or users
+            allowed_mentions=discord.AllowedMentions.none(),
+            guild_ready_timeout=0.5,
+        )
+        self.settings = settings
+        self.engine = engine
+        self.sync_commands = sync_commands
+        self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.tree = app_commands.CommandTree(self)
+        commands.register(self.tree, self)
+        self.closing = False
+        self._listening: dict[str, bool] = {}
+        self._handlers: set[asyncio.Task[object]] = set()
+
+    async def setup_hook(self) -> None:
+        if self.sync_commands:
+            await sync_if_changed(self.tree, self.engine)
+
+    async def on_ready(self) -> None:
+        assert self.user is not None
+        log.info("connected as %s (%s) to %d guilds", self.user, self.user.id, len(self.guilds))
+
+    async def is_listening(self, key: str) -> bool:
+        if key not in self._listening:
+            agent = await self.engine.agent(key)
+            self._listening[key] = bool((await agents.get_options(self.engine.db, agent)).get("listen"))
+        return self._listening[key]
+
+    async def set_listening(self, key: str, on: bool) -> None:
+        await agents.set_option(self.engine.db, await self.engine.agent(key), "listen", on)
+        self._listening[key] = on
+
+    async def drain(self) -> None:
+        """Stop taking messages and wait until those being handled are answered."""
+        self.closing = True
+        while self._handlers:
+            await asyncio.gather(*list(self._handlers), return_exceptions=True)
+
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.user
+        if self.closing or me is None or is_ignored(message, me):
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        if not allowed(self.settings, message.author.id, message.guild.id if message.guild else None, message.channel.id):
+            return
+        key = agent_key(message.channel, message.author)
+        stored = recall.Message(
+            role="user",
+            content=message.clean_content,
+            author=message.author.display_name,
+            author_id=str(message.author.id),
+            external_id=str(message.id),
+            created_at=message.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        if not (is_addressed(message, me) or await self.is_listening(key)):
+            if self.settings.store_unaddressed_messages and stored.content:
+                await self.engine.record(key, stored)
+            return
+        wait = self.limiter.check(message.author.id)
+        if wait:
+            await self.engine.record(key, stored)  # kept, just not answered
+            if self.limiter.should_warn(message.author.id):
+                await self._send(message, f"You're sending messages faster than I can think. Try again in {wait:.0f} s.")
+            return
+        for attachment in message.attachments:
+            note = await self._ingest(message, key, attachment)
+            if note:
+                stored.content += ("\n" if stored.content else "") + note
+        if not stored.content.strip():
+            return
+        try:
+            async with message.channel.typing():
+                result = await self.engine.send(key, stored)
+        except discord.HTTPException as exc:  # the typing call failed; the turn itself did not run
+            log.warning("typing indicator failed in %s: %s", message.channel.id, exc)
+            result = await self.engine.send(key, stored)
+        if result.reply:
+            await self._send(message, result.reply)
+
+    async def _ingest(self, message: discord.Message, key: str, attachment: discord.Attachment) -> str:
+        """Read an attachment into archival memory; returns the note for the agent."""
+        try:
+            attachments.check(attachment, self.settings.max_attachment_bytes)
+            progress = await self._send(message, f"Reading `{attachment.filename}`…")
+            text = await attachments.extract_text(attachment, await attachment.read())
+            agent = await self.engine.agent(key)
+            ids = await self.engine.archive.insert(
+                agent, text, tags=["document", attachment.filename], source=f"discord attachment {attachment.id}",
+                max_chars=attachments.MAX_DOCUMENT_CHARS,
+            )
+        except attachments.Unreadable as exc:
+            await self._send(message, str(exc))
+            return f"[{message.author.display_name} attached `{attachment.filename}`, which could not be read: {exc}]"
+        except discord.HTTPException as exc:
+            await self._send(message, f"I couldn't download `{attachment.filename}`; please try again.")
+            log.warning("attachment download failed: %s", exc)
+            return ""
+        if progress:
+            try:
+                await progress.edit(content=f"Saved `{attachment.filename}` to my archival memory ({len(ids)} passages).")
+            except discord.HTTPException:
+                pass
+        return (
+            f"[Document `{attachment.filename}` ({len(text)} characters) was saved to archival memory as "
+            f"{len(ids)} passages tagged \"document\"; search it with archival_memory_search.]"
+        )
+
+    async def _send(self, message: discord.Message, text: str) -> discord.Message | None:
+        """Reply in parts; the reference tolerates a deleted original."""
+        first: discord.Message | None = None
+        try:
+            for i, part in enumerate(split_message(text)):
+                sent = await message.channel.send(
+                    part, reference=message.to_reference(fail_if_not_exists=False) if i == 0 else None
+                )
+                first = first or sent
+        except discord.HTTPException as exc:
+            log.warning("could not send to channel %s: %s", message.channel.id, exc)
+        return first
+
+
+def commands_hash(tree: app_commands.CommandTree) -> str:
+    payload = [c.to_dict(tree) for c in tree.get_commands()]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+async def sync_if_changed(tree: app_commands.CommandTree, engine: Engine, *, force: bool = False) -> bool:
+    """Discord rate-limits command creation: sync only when the definitions changed."""
+    digest = commands_hash(tree)
+    if not force and await engine.db.fetchval("SELECT value FROM meta WHERE key = 'discord_commands_hash'") == digest:
+        return False
+    await tree.sync()
+    async with engine.db.write() as w:
+        await w.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('discord_commands_hash', ?)", (digest,))
+    log.info("slash commands synced")
+    return True

@@ -1,0 +1,336 @@
+"""The real discord.py bot against a fake Discord server and a scripted model, both on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+
+from bot.client import MnemoBot
+from bot.config import BotSettings
+from bot.main import point_discord_at
+from memory import recall
+from memory.engine import Engine
+from tests.fakediscord import EPHEMERAL, FakeDiscord
+from tests.fakeopenai import Delay, FakeOpenAI, call, reply
+
+MANAGE_CHANNELS = 1 << 4
+
+
+@pytest.fixture
+async def fake_discord(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as server:
+        # recorded so monkeypatch restores them after point_discord_at() changes them
+        monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+        monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+        yield server
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> BotSettings:
+    return BotSettings(  # type: ignore[call-arg]
+        _env_file=None, database_path=tmp_path / "bot.db", llm_base_url=fake.url, llm_model="fake-model",
+        llm_max_retries=1, llm_retry_budget=3, llm_timeout=5,
+        discord_token="fake-token", discord_api_base=fake_discord.rest_base, discord_gateway_url=fake_discord.gateway_url,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: BotSettings, fake_discord: FakeDiscord) -> AsyncIterator[MnemoBot]:
+    point_discord_at(settings)
+    engine = await Engine.open(settings)
+    bot = MnemoBot(settings, engine)
+    ready_before = fake_discord.ready_count
+    task = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
+    try:
+        await fake_discord.wait_ready(count=ready_before + 1)
+        await asyncio.wait_for(bot.wait_until_ready(), 5)
+        yield bot
+    finally:
+        await bot.drain()
+        await engine.close()
+        await bot.close()
+        await asyncio.wait_for(task, 5)
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> Any:
+    """Poll an async check until it returns something truthy (bot-side state has no event)."""
+    deadline = time.monotonic() + timeout
+    while not (result := await check()):
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
+    return result
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def chat_requests(fake: FakeOpenAI) -> list[dict[str, Any]]:
+    return [r for r in fake.chat_requests if r["messages"][0]["content"].startswith("You are a companion")]
+
+
+@pytest.fixture
+def world(fake_discord: FakeDiscord) -> dict[str, Any]:
+    f = fake_discord
+    alice, bob, admin = f.add_user("alice"), f.add_user("bob"), f.add_user("admin")
+    guild = f.add_guild("Guild", owner_id=admin["id"])
+    general = f.add_text_channel(guild["id"], "general")
+    f.add_member(guild["id"], alice["id"])
+    f.add_member(guild["id"], bob["id"])
+    return {"alice": alice, "bob": bob, "admin": admin, "guild": guild, "general": general}
+
+
+async def test_dm_remembered_across_restart(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.push(
+        call("core_memory_append", {"label": "human", "content": "Name: Zed. Loves sailing."}),
+        call("send_message", {"message": "Nice to meet you, Zed!"}),
+    )
+    async with running(settings, fake_discord):
+        await fake_discord.send_dm(alice["id"], "hi, I'm Zed and I love sailing")
+        (answer,) = await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
+        assert answer["content"] == "Nice to meet you, Zed!"
+        assert answer["allowed_mentions"] == {"parse": []}
+        assert [t["channel_id"] for t in fake_discord.typing][:1] == [dm["id"]]
+    synced = len([r for r in fake_discord.requests if r[0] == "PUT" and "commands" in r[1]])
+    fake.push(reply("You're Zed, the sailor."))
+    async with running(settings, fake_discord):  # a new process: same database, new client
+        await fake_discord.send_dm(alice["id"], "who am I?")
+        await fake_discord.wait_for(lambda f: len(f.bot_messages(dm["id"])) == 2)
+    body = chat_requests(fake)[-1]
+    assert "Name: Zed. Loves sailing." in body["messages"][0]["content"]
+    assert any("I'm Zed" in (m.get("content") or "") for m in body["messages"][1:])
+    # the commands did not change: no second sync
+    assert len([r for r in fake_discord.requests if r[0] == "PUT" and "commands" in r[1]]) == synced == 1
+
+
+async def test_mention_answered_unaddressed_stored_and_found(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    general, alice, bob = world["general"], world["alice"], world["bob"]
+
+    def model(body: dict[str, Any]) -> dict[str, Any]:
+        if body["messages"][-1]["role"] == "tool":
+            return call("send_message", {"message": "Found it: " + body["messages"][-1]["content"]})
+        return call("conversation_search", {"query": "deploy password"})
+
+    fake.default = model
+    async with running(settings, fake_discord):
+        await fake_discord.send_message(general["id"], bob["id"], "fyi the deploy password is octopus-42")
+        await fake_discord.send_message(general["id"], alice["id"], "lunch anyone?")
+        await asyncio.sleep(0.2)
+        assert fake.chat_requests == [] and fake_discord.bot_messages(general["id"]) == []
+        question = await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> what was the deploy password?")
+        (answer,) = await fake_discord.wait_for(lambda f: f.bot_messages(general["id"]))
+        assert "octopus-42" in answer["content"] and "bob" in answer["content"]
+        assert answer["message_reference"]["message_id"] == question["id"]
+    first = chat_requests(fake)[0]
+    texts = [m.get("content") or "" for m in first["messages"]]
+    # the unaddressed messages reached the context too, named by author and id
+    assert any(t.endswith(f"bob ({bob['id']}): fyi the deploy password is octopus-42") for t in texts)
+    assert any(f"alice ({alice['id']}): @fakebot what was the deploy password?" in t for t in texts)
+
+
+async def test_long_reply_split_and_everyone_pings_nobody(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    general, alice = world["general"], world["alice"]
+    code = "```python\n" + "\n".join(f"value_{i} = compute({i})  # step {i} of the pipeline" for i in range(90)) + "\n```"
+    long_text = "@everyone here is the plan <@&123> <@" + alice["id"] + ">\n\n" + ("Intro sentence. " * 60) + "\n\n" + code + "\n\nDone."
+    assert len(long_text) > 5000
+    fake.push(reply(long_text))
+    async with running(settings, fake_discord):
+        await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> plan please")
+        await fake_discord.wait_for(lambda f: any(m["content"].endswith("Done.") for m in f.bot_messages(general["id"])))
+        parts = fake_discord.bot_messages(general["id"])
+    assert len(parts) >= 3 and all(len(p["content"]) <= 2000 for p in parts)
+    assert all(sum(line.startswith("```") for line in p["content"].split("\n")) % 2 == 0 for p in parts)
+    assert sum("value_" in p["content"] for p in parts) >= 2
+    assert all(p["allowed_mentions"] == {"parse": []} for p in parts)
+    assert all(p["mentions"] == [] and not p["mention_everyone"] and p["mention_roles"] == [] for p in parts)
+    assert parts[0]["message_reference"] is not None and parts[1].get("message_reference") is None
+
+
+async def test_memory_view_is_ephemeral(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    async with running(settings, fake_discord):
+        interaction = await fake_discord.send_slash(world["general"]["id"], world["alice"]["id"], "memory", "view")
+        await fake_discord.wait_for(lambda f: len(interaction["responses"]) >= 2)
+    defer, answer = interaction["responses"][:2]
+    assert defer["type"] == 5 and defer["flags"] & EPHEMERAL
+    text = fake_discord.messages[interaction["original_message_id"]]["content"]
+    assert "__persona__" in text and "__channel__" in text and "Context window:" in text
+    assert fake_discord.messages[interaction["original_message_id"]]["ephemeral"]
+
+
+async def test_reset_needs_permission_and_confirmation(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    general, alice, admin = world["general"], world["alice"], world["admin"]
+    fake.default = lambda body: reply("ok")
+    async with running(settings, fake_discord) as bot:
+        await fake_discord.send_message(general["id"], alice["id"], "remember: the cake is a lie")
+        agent = await bot.engine.agent(f"channel:{general['id']}")
+        await eventually(lambda: recall.count(bot.engine.db, agent))
+        refused = await fake_discord.send_slash(general["id"], alice["id"], "memory", "reset", {"scope": "all"})
+        (r,) = await fake_discord.wait_for(lambda f: refused["responses"])
+        assert r["ephemeral"] and "Manage Channels" in r["data"]["content"]
+        assert await recall.count(bot.engine.db, agent) == 1
+
+        asked = await fake_discord.send_slash(general["id"], admin["id"], "memory", "reset", {"scope": "conversation"})
+        await fake_discord.wait_for(lambda f: asked["responses"])
+        assert [b["label"] for b in fake_discord.buttons(asked)] == ["Confirm", "Cancel"]
+        assert await recall.count(bot.engine.db, agent) == 1  # nothing happens before the click
+        stranger = await fake_discord.click_button(asked, fake_discord.buttons(asked)[0]["custom_id"], alice["id"])
+        await fake_discord.wait_for(lambda f: stranger["responses"])
+        assert await recall.count(bot.engine.db, agent) == 1
+        click = await fake_discord.click_button(asked, fake_discord.buttons(asked)[0]["custom_id"], admin["id"])
+        await fake_discord.wait_for(lambda f: len(click["responses"]) >= 2)
+        assert await recall.count(bot.engine.db, agent) == 0
+        assert "erased" in fake_discord.messages[asked["original_message_id"]]["content"]
+
+
+async def test_attachment_ingested_and_searchable(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    doc = "\n\n".join(f"Section {i}. The warranty for model X{i} lasts {i + 1} years." for i in range(80))
+
+    def model(body: dict[str, Any]) -> dict[str, Any]:
+        if body["messages"][-1]["role"] == "tool":
+            return call("send_message", {"message": body["messages"][-1]["content"][:1500]})
+        return call("archival_memory_search", {"query": "warranty X42"})
+
+    fake.default = model
+    async with running(settings, fake_discord):
+        await fake_discord.send_dm(alice["id"], "here's the manual", attachments=[("manual.md", doc.encode(), "text/markdown")])
+        await fake_discord.wait_for(lambda f: any("X42 lasts 43 years" in m["content"] for m in f.bot_messages(dm["id"])))
+        await fake_discord.send_dm(alice["id"], "and this", attachments=[("photo.png", b"\x89PNG....", "image/png")])
+        await fake_discord.wait_for(lambda f: any("can't read `photo.png`" in m["content"] for m in f.bot_messages(dm["id"])))
+        big = b"x" * (settings.max_attachment_bytes + 1)
+        await fake_discord.send_dm(alice["id"], "too big", attachments=[("big.txt", big, "text/plain")])
+        await fake_discord.wait_for(lambda f: any("`big.txt` is" in m["content"] and "up to" in m["content"] for m in f.bot_messages(dm["id"])))
+    progress = [m for m in fake_discord.bot_messages(dm["id"]) if "manual.md" in m["content"]]
+    assert progress and "Saved `manual.md` to my archival memory" in progress[0]["content"]
+    told = chat_requests(fake)[0]["messages"][-1]["content"]
+    assert "here's the manual" in told and "Document `manual.md`" in told
+
+
+async def test_two_dm_users_concurrent_and_isolated(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice, bob, general = world["alice"], world["bob"], world["general"]
+    dm_a, dm_b = fake_discord.dm_channel(alice["id"]), fake_discord.dm_channel(bob["id"])
+
+    def model(body: dict[str, Any]) -> Any:
+        text = last_user_text(body)
+        if "secret" in text:
+            return Delay(0.4, call("core_memory_append", {"label": "human", "content": "secret " + text.split("secret ")[-1]}))
+        if body["messages"][-1]["role"] == "tool":
+            return reply("saved")
+        return Delay(0.4, reply("hello"))
+
+    fake.default = model
+    async with running(settings, fake_discord):
+        started = time.monotonic()
+        await fake_discord.send_dm(alice["id"], "my secret alpha-apple")
+        await fake_discord.send_dm(bob["id"], "my secret bravo-banana")
+        await fake_discord.wait_for(lambda f: f.bot_messages(dm_a["id"]) and f.bot_messages(dm_b["id"]), timeout=5)
+        assert time.monotonic() - started < 1.3  # two 0.4 s model calls each, run side by side
+        await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> hi channel")
+        await fake_discord.wait_for(lambda f: f.bot_messages(general["id"]))
+    for body in chat_requests(fake):
+        dump = json.dumps(body)
+        assert not ("alpha-apple" in dump and "bravo-banana" in dump)
+    channel_prompts = [b for b in chat_requests(fake) if "hi channel" in json.dumps(b)]
+    assert channel_prompts and not any("alpha-apple" in json.dumps(b) or "bravo-banana" in json.dumps(b) for b in channel_prompts)
+
+
+async def test_endpoint_down_apologises_and_keeps_message(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    down = settings.model_copy(update={"llm_base_url": "http://127.0.0.1:9/v1"})
+    async with running(down, fake_discord) as bot:
+        await fake_discord.send_dm(alice["id"], "are you awake? remember the blue kettle")
+        (answer,) = await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]), timeout=10)
+        assert "can't reach my language model" in answer["content"]
+        agent = await bot.engine.agent(f"dm:{alice['id']}")
+        assert (await recall.search_messages(bot.engine.db, agent, "blue kettle")).total == 1
+
+
+async def test_bots_webhooks_and_other_channels_ignored_listen_mode_answers_all(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    general, alice, admin = world["general"], world["alice"], world["admin"]
+    other_bot = fake_discord.add_user("otherbot", bot=True)
+    fake_discord.add_member(world["guild"]["id"], other_bot["id"])
+    fake.default = lambda body: reply("heard you")
+    async with running(settings, fake_discord) as bot:
+        await fake_discord.send_message(general["id"], other_bot["id"], f"<@{fake_discord.bot_user_id}> beep")
+        await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> from a hook", webhook=True)
+        toggled = await fake_discord.send_slash(general["id"], admin["id"], "memory-admin", "listen", {"enabled": True})
+        await fake_discord.wait_for(lambda f: toggled["responses"])
+        await fake_discord.send_message(general["id"], alice["id"], "no mention here")
+        await fake_discord.wait_for(lambda f: any(m["content"] == "heard you" for m in f.bot_messages(general["id"])))
+        agent = await bot.engine.agent(f"channel:{general['id']}")
+        stored = await bot.engine.db.fetchall("SELECT content FROM messages WHERE agent_id = ? AND role = 'user'", (agent.id,))
+    assert [r[0] for r in stored] == ["no mention here"]
+    assert len(chat_requests(fake)) == 1
+
+
+async def test_rate_limit_replies_once_and_keeps_messages(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    limited = settings.model_copy(update={"rate_limit_per_minute": 2})
+    fake.default = lambda body: reply("ok")
+    async with running(limited, fake_discord) as bot:
+        for i in range(5):
+            await fake_discord.send_dm(alice["id"], f"message {i}")
+        await fake_discord.wait_for(lambda f: any("faster than I can think" in m["content"] for m in f.bot_messages(dm["id"])))
+        await fake_discord.wait_for(lambda f: sum(m["content"] == "ok" for m in f.bot_messages(dm["id"])) >= 1)
+        await asyncio.sleep(0.2)
+        warnings = [m for m in fake_discord.bot_messages(dm["id"]) if "faster" in m["content"]]
+        agent = await bot.engine.agent(f"dm:{alice['id']}")
+        assert len(warnings) == 1
+        assert await bot.engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND role = 'user'", (agent.id,)) == 5
+
+
+async def test_export_forget_and_import_round_trip(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], tmp_path: Path) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.push(call("archival_memory_insert", {"content": "Alice's cat is called Miso."}), reply("noted"))
+    async with running(settings, fake_discord) as bot:
+        await fake_discord.send_dm(alice["id"], "my cat is Miso")
+        await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
+        exported = await fake_discord.send_slash(dm["id"], alice["id"], "memory", "export")
+        (file_msg,) = await fake_discord.wait_for(lambda f: [m for m in f.bot_messages(dm["id"]) if m["files"]])
+        data = json.loads(file_msg["files"][0]["data"])
+        assert data["format"] == "mnemocord-export" and data["passages"][0]["content"] == "Alice's cat is called Miso."
+        assert file_msg["ephemeral"] and exported["responses"][0]["flags"] & EPHEMERAL
+        searched = await fake_discord.send_slash(dm["id"], alice["id"], "memory", "search", {"query": "Miso"})
+        await fake_discord.wait_for(lambda f: len(searched["responses"]) >= 2)
+        listing = fake_discord.messages[searched["original_message_id"]]["content"]
+        passage_id = data["passages"][0]["id"]
+        assert f"`p{passage_id}`" in listing
+        forgot = await fake_discord.send_slash(dm["id"], alice["id"], "memory", "forget", {"target": f"p{passage_id}"})
+        await fake_discord.wait_for(lambda f: len(forgot["responses"]) >= 2)
+        agent = await bot.engine.agent(f"dm:{alice['id']}")
+        assert await bot.engine.archive.count(agent) == 0
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(data))
+    from bot.cli import main
+
+    other_db = settings.model_copy(update={"database_path": tmp_path / "other.db"})
+    import os
+
+    env = {"DATABASE_PATH": str(other_db.database_path), "LLM_BASE_URL": fake.url, "LLM_MODEL": "m"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        await asyncio.to_thread(main, ["import", str(path), "--agent", "dm:999"])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    engine = await Engine.open(other_db)
+    agent = await engine.agent("dm:999")
+    assert (await engine.archive.search(agent, "cat")).hits[0].text == "Alice's cat is called Miso."
+    assert (await recall.search_messages(engine.db, agent, "Miso")).total >= 1
+    await engine.close()
