@@ -122,3 +122,5 @@ async def _export(settings: EngineSettings, key: str, output: Path | None) -> No
         output.write_text(text, encoding="utf-8")
     else:
         print(text)
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,14 @@ class BotSettings(EngineSettings):
             return frozenset(int(p) for p in parts)
         return value
 
-    def require_discord(self) -> None:
+    def require_all(self) -> None:
+        """What `mnemocord run` needs, every missing piece named at once."""
+        problems = []
         if not self.discord_token.get_secret_value():
-            raise ConfigError("DISCORD_TOKEN: not set (create a bot at https://discord.com/developers/applications; see README)")
+            problems.append("DISCORD_TOKEN: not set (create a bot at https://discord.com/developers/applications; see README)")
+        try:
+            self.require_llm()
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("\n".join(problems))

@@ -27,8 +27,7 @@ def point_discord_at(settings: BotSettings) -> None:
 
 def _settings() -> BotSettings:
     settings = load_settings(BotSettings)
-    settings.require_discord()
-    settings.require_llm()
+    settings.require_all()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # discord.py logs every gateway event at DEBUG; its INFO is enough
     logging.getLogger("discord").setLevel(max(logging.INFO, logging.getLogger().level))

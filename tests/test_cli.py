@@ -1,0 +1,54 @@
+"""The mnemocord command as a person runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.fakeopenai import FakeOpenAI, call, reply
+
+ROOT = Path(__file__).parent.parent
+
+
+async def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", *args, cwd=env.get("CWD", ROOT),
+        env={k: v for k, v in {**os.environ, **env}.items() if k != "CWD"},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def base_env(tmp_path: Path, fake: FakeOpenAI) -> dict[str, str]:
+    return {"DATABASE_PATH": str(tmp_path / "cli.db"), "LLM_BASE_URL": fake.url, "LLM_MODEL": "m", "CWD": str(tmp_path), "PYTHONPATH": str(ROOT)}
+
+
+async def test_chat_repl_shows_replies_and_with_v_the_inner_workings(tmp_path: Path, fake: FakeOpenAI) -> None:
+    fake.push(
+        call("core_memory_append", {"label": "human", "content": "Likes chess."}, content="I should note that."),
+        call("send_message", {"message": "Chess it is!"}),
+        reply("Still here."),
+    )
+    code, out, err = await run_cli("chat", "-v", env=base_env(tmp_path, fake), stdin="I like chess\nhello again\n")
+    assert code == 0, err
+    assert "bot> Chess it is!" in out and "bot> Still here." in out
+    assert "(thinks) I should note that." in out
+    assert 'core_memory_append({"label": "human", "content": "Likes chess."})' in out
+
+
+async def test_missing_and_bad_settings_are_one_clear_line(tmp_path: Path, fake: FakeOpenAI) -> None:
+    env = {"CWD": str(tmp_path), "PYTHONPATH": str(ROOT), "LLM_BASE_URL": "", "LLM_MODEL": "", "DISCORD_TOKEN": ""}
+    code, out, err = await run_cli("run", env=env)
+    assert code == 1 and "Traceback" not in err
+    assert "DISCORD_TOKEN: not set" in err and "LLM_BASE_URL: not set" in err
+    code, out, err = await run_cli("chat", env={**base_env(tmp_path, fake), "CONTEXT_WINDOW": "big"})
+    assert code == 1 and err.strip().startswith("mnemocord: CONTEXT_WINDOW:") and "Traceback" not in err
+    bad_url = {**base_env(tmp_path, fake), "LLM_BASE_URL": "http://127.0.0.1:9/v1", "DISCORD_TOKEN": "x"}
+    code, out, err = await run_cli("run", env=bad_url)
+    assert code == 1 and "cannot reach http://127.0.0.1:9/v1" in err and "Traceback" not in err
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 200)
+    code, out, err = await run_cli("chat", env={**base_env(tmp_path, fake), "DATABASE_PATH": str(tmp_path / "junk.db")})
+    assert code == 1 and "junk.db" in err and "Traceback" not in err
