@@ -141,6 +141,11 @@ class Engine:
         turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
         result = await turn.run()
         self.token_scale = turn.token_scale
+        log.info(
+            "turn agent=%s steps=%d tokens_in=%d tokens_out=%d model_ms=%.0f engine_ms=%.1f outcome=%s",
+            agent.key, result.steps, result.tokens_in, result.tokens_out,
+            result.model_seconds * 1000, result.engine_seconds * 1000, result.outcome,
+        )
         if result.evicted:
             self._spawn(self._consolidate(agent, result.evicted))
         return result

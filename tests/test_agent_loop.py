@@ -177,7 +177,9 @@ async def test_memory_pressure_warns_once_then_evicts_with_summary(tmp_path: Pat
             summaries.append(body)
             return reply(f"SUMMARY v{len(summaries)}: Ann talked about her garden.")
         if is_consolidation(body):
-            return reply("done")
+            if body["messages"][-1]["role"] == "tool":
+                return reply("done")
+            return call("archival_memory_insert", {"content": "Notes: Ann grows beans and courgettes."})
         last = body["messages"][-1]
         if last["role"] == "user" and "lookup" in last["content"]:
             return call("archival_memory_search", {"query": "garden"})
@@ -211,6 +213,11 @@ async def test_memory_pressure_warns_once_then_evicts_with_summary(tmp_path: Pat
     assert (await recall.search_messages(engine.db, agent, "message 0")).total >= 1
     assert await engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND in_context = 0", (agent.id,)) > 0
     await engine.wait_background()
+    notes = await engine.archive.search(agent, "courgettes")
+    assert notes.hits[0].text == "Notes: Ann grows beans and courgettes."
+    assert notes.hits[0].label.startswith("tags conversation 20")  # dated by the span it came from
+    consolidated = await recall.search_messages(engine.db, agent, "consolidation", roles=["system"])
+    assert consolidated.total >= 1
     await engine.close()
 
 

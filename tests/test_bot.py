@@ -334,3 +334,37 @@ async def test_export_forget_and_import_round_trip(settings: BotSettings, fake_d
     assert (await engine.archive.search(agent, "cat")).hits[0].text == "Alice's cat is called Miso."
     assert (await recall.search_messages(engine.db, agent, "Miso")).total >= 1
     await engine.close()
+
+
+async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.default = lambda body: Delay(0.8, call("send_message", {"message": "finished before stopping"}))
+    env = {
+        **os.environ, "DISCORD_TOKEN": "secret-token-value", "DISCORD_API_BASE": fake_discord.rest_base,
+        "DISCORD_GATEWAY_URL": fake_discord.gateway_url, "LLM_BASE_URL": fake.url, "LLM_MODEL": "m",
+        "DATABASE_PATH": str(tmp_path / "run.db"), "PYTHONPATH": str(Path(__file__).parent.parent),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "run", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await fake_discord.wait_ready(timeout=20)
+        await fake_discord.send_dm(alice["id"], "please finish this")
+        await fake_discord.wait_for(lambda f: fake.chat_requests, timeout=10)  # the turn is in flight
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    log = err.decode()
+    assert proc.returncode == 0, log
+    assert [m["content"] for m in fake_discord.bot_messages(dm["id"])] == ["finished before stopping"]
+    assert "turn agent=dm:" in log and "outcome=reply" in log and "stopped" in log
+    assert "secret-token-value" not in log and "Traceback" not in log
+    assert not (tmp_path / "run.db-wal").exists() or (tmp_path / "run.db-wal").stat().st_size == 0
