@@ -74,12 +74,25 @@ async def system_prompt(db: Database, archive: Archive, agent: Agent) -> str:
     return "\n".join(parts)
 
 
-async def build(db: Database, archive: Archive, agent: Agent) -> Prompt:
+async def build(db: Database, archive: Archive, agent: Agent, window: int) -> Prompt:
     system = await system_prompt(db, archive, agent)
     history = await recall.in_context(db, agent)
+    for m in history:
+        if m.tokens > window // 4:
+            _clip(m, window // 4)
     messages = [{"role": "system", "content": system}] + [m.to_openai() for m in history]
     total = _count_system(system) + TOOL_TOKENS + sum(m.tokens for m in history)
     return Prompt(messages, history, total)
+
+
+def _clip(message: recall.Message, max_tokens: int) -> None:
+    """Show the model the head of a huge message; the whole text stays in recall."""
+    full = len(message.content)
+    message.content = (
+        message.content[: max_tokens * 3]
+        + f"\n[… cut: this message has {full} characters; conversation_search finds the rest]"
+    )
+    message.tokens = tokens.count_message(message.to_openai())
 
 
 async def warn_if_pressured(db: Database, agent: Agent, prompt: Prompt, settings: EngineSettings) -> bool:

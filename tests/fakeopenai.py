@@ -77,6 +77,8 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.embedding_inputs: list[str] = []
         self.fail_embeddings: Error | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -109,7 +111,12 @@ class FakeOpenAI:
         item = self.script.pop(0) if self.script else self.default
         if item is None:
             return web.json_response({"error": {"message": "fake: no scripted response left"}}, status=500)
-        return await self._answer(item, body)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(item, body)
+        finally:
+            self.in_flight -= 1
 
     async def _answer(self, item: Script, body: dict[str, Any]) -> web.Response:
         while True:
@@ -118,6 +125,8 @@ class FakeOpenAI:
                 item = item.then
             elif callable(item):
                 item = item(body)
+            elif asyncio.iscoroutine(item):  # an async script can wait for other requests
+                item = await item
             else:
                 break
         if isinstance(item, Error):

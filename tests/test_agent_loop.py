@@ -255,31 +255,31 @@ async def test_summarizer_failure_keeps_history(tmp_path: Path, fake: FakeOpenAI
 
 
 async def test_agents_run_in_parallel_and_one_agents_messages_stay_ordered(engine: Engine, fake: FakeOpenAI) -> None:
-    order: list[str] = []
+    a_started, b_started = asyncio.Event(), asyncio.Event()
 
-    def model(body: dict[str, Any]) -> Any:
-        last = body["messages"][-1]["content"]
-        order.append(last.split(": ", 1)[-1])
-        return Delay(0.3, reply("answer to " + last.split(": ", 1)[-1]))
+    async def answer(text: str) -> dict[str, Any]:
+        if text == "a-first":  # held until B's turn is running too: A's busy turn must not block B
+            a_started.set()
+            await asyncio.wait_for(b_started.wait(), 3)
+        if text == "b-first":
+            b_started.set()
+        return reply("answer to " + text)
 
-    fake.default = model
-    started = time.monotonic()
+    fake.default = lambda body: answer(body["messages"][-1]["content"].split(": ", 1)[-1])
     a1 = asyncio.create_task(engine.send("dm:A", user("a-first")))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(a_started.wait(), 3)
     a2 = asyncio.create_task(engine.send("dm:A", user("a-second")))
     a3 = asyncio.create_task(engine.send("dm:A", user("a-third")))
     b1 = asyncio.create_task(engine.send("dm:B", user("b-first")))
-    r_b1 = await b1
-    assert time.monotonic() - started < 0.55  # B did not wait for A's turn
-    r_a1, r_a2, r_a3 = await asyncio.gather(a1, a2, a3)
-    assert r_a1.reply == "answer to a-first"
+    r_a1, r_a2, r_a3, r_b1 = await asyncio.gather(a1, a2, a3, b1)
+    assert r_a1.reply == "answer to a-first" and r_b1.reply == "answer to b-first"
     assert r_a2.outcome == "merged" and r_a3.reply == "answer to a-third"  # one turn for both, in order
-    second_turn = [r for r in fake.chat_requests if "a-second" in json.dumps(r)][0]
-    contents = [m["content"] for m in second_turn["messages"][1:]]
-    assert contents.index(next(c for c in contents if c.endswith("a-second"))) < contents.index(next(c for c in contents if c.endswith("a-third")))
-    assert r_b1.reply == "answer to b-first"
-    a_requests = [r for r in fake.chat_requests if "a-first" in json.dumps(r)]
-    assert not any("b-first" in json.dumps(r) for r in a_requests)
+    second_turn = [r for r in fake.chat_requests if "a-second" in json.dumps(r)]
+    assert len(second_turn) == 1  # a-second never slipped into the first turn
+    contents = [m["content"] or "" for m in second_turn[0]["messages"][1:]]
+    ends = [c.rsplit(": ", 1)[-1] for c in contents]
+    assert ends == ["a-first", "answer to a-first", "a-second", "a-third"]
+    assert not any("b-first" in json.dumps(r) for r in fake.chat_requests if "a-first" in json.dumps(r))
 
 
 CRASH_SCRIPT = """
@@ -339,3 +339,16 @@ async def test_first_request_is_lean(engine: Engine, fake: FakeOpenAI) -> None:
     body = fake.chat_requests[0]
     estimate = sum(tokens.count_message(m) for m in body["messages"]) + tokens.count_tools(body["tools"])
     assert estimate <= 1500, estimate
+
+
+async def test_huge_message_is_clipped_for_the_model_but_kept_whole(engine: Engine, fake: FakeOpenAI) -> None:
+    huge = "start " + "lorem ipsum dolor sit amet " * 8000 + " the-very-end"
+    fake.push(reply("That's long."))
+    result = await engine.send("dm:1", user(huge))
+    assert result.reply == "That's long."
+    sent = fake.chat_requests[0]["messages"][-1]["content"]
+    assert "cut: this message has" in sent and len(sent) < len(huge) // 10
+    agent = await engine.agent("dm:1")
+    stored = await recall.search_messages(engine.db, agent, "the-very-end")
+    assert stored.total == 1
+    assert len((await recall.get(engine.db, agent, [stored.hits[0].id]))[0].content) == len(huge)

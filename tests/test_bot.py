@@ -222,21 +222,35 @@ async def test_two_dm_users_concurrent_and_isolated(settings: BotSettings, fake_
     alice, bob, general = world["alice"], world["bob"], world["general"]
     dm_a, dm_b = fake_discord.dm_channel(alice["id"]), fake_discord.dm_channel(bob["id"])
 
+    arrived = {"alpha": asyncio.Event(), "bravo": asyncio.Event()}
+    overlapped: list[bool] = []
+
+    async def both_in_flight(mine: str, other: str, then: dict[str, Any]) -> dict[str, Any]:
+        arrived[mine].set()
+        try:  # answered only once the other user's request is in flight too
+            await asyncio.wait_for(arrived[other].wait(), 3)
+            overlapped.append(True)
+        except asyncio.TimeoutError:
+            overlapped.append(False)
+        return then
+
     def model(body: dict[str, Any]) -> Any:
         text = last_user_text(body)
-        if "secret" in text:
-            return Delay(0.4, call("core_memory_append", {"label": "human", "content": "secret " + text.split("secret ")[-1]}))
         if body["messages"][-1]["role"] == "tool":
             return reply("saved")
-        return Delay(0.4, reply("hello"))
+        if "secret" in text:
+            mine = "alpha" if "alpha" in text else "bravo"
+            other = "bravo" if mine == "alpha" else "alpha"
+            note = call("core_memory_append", {"label": "human", "content": "secret " + text.split("secret ")[-1]})
+            return both_in_flight(mine, other, note)
+        return reply("hello")
 
     fake.default = model
     async with running(settings, fake_discord):
-        started = time.monotonic()
         await fake_discord.send_dm(alice["id"], "my secret alpha-apple")
         await fake_discord.send_dm(bob["id"], "my secret bravo-banana")
-        await fake_discord.wait_for(lambda f: f.bot_messages(dm_a["id"]) and f.bot_messages(dm_b["id"]), timeout=5)
-        assert time.monotonic() - started < 1.3  # two 0.4 s model calls each, run side by side
+        await fake_discord.wait_for(lambda f: f.bot_messages(dm_a["id"]) and f.bot_messages(dm_b["id"]), timeout=8)
+        assert overlapped == [True, True]  # the two users' turns ran side by side
         await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> hi channel")
         await fake_discord.wait_for(lambda f: f.bot_messages(general["id"]))
     for body in chat_requests(fake):
