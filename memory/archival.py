@@ -204,17 +204,9 @@ class Archive:
         page_size: int = search.PAGE_SIZE,
     ) -> search.Page:
         """Raises search.BadArgument for arguments the caller should correct."""
-        start = search.parse_date(start_date, "start_date")
-        end = search.parse_date(end_date, "end_date", end=True)
+        filters, params = search.base_filters("p", agent.id, start_date, end_date)
         number = search.page_number(page)
         tag_list = clean_tags(tags)
-        filters, params = ["p.agent_id = ?"], [agent.id]
-        if start:
-            filters.append("p.created_at >= ?")
-            params.append(start)
-        if end:
-            filters.append("p.created_at < ?")
-            params.append(end)
         for t in tag_list:
             filters.append("EXISTS (SELECT 1 FROM passage_tags t WHERE t.agent_id = p.agent_id AND t.passage_id = p.id AND t.tag = ?)")
             params.append(t)

@@ -197,21 +197,12 @@ async def search_messages(
 
     Raises search.BadArgument for arguments the caller should correct.
     """
-    start = search.parse_date(start_date, "start_date")
-    end = search.parse_date(end_date, "end_date", end=True)
+    filters, params = search.base_filters("m", agent.id, start_date, end_date)
     number = search.page_number(page)
     if roles:
         bad = [r for r in roles if r not in ROLES]
         if bad:
             raise search.BadArgument(f"unknown role(s) {bad}; use any of {list(ROLES)}")
-    filters, params = ["m.agent_id = ?"], [agent.id]
-    if start:
-        filters.append("m.created_at >= ?")
-        params.append(start)
-    if end:
-        filters.append("m.created_at < ?")
-        params.append(end)
-    if roles:
         filters.append(f"m.role IN ({','.join('?' * len(roles))})")
         params.extend(roles)
     where = " AND ".join(filters)

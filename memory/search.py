@@ -86,6 +86,20 @@ def parse_date(value: object, name: str, *, end: bool = False) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def base_filters(alias: str, agent_id: int, start_date: object, end_date: object) -> tuple[list[str], list[object]]:
+    """SQL conditions (and their parameters) for one agent's rows in a date range."""
+    filters, params = [f"{alias}.agent_id = ?"], [agent_id]
+    start = parse_date(start_date, "start_date")
+    end = parse_date(end_date, "end_date", end=True)
+    if start:
+        filters.append(f"{alias}.created_at >= ?")
+        params.append(start)
+    if end:
+        filters.append(f"{alias}.created_at < ?")
+        params.append(end)
+    return filters, params
+
+
 def page_number(page: object) -> int:
     try:
         number = int(page) if page not in (None, "") else 1  # type: ignore[call-overload]
