@@ -154,10 +154,10 @@ class Archive:
                 if previous:  # this passage is the previous one's "after" context
                     context = f"{previous['context']} {piece[:CONTEXT_CHARS]}".strip()
                     await w.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
-                    # a contentless FTS5 row is replaced whole
+                    await _unindex(w, agent.id, [previous])
                     await w.execute(
-                        "UPDATE passages_fts SET agent = ?, content = ?, context = ?, date = ? WHERE rowid = ?",
-                        (agent_token, previous["content"], context, spoken_date(previous["created_at"]), previous["id"]),
+                        "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
+                        (previous["id"], agent_token, previous["content"], context, spoken_date(previous["created_at"])),
                     )
                 previous = {"id": pid, "content": piece, "context": before, "created_at": stamp}
         await self.embed_pending(agent)
@@ -214,7 +214,7 @@ class Archive:
         filtered = len(params) > 1
         wanted = max(CANDIDATES, number * page_size)
 
-        expression = search.match(f"a{agent.id}", query, "{content context}")
+        expression = search.match(f"a{agent.id}", query, "{content context date}")
         if not expression:
             if query.strip():
                 return search.Page([], 0, number, page_size)
@@ -302,27 +302,39 @@ class Archive:
         if not ids:
             return 0
         async with self.db.write() as w:
-            owned = [r[0] for r in await w.execute_fetchall(
-                f"SELECT id FROM passages WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})", (agent.id, *ids)
-            )]
-            await _delete_rows(w, owned)
+            owned = await w.execute_fetchall(
+                f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})", (agent.id, *ids)
+            )
+            await _delete_rows(w, agent.id, list(owned))
         return len(owned)
 
     async def clear(self, agent: Agent) -> None:
         async with self.db.write() as w:
-            owned = [r[0] for r in await w.execute_fetchall("SELECT id FROM passages WHERE agent_id = ?", (agent.id,))]
-            await _delete_rows(w, owned)
+            owned = await w.execute_fetchall(f"SELECT {_ROW} FROM passages WHERE agent_id = ?", (agent.id,))
+            await _delete_rows(w, agent.id, list(owned))
 
 
-async def _delete_rows(w: aiosqlite.Connection, ids: list[int]) -> None:
-    for i in range(0, len(ids), 500):
-        part = ids[i : i + 500]
-        marks = ",".join("?" * len(part))
-        await w.execute(f"DELETE FROM passages_fts WHERE rowid IN ({marks})", part)
-        has_vec = await w.execute_fetchall("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'")
+_ROW = "id, content, context, created_at"
+
+
+async def _unindex(w: aiosqlite.Connection, agent_id: int, rows: list) -> None:  # type: ignore[type-arg]
+    """Remove rows from the contentless FTS index: it needs the exact values they were indexed with."""
+    await w.executemany(
+        "INSERT INTO passages_fts(passages_fts, rowid, agent, content, context, date) VALUES ('delete', ?, ?, ?, ?, ?)",
+        [(r["id"], f"a{agent_id}", r["content"], r["context"], spoken_date(r["created_at"])) for r in rows],
+    )
+
+
+async def _delete_rows(w: aiosqlite.Connection, agent_id: int, rows: list) -> None:  # type: ignore[type-arg]
+    has_vec = await w.execute_fetchall("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'")
+    for i in range(0, len(rows), 500):
+        part = rows[i : i + 500]
+        ids = [r["id"] for r in part]
+        marks = ",".join("?" * len(ids))
+        await _unindex(w, agent_id, part)
         if has_vec:
-            await w.execute(f"DELETE FROM passages_vec WHERE rowid IN ({marks})", part)
-        await w.execute(f"DELETE FROM passages WHERE id IN ({marks})", part)
+            await w.execute(f"DELETE FROM passages_vec WHERE rowid IN ({marks})", ids)
+        await w.execute(f"DELETE FROM passages WHERE id IN ({marks})", ids)
 
 
 def fuse(keyword: list[tuple[int, float]], vector: list[tuple[int, float]]) -> list[int]:

@@ -92,9 +92,11 @@ async def m002_messages(c: aiosqlite.Connection) -> None:
         );
         CREATE INDEX messages_agent_time ON messages(agent_id, created_at);
         CREATE INDEX messages_context ON messages(agent_id, in_context, position);
-        -- the agent token lives inside the index so MATCH filters by agent itself
+        -- the agent token lives inside the index so MATCH filters by agent itself.
+        -- Contentless, rows removed with the 'delete' command and their old values:
+        -- contentless_delete=1 would miscount the statistics bm25 ranks by.
         CREATE VIRTUAL TABLE messages_fts USING fts5(
-            agent, content, content='', contentless_delete=1, tokenize='porter unicode61 remove_diacritics 2'
+            agent, content, content='', tokenize='porter unicode61 remove_diacritics 2'
         );
         """
     )
@@ -128,7 +130,7 @@ async def m003_passages(c: aiosqlite.Connection) -> None:
         -- context: the neighbouring passages' text, date: "8 May 2023"; both ranked low
         -- (bench/retrieval.py: neighbours lift LoCoMo recall@10 from 0.69 to 0.80)
         CREATE VIRTUAL TABLE passages_fts USING fts5(
-            agent, content, context, date, content='', contentless_delete=1,
+            agent, content, context, date, content='',
             tokenize='porter unicode61 remove_diacritics 2'
         );
         -- identical text is embedded once per model

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiosqlite
+
 from . import search, tokens
 from .agents import Agent, now
 from .db import Database
@@ -161,24 +163,29 @@ async def delete(db: Database, agent: Agent, ids: list[int]) -> int:
         return 0
     marks = ",".join("?" * len(ids))
     async with db.write() as w:
-        owned = [r[0] for r in await w.execute_fetchall(
-            f"SELECT id FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)
+        owned = [_row(r) for r in await w.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)
         )]
-        if not owned:
-            return 0
-        marks = ",".join("?" * len(owned))
-        await w.execute(f"DELETE FROM messages_fts WHERE rowid IN ({marks})", owned)
-        await w.execute(f"DELETE FROM messages WHERE id IN ({marks})", owned)
+        await _delete(w, agent, owned)
     return len(owned)
+
+
+async def _delete(w: aiosqlite.Connection, agent: Agent, messages: list[Message]) -> None:
+    # a contentless FTS index forgets a row only when told the exact text it indexed
+    await w.executemany(
+        "INSERT INTO messages_fts(messages_fts, rowid, agent, content) VALUES ('delete', ?, ?, ?)",
+        [(m.id, f"a{agent.id}", m.index_text()) for m in messages if m.index_text()],
+    )
+    for i in range(0, len(messages), 500):
+        part = [m.id for m in messages[i : i + 500]]
+        await w.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(part))})", part)
 
 
 async def clear(db: Database, agent: Agent) -> None:
     """Forget the whole conversation: recall, the in-context queue and the summary."""
     async with db.write() as w:
-        await w.execute(
-            "DELETE FROM messages_fts WHERE rowid IN (SELECT id FROM messages WHERE agent_id = ?)", (agent.id,)
-        )
-        await w.execute("DELETE FROM messages WHERE agent_id = ?", (agent.id,))
+        rows = await w.execute_fetchall(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ?", (agent.id,))
+        await _delete(w, agent, [_row(r) for r in rows])
         await w.execute("UPDATE agents SET summary = '', summary_updated_at = NULL, pressure_warned = 0 WHERE id = ?", (agent.id,))
 
 

@@ -208,3 +208,29 @@ async def test_agents_never_see_each_others_rows(db: Database, settings: EngineS
     await archive.clear(bob)
     assert (await recall.search_messages(db, alice, "swordfish")).total == 1
     assert (await archive.search(alice, "swordfish")).total == 1
+
+
+async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Database, agent: Agent, tmp_path) -> None:
+    """Inserting rewrites the previous passage's index row; deleting removes rows. bm25 must not drift."""
+    arch = Archive(db, None)
+    texts = [f"note {i}: the {'zebra' if i % 3 == 0 else 'lion'} sleeps near pond {i}" for i in range(12)]
+    for t in texts:
+        await arch.insert(agent, t)
+    doomed = [r[0] for r in await db.fetchall("SELECT id FROM passages WHERE agent_id = ? AND content LIKE '%pond 4'", (agent.id,))]
+    assert await arch.delete(agent, doomed) == 1
+    query = 'agent : "a{0}" AND {{content context date}} : ("zebra" OR "pond" OR "sleeps")'.format(agent.id)
+    scores = await db.fetchall("SELECT rowid, bm25(passages_fts, 0, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
+    # the same final rows, indexed once each into a fresh table
+    fresh = await Database.open(tmp_path / "fresh.db")
+    rows = await db.fetchall("SELECT id, content, context, created_at FROM passages ORDER BY id")
+    from memory.archival import spoken_date
+
+    async with fresh.write() as w:
+        await w.executemany(
+            "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
+            [(r[0], f"a{agent.id}", r[1], r[2], spoken_date(r[3])) for r in rows],
+        )
+    expected = await fresh.fetchall("SELECT rowid, bm25(passages_fts, 0, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
+    await fresh.close()
+    assert [r[0] for r in scores] == [r[0] for r in expected] and len(scores) == 11
+    assert [r[1] for r in scores] == pytest.approx([r[1] for r in expected], rel=1e-9)
