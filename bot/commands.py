@@ -68,7 +68,7 @@ class MemoryCommands(app_commands.Group):
         key, agent = await _agent(self.bot, interaction)
         engine = self.bot.engine
         db = engine.db
-        prompt = await context.build(db, engine.archive, agent, engine.settings.context_window)
+        prompt = await context.build(db, agent, engine.settings.context_window)
         row = await db.fetchone("SELECT summary, tokens_in, tokens_out, model_calls FROM agents WHERE id = ?", (agent.id,))
         messages = await recall.count(db, agent)
         passages = await engine.archive.count(agent)

@@ -116,16 +116,16 @@ class Turn:
     async def _prompt(self, result: TurnResult) -> context.Prompt:
         """The next request, compacted and with a pressure warning if needed."""
         s = self.settings
-        prompt = await context.build(self.db, self.archive, self.agent, self.settings.context_window)
+        prompt = await context.build(self.db, self.agent, self.settings.context_window)
         if prompt.tokens * self.token_scale > s.memory_flush_fraction * s.context_window:
             eviction = await context.compact(
                 self.db, self.llm, s.llm_model, self.agent, prompt, s, target=s.memory_flush_fraction * COMPACT_TO
             )
             if eviction:
                 result.evicted.extend(eviction.messages)
-                prompt = await context.build(self.db, self.archive, self.agent, self.settings.context_window)
+                prompt = await context.build(self.db, self.agent, self.settings.context_window)
         if await context.warn_if_pressured(self.db, self.agent, prompt, s):
-            prompt = await context.build(self.db, self.archive, self.agent, self.settings.context_window)
+            prompt = await context.build(self.db, self.agent, self.settings.context_window)
         return prompt
 
     async def _call(self, prompt: context.Prompt, result: TurnResult, *, use_tools: bool = True):
@@ -143,7 +143,7 @@ class Turn:
             if eviction is None:
                 raise
             result.evicted.extend(eviction.messages)
-            prompt = await context.build(self.db, self.archive, self.agent, self.settings.context_window)
+            prompt = await context.build(self.db, self.agent, self.settings.context_window)
             answer = await self.llm.chat(self.settings.llm_model, prompt.messages, schemas)
         result.request_tokens.append(prompt.tokens)
         result.model_seconds += answer.seconds
@@ -158,11 +158,10 @@ class Turn:
         await recall.append(self.db, self.agent, [recall.Message(role="system", content=text)])
 
     async def _record_usage(self, result: TurnResult) -> None:
-        async with self.db.write() as w:
-            await w.execute(
-                "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
-                (result.tokens_in, result.tokens_out, len(result.request_tokens), self.agent.id),
-            )
+        await self.db.execute(
+            "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
+            (result.tokens_in, result.tokens_out, len(result.request_tokens), self.agent.id),
+        )
 
 
 def _normalized(arguments: str) -> str:

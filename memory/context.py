@@ -14,7 +14,6 @@ from typing import Any
 
 from . import core, recall, tokens
 from .agents import Agent, now
-from .archival import Archive
 from .config import EngineSettings
 from .db import Database
 from .llm import LLMClient, LLMError
@@ -43,6 +42,7 @@ class Prompt:
     messages: list[dict[str, Any]]
     history: list[recall.Message]
     tokens: int
+    pressure_warned: bool = False
 
 
 @lru_cache(maxsize=256)
@@ -50,17 +50,17 @@ def _count_system(text: str) -> int:
     return tokens.count(text) + tokens.PER_MESSAGE
 
 
-async def system_prompt(db: Database, archive: Archive, agent: Agent) -> str:
+async def build(db: Database, agent: Agent, window: int) -> Prompt:
     blocks = await core.blocks(db, agent)
     row = await db.fetchone(
-        "SELECT summary,"
+        "SELECT summary, pressure_warned,"
         " (SELECT count(*) FROM messages WHERE agent_id = a.id AND in_context = 0),"
+        " (SELECT count(*) FROM passages WHERE agent_id = a.id),"
         " (SELECT max(updated_at) FROM blocks WHERE agent_id = a.id)"
         " FROM agents a WHERE id = ?",
         (agent.id,),
     )
-    summary, out_of_context, changed = row[0], row[1], row[2]
-    passages = await archive.count(agent)
+    summary, pressure_warned, out_of_context, passages, changed = row
     parts = [
         INSTRUCTIONS,
         "### Core memory",
@@ -71,18 +71,14 @@ async def system_prompt(db: Database, archive: Archive, agent: Agent) -> str:
     ]
     if summary:
         parts += ["### Summary of earlier conversation", summary]
-    return "\n".join(parts)
-
-
-async def build(db: Database, archive: Archive, agent: Agent, window: int) -> Prompt:
-    system = await system_prompt(db, archive, agent)
+    system = "\n".join(parts)
     history = await recall.in_context(db, agent)
     for m in history:
         if m.tokens > window // 4:
             _clip(m, window // 4)
     messages = [{"role": "system", "content": system}] + [m.to_openai() for m in history]
     total = _count_system(system) + TOOL_TOKENS + sum(m.tokens for m in history)
-    return Prompt(messages, history, total)
+    return Prompt(messages, history, total, bool(pressure_warned))
 
 
 def _clip(message: recall.Message, max_tokens: int) -> None:
@@ -98,13 +94,11 @@ def _clip(message: recall.Message, max_tokens: int) -> None:
 async def warn_if_pressured(db: Database, agent: Agent, prompt: Prompt, settings: EngineSettings) -> bool:
     """Once per crossing of the warning line, tell the model to save what matters."""
     share = prompt.tokens / settings.context_window
-    warned = await db.fetchval("SELECT pressure_warned FROM agents WHERE id = ?", (agent.id,), 0)
     if share < settings.memory_warning_fraction:
-        if warned:
-            async with db.write() as w:
-                await w.execute("UPDATE agents SET pressure_warned = 0 WHERE id = ?", (agent.id,))
+        if prompt.pressure_warned:
+            await db.execute("UPDATE agents SET pressure_warned = 0 WHERE id = ?", (agent.id,))
         return False
-    if warned:
+    if prompt.pressure_warned:
         return False
     event = recall.Message(
         role="system",
@@ -115,8 +109,7 @@ async def warn_if_pressured(db: Database, agent: Agent, prompt: Prompt, settings
         ),
     )
     await recall.append(db, agent, [event])
-    async with db.write() as w:
-        await w.execute("UPDATE agents SET pressure_warned = 1 WHERE id = ?", (agent.id,))
+    await db.execute("UPDATE agents SET pressure_warned = 1 WHERE id = ?", (agent.id,))
     return True
 
 

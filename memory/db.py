@@ -223,6 +223,12 @@ class Database:
                 raise
             await self._writer.execute("COMMIT")
 
+    async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """One write statement, committed on its own; returns the rows it changed."""
+        async with self._write_lock:
+            cursor = await self._writer.execute(sql, tuple(params))
+            return cursor.rowcount
+
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         return list(await self._reader.execute_fetchall(sql, tuple(params)))
 

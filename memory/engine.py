@@ -48,6 +48,7 @@ class Engine:
         self.archive = archive
         self.token_scale = 1.0
         self._mailboxes: dict[str, _Mailbox] = {}
+        self._agents: dict[str, Agent] = {}  # agents are never deleted: a key's id never changes
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -98,7 +99,9 @@ class Engine:
         await self.db.close()
 
     async def agent(self, key: str) -> Agent:
-        return await agents.get_or_create(self.db, key, self.settings)
+        if key not in self._agents:
+            self._agents[key] = await agents.get_or_create(self.db, key, self.settings)
+        return self._agents[key]
 
     async def record(self, key: str, message: recall.Message) -> recall.Message:
         """Store a message the agent should remember but not answer; the next turn sees it."""

@@ -131,18 +131,13 @@ async def in_context(db: Database, agent: Agent) -> list[Message]:
 
 async def admit_waiting(db: Database, agent: Agent) -> int:
     """Move waiting messages into the context, in the order they arrived."""
-    async with db.write() as w:
-        waiting = [r[0] for r in await w.execute_fetchall(
-            "SELECT id FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id", (agent.id,)
-        )]
-        for message_id in waiting:
-            await w.execute(
-                "UPDATE messages SET in_context = 1,"
-                " position = (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ? AND in_context = 1)"
-                " WHERE id = ?",
-                (agent.id, message_id),
-            )
-    return len(waiting)
+    return await db.execute(
+        "UPDATE messages SET in_context = 1, position = base + n FROM ("
+        " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
+        " (SELECT coalesce(max(position), 0) FROM messages WHERE agent_id = ?1 AND in_context = 1) AS base"
+        " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
+        (agent.id,),
+    )
 
 
 async def count(db: Database, agent: Agent) -> int:
