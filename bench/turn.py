@@ -385,8 +385,7 @@ async def populate(engine: Any, n: int, seed: int) -> None:
     if batch:
         await recall.append(engine.db, agent, batch, state=state)
     summary = "Earlier, " + " ".join(sentence(rng, rng.randint(10, 16)) for _ in range(10))
-    async with engine.db.write() as w:
-        await w.execute("UPDATE agents SET summary = ? WHERE id = ?", (summary, agent.id))
+    await engine.db.execute("UPDATE agents SET summary = ? WHERE id = ?", (summary, agent.id))
 
 
 async def run_size(
@@ -419,20 +418,26 @@ async def run_size(
             engine.llm.chat = timed_chat  # type: ignore[method-assign]
 
             statements: Counter[str] = Counter()
-            if trace:  # count SQL statements and aiosqlite thread hops (both connections); private attributes
+            if trace:  # count SQL statements and thread hops (writer thread, aiosqlite reader); private attributes
                 def traced(sql: str) -> None:  # "-- " marks statements SQLite runs inside others (FTS5)
                     statements[" ".join(sql.split())[:90]] += 1
 
-                await engine.db._writer.set_trace_callback(traced)
+                engine.db._writer.set_trace_callback(traced)
                 await engine.db._reader.set_trace_callback(traced)
-                for name in ("writer", "reader"):
-                    conn = getattr(engine.db, "_" + name)
+                submit = engine.db._thread.submit
 
-                    async def counted(fn: Any, *a: Any, _run: Any = conn._execute, _name: str = name, **k: Any) -> Any:
-                        statements["hops:" + _name] += 1
-                        return await _run(fn, *a, **k)
+                def counted_submit(*a: Any, **k: Any) -> Any:
+                    statements["hops:writer"] += 1
+                    return submit(*a, **k)
 
-                    conn._execute = counted
+                engine.db._thread.submit = counted_submit  # type: ignore[method-assign]
+                reader = engine.db._reader
+
+                async def counted(fn: Any, *a: Any, _run: Any = reader._execute, **k: Any) -> Any:
+                    statements["hops:reader"] += 1
+                    return await _run(fn, *a, **k)
+
+                reader._execute = counted
 
             rng = random.Random(SEED * 1000 + history)
             texts = [user_text(rng) for _ in range(turns)]
@@ -462,7 +467,7 @@ async def run_size(
             if profiler:
                 profiler.disable()
             if trace:
-                await engine.db._writer.set_trace_callback(None)
+                engine.db._writer.set_trace_callback(None)
                 await engine.db._reader.set_trace_callback(None)
             fake_log = await fake.take_log()
         finally:

@@ -166,7 +166,6 @@ async def sync_if_changed(tree: app_commands.CommandTree, engine: Engine, *, for
     if not force and await engine.db.fetchval("SELECT value FROM meta WHERE key = 'discord_commands_hash'") == digest:
         return False
     await tree.sync()
-    async with engine.db.write() as w:
-        await w.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('discord_commands_hash', ?)", (digest,))
+    await engine.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('discord_commands_hash', ?)", (digest,))
     log.info("slash commands synced")
     return True

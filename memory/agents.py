@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .config import EngineSettings
-from .db import Database
+from .db import Database, sqlite3
 
 DEFAULT_PERSONA = (
     "I am a friendly, curious assistant with a long memory. I keep notes about the people "
@@ -50,16 +50,18 @@ async def get_or_create(db: Database, key: str, settings: EngineSettings) -> Age
     row = await db.fetchone("SELECT id FROM agents WHERE key = ?", (key,))
     if row:
         return Agent(row[0], key)
-    async with db.write() as w:
-        # another task may have created it between the read and the lock
-        await w.execute("INSERT OR IGNORE INTO agents(key, created_at) VALUES (?, ?)", (key, now()))
-        (agent_id,) = (await w.execute_fetchall("SELECT id FROM agents WHERE key = ?", (key,)))[0]
+    def create(c: sqlite3.Connection) -> int:
         stamp = now()
-        await w.executemany(
+        # another task may have created it since the read: IGNORE
+        c.execute("INSERT OR IGNORE INTO agents(key, created_at) VALUES (?, ?)", (key, stamp))
+        (agent_id,) = c.execute("SELECT id FROM agents WHERE key = ?", (key,)).fetchone()
+        c.executemany(
             "INSERT OR IGNORE INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
             [(agent_id, label, value, limit, desc, stamp) for label, value, limit, desc in default_blocks(key, settings)],
         )
-    return Agent(agent_id, key)
+        return int(agent_id)
+
+    return Agent(await db.transact(create), key)
 
 
 async def find(db: Database, key: str) -> Agent | None:
@@ -72,8 +74,6 @@ async def get_options(db: Database, agent: Agent) -> dict[str, Any]:
 
 
 async def set_option(db: Database, agent: Agent, name: str, value: Any) -> None:
-    async with db.write() as w:
-        await w.execute(
-            "UPDATE agents SET options = json_set(options, '$.' || ?, json(?)) WHERE id = ?",
-            (name, json.dumps(value), agent.id),
-        )
+    await db.execute(
+        "UPDATE agents SET options = json_set(options, '$.' || ?, json(?)) WHERE id = ?", (name, json.dumps(value), agent.id)
+    )

@@ -16,11 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-import aiosqlite
 
 from . import search
 from .agents import Agent, now
-from .db import Database
+from .db import Database, sqlite3
 from .embeddings import Embedder, text_hash
 from .llm import LLMError
 
@@ -126,40 +125,41 @@ class Archive:
         pieces = chunk(content)
         tag_list = clean_tags(tags)
         stamp = created_at or now()
-        ids: list[int] = []
         agent_token = f"a{agent.id}"
-        async with self.db.write() as w:
-            rows = await w.execute_fetchall(
-                "SELECT id, content, context, created_at FROM passages WHERE agent_id = ? ORDER BY id DESC LIMIT 1",
-                (agent.id,),
-            )
-            previous = rows[0] if rows else None
+
+        def store(c: sqlite3.Connection) -> list[int]:
+            ids = []
+            previous = c.execute(
+                f"SELECT {_ROW} FROM passages WHERE agent_id = ? ORDER BY id DESC LIMIT 1", (agent.id,)
+            ).fetchone()
             for piece in pieces:
                 before = previous["content"][-CONTEXT_CHARS:] if previous else ""
-                cur = await w.execute(
+                pid = c.execute(
                     "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (agent.id, piece, before, json.dumps(tag_list), source, stamp, text_hash(piece)),
-                )
-                pid = cur.lastrowid or 0
+                ).lastrowid
                 ids.append(pid)
-                await w.execute(
+                c.execute(
                     "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
                     (pid, agent_token, piece, before, spoken_date(stamp)),
                 )
-                await w.executemany(
+                c.executemany(
                     "INSERT OR IGNORE INTO passage_tags(passage_id, agent_id, tag) VALUES (?, ?, ?)",
                     [(pid, agent.id, t) for t in tag_list],
                 )
                 if previous:  # this passage is the previous one's "after" context
                     context = f"{previous['context']} {piece[:CONTEXT_CHARS]}".strip()
-                    await w.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
-                    await _unindex(w, agent.id, [previous])
-                    await w.execute(
+                    c.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
+                    _unindex(c, agent.id, [previous])
+                    c.execute(
                         "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
                         (previous["id"], agent_token, previous["content"], context, spoken_date(previous["created_at"])),
                     )
                 previous = {"id": pid, "content": piece, "context": before, "created_at": stamp}
+            return ids
+
+        ids = await self.db.transact(store)
         await self.embed_pending(agent)
         return ids
 
@@ -180,15 +180,16 @@ class Archive:
             except LLMError as exc:
                 log.warning("embedding failed, %d passages stay keyword-only until the next try: %s", len(rows) - done, exc)
                 break
-            async with self.db.write() as w:
+            def store(c: sqlite3.Connection, batch: list = batch, vectors: list[bytes] = vectors) -> None:  # type: ignore[type-arg]
                 for r, v in zip(batch, vectors):
                     # the passage may have been deleted while its vector was computed
-                    cur = await w.execute("UPDATE passages SET embedded = 1 WHERE id = ? AND embedded = 0", (r["id"],))
-                    if cur.rowcount:
-                        await w.execute(
+                    if c.execute("UPDATE passages SET embedded = 1 WHERE id = ? AND embedded = 0", (r["id"],)).rowcount:
+                        c.execute(
                             "INSERT OR REPLACE INTO passages_vec(rowid, agent_id, embedding) VALUES (?, ?, ?)",
                             (r["id"], r["agent_id"], v),
                         )
+
+            await self.db.transact(store)
             done += len(batch)
         return done
 
@@ -301,40 +302,41 @@ class Archive:
     async def delete(self, agent: Agent, ids: list[int]) -> int:
         if not ids:
             return 0
-        async with self.db.write() as w:
-            owned = await w.execute_fetchall(
-                f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})", (agent.id, *ids)
-            )
-            await _delete_rows(w, agent.id, list(owned))
-        return len(owned)
+        marks = ",".join("?" * len(ids))
+        return await self.db.transact(
+            lambda c: _delete_rows(c, agent.id, c.execute(
+                f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)
+            ).fetchall())
+        )
 
     async def clear(self, agent: Agent) -> None:
-        async with self.db.write() as w:
-            owned = await w.execute_fetchall(f"SELECT {_ROW} FROM passages WHERE agent_id = ?", (agent.id,))
-            await _delete_rows(w, agent.id, list(owned))
+        await self.db.transact(
+            lambda c: _delete_rows(c, agent.id, c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ?", (agent.id,)).fetchall())
+        )
 
 
 _ROW = "id, content, context, created_at"
 
 
-async def _unindex(w: aiosqlite.Connection, agent_id: int, rows: list) -> None:  # type: ignore[type-arg]
+def _unindex(c: sqlite3.Connection, agent_id: int, rows: list) -> None:  # type: ignore[type-arg]
     """Remove rows from the contentless FTS index: it needs the exact values they were indexed with."""
-    await w.executemany(
+    c.executemany(
         "INSERT INTO passages_fts(passages_fts, rowid, agent, content, context, date) VALUES ('delete', ?, ?, ?, ?, ?)",
         [(r["id"], f"a{agent_id}", r["content"], r["context"], spoken_date(r["created_at"])) for r in rows],
     )
 
 
-async def _delete_rows(w: aiosqlite.Connection, agent_id: int, rows: list) -> None:  # type: ignore[type-arg]
-    has_vec = await w.execute_fetchall("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'")
+def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list) -> int:  # type: ignore[type-arg]
+    has_vec = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'").fetchone()
     for i in range(0, len(rows), 500):
         part = rows[i : i + 500]
         ids = [r["id"] for r in part]
         marks = ",".join("?" * len(ids))
-        await _unindex(w, agent_id, part)
+        _unindex(c, agent_id, part)
         if has_vec:
-            await w.execute(f"DELETE FROM passages_vec WHERE rowid IN ({marks})", ids)
-        await w.execute(f"DELETE FROM passages WHERE id IN ({marks})", ids)
+            c.execute(f"DELETE FROM passages_vec WHERE rowid IN ({marks})", ids)
+        c.execute(f"DELETE FROM passages WHERE id IN ({marks})", ids)
+    return len(rows)
 
 
 def fuse(keyword: list[tuple[int, float]], vector: list[tuple[int, float]]) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any
 from . import core, recall, tokens
 from .agents import Agent, now
 from .config import EngineSettings
-from .db import Database
+from .db import Database, sqlite3
 from .llm import LLMClient, LLMError
 from .tools import SCHEMAS
 
@@ -221,14 +221,14 @@ async def compact(
             "without a summary; find them with conversation_search.)"
         )
         summary, summarized = (f"{previous}\n{note}" if previous else note), False
-    async with db.write() as w:
-        await w.execute(
-            "UPDATE agents SET summary = ?, summary_updated_at = ? WHERE id = ?", (summary, now(), agent.id)
+    ids = [m.id for m in evicted]
+
+    def evict(c: sqlite3.Connection) -> None:
+        c.execute("UPDATE agents SET summary = ?, summary_updated_at = ? WHERE id = ?", (summary, now(), agent.id))
+        c.execute(
+            f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})", (agent.id, *ids)
         )
-        ids = [m.id for m in evicted]
-        await w.execute(
-            f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})",
-            (agent.id, *ids),
-        )
+
+    await db.transact(evict)
     log.info("%s: evicted %d messages (%d tokens)", agent.key, len(evicted), sum(m.tokens for m in evicted))
     return Eviction(evicted, summary, summarized)

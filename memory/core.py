@@ -45,12 +45,11 @@ async def _get(db: Database, agent: Agent, label: str) -> tuple[Block | None, st
 
 async def _store(db: Database, agent: Agent, block: Block, value: str, expected: str) -> bool:
     """Write only if nobody changed the block meanwhile (consolidation runs beside turns)."""
-    async with db.write() as w:
-        cur = await w.execute(
-            "UPDATE blocks SET value = ?, updated_at = ? WHERE agent_id = ? AND label = ? AND value = ?",
-            (value, now(), agent.id, block.label, expected),
-        )
-        return cur.rowcount == 1
+    changed = await db.execute(
+        "UPDATE blocks SET value = ?, updated_at = ? WHERE agent_id = ? AND label = ? AND value = ?",
+        (value, now(), agent.id, block.label, expected),
+    )
+    return changed == 1
 
 
 def _too_long(block: Block, new_len: int) -> str:
@@ -109,9 +108,7 @@ async def set_value(db: Database, agent: Agent, label: str, value: str) -> str:
         return error
     if len(value) > block.limit:
         return _too_long(block, len(value))
-    async with db.write() as w:
-        await w.execute(
-            "UPDATE blocks SET value = ?, updated_at = ? WHERE agent_id = ? AND label = ?",
-            (value, now(), agent.id, label),
-        )
+    await db.execute(
+        "UPDATE blocks SET value = ?, updated_at = ? WHERE agent_id = ? AND label = ?", (value, now(), agent.id, label)
+    )
     return f"Block {label!r} set ({len(value)}/{block.limit} characters)."

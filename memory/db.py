@@ -1,8 +1,12 @@
 """The SQLite file: connections, sqlite-vec, and schema migrations.
 
-One writer connection (every write goes through `Database.write()`, which holds
-an asyncio lock for the whole transaction) and one reader connection, which in
-WAL mode sees only committed data and never waits for the writer.
+One writer: a connection owned by a single thread, to which every transaction
+is handed whole as a function (`Database.transact`), so a transaction costs one
+trip between threads and writers queue without holding anything on the event
+loop. Holding an asyncio lock across a transaction's many awaits instead made
+100 concurrent users wait ~1 s per turn for it (bench/bot_load.py). Reads go
+through aiosqlite on a second connection, which in WAL mode sees committed data
+only and never waits for the writer.
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -29,7 +33,8 @@ class StorageError(Exception):
     """The database cannot be opened or used; str() says why in one line."""
 
 
-Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+T = TypeVar("T")
+Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[Migration] = []
 
 
@@ -39,8 +44,9 @@ def migration(fn: Migration) -> Migration:
 
 
 @migration
-async def m001_agents_and_blocks(c: aiosqlite.Connection) -> None:
-    await _script(c, 
+def m001_agents_and_blocks(c: sqlite3.Connection) -> None:
+    _script(
+        c,
         """
         CREATE TABLE agents (
             id INTEGER PRIMARY KEY,
@@ -69,8 +75,9 @@ async def m001_agents_and_blocks(c: aiosqlite.Connection) -> None:
 
 
 @migration
-async def m002_messages(c: aiosqlite.Connection) -> None:
-    await _script(c, 
+def m002_messages(c: sqlite3.Connection) -> None:
+    _script(
+        c,
         """
         CREATE TABLE messages (
             id INTEGER PRIMARY KEY,
@@ -103,8 +110,9 @@ async def m002_messages(c: aiosqlite.Connection) -> None:
 
 
 @migration
-async def m003_passages(c: aiosqlite.Connection) -> None:
-    await _script(c, 
+def m003_passages(c: sqlite3.Connection) -> None:
+    _script(
+        c,
         """
         CREATE TABLE passages (
             id INTEGER PRIMARY KEY,
@@ -145,13 +153,13 @@ async def m003_passages(c: aiosqlite.Connection) -> None:
     )
 
 
-async def _script(c: aiosqlite.Connection, script: str) -> None:
+def _script(c: sqlite3.Connection, script: str) -> None:
     """Run statements one by one: executescript() would commit the open transaction."""
     statement = ""
     for line in script.splitlines(keepends=True):
         statement += line
         if sqlite3.complete_statement(statement):
-            await c.execute(statement)
+            c.execute(statement)
             statement = ""
     if statement.strip():
         raise ValueError(f"incomplete SQL statement in migration: {statement!r}")
@@ -173,61 +181,67 @@ def _connect_sync(path: str) -> sqlite3.Connection:
 
 
 class Database:
-    """Both connections to one SQLite file, with sqlite-vec loaded."""
+    """The writer thread and the reader connection of one SQLite file, with sqlite-vec loaded."""
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, path: Path, writer: sqlite3.Connection, thread: ThreadPoolExecutor, reader: aiosqlite.Connection) -> None:
         self.path = path
         self._writer = writer
+        self._thread = thread
         self._reader = reader
-        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> "Database":
         path = Path(path)
+        loop = asyncio.get_running_loop()
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            writer = await aiosqlite.Connection(lambda: _connect_sync(str(path)), 64)
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise StorageError(f"cannot open database {path}: {exc}") from exc
-        try:
-            await writer.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a committed write survives a crash of the process;
-            # only an OS crash or power cut can lose the last transactions.
-            await writer.execute("PRAGMA synchronous = NORMAL")
-            await _migrate(writer, list(MIGRATIONS if migrations is None else migrations))
+            writer = await loop.run_in_executor(thread, _open_writer, str(path), list(MIGRATIONS if migrations is None else migrations))
             reader = await aiosqlite.Connection(lambda: _connect_sync(str(path)), 64)
             await reader.execute("PRAGMA query_only = ON")
-        except sqlite3.DatabaseError as exc:
-            await writer.close()
+        except StorageError:
+            thread.shutdown()
+            raise
+        except (OSError, sqlite3.Error) as exc:
+            thread.shutdown()
             raise StorageError(f"cannot use database {path}: {exc}") from exc
-        return cls(path, writer, reader)
+        return cls(path, writer, thread, reader)
 
     async def close(self) -> None:
-        async with self._write_lock:
-            await self._reader.close()
-            # a checkpoint folds the WAL back so a copied .db file is complete
-            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            await self._writer.close()
+        await self._reader.close()
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One transaction on the writer; commits on exit, rolls back on error."""
-        async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
+        def finish() -> None:
+            # a checkpoint folds the WAL back so a copied .db file is complete
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._writer.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, finish)
+        self._thread.shutdown()
+
+    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` as one transaction on the writer thread; rolled back if it raises.
+
+        The transaction finishes even if the awaiting task is cancelled.
+        """
+
+        def run() -> T:
+            self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield self._writer
+                result = fn(self._writer)
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                self._writer.execute("ROLLBACK")
                 raise
-            await self._writer.execute("COMMIT")
+            self._writer.execute("COMMIT")
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One write statement, committed on its own; returns the rows it changed."""
-        async with self._write_lock:
-            cursor = await self._writer.execute(sql, tuple(params))
-            return cursor.rowcount
+        args = tuple(params)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, lambda: self._writer.execute(sql, args).rowcount
+        )
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         return list(await self._reader.execute_fetchall(sql, tuple(params)))
@@ -241,18 +255,32 @@ class Database:
         return row[0] if row else default
 
 
-async def _migrate(c: aiosqlite.Connection, migrations: list[Migration]) -> None:
-    await c.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    done = {row[0] for row in await c.execute_fetchall("SELECT name FROM _migrations")}
+def _open_writer(path: str, migrations: list[Migration]) -> sqlite3.Connection:
+    conn = _connect_sync(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: a committed write survives a crash of the process;
+        # only an OS crash or power cut can lose the last transactions.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _migrate(conn, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(c: sqlite3.Connection, migrations: list[Migration]) -> None:
+    c.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {row[0] for row in c.execute("SELECT name FROM _migrations")}
     for fn in migrations:
         if fn.__name__ in done:
             continue
         log.info("applying migration %s", fn.__name__)
-        await c.execute("BEGIN IMMEDIATE")
+        c.execute("BEGIN IMMEDIATE")
         try:
-            await fn(c)
-            await c.execute("INSERT INTO _migrations VALUES (?, ?)", (fn.__name__, time.time()))
+            fn(c)
+            c.execute("INSERT INTO _migrations VALUES (?, ?)", (fn.__name__, time.time()))
         except BaseException:
-            await c.execute("ROLLBACK")
+            c.execute("ROLLBACK")
             raise
-        await c.execute("COMMIT")
+        c.execute("COMMIT")

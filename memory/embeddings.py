@@ -12,7 +12,7 @@ import logging
 import math
 import struct
 
-from .db import Database
+from .db import Database, sqlite3
 from .llm import LLMClient, LLMError
 
 log = logging.getLogger(__name__)
@@ -47,22 +47,26 @@ class Embedder:
                 "embedding model changed from %s to %s: archival passages will be embedded again",
                 recorded.get("embedding_model"), self.model,
             )
-        async with self.db.write() as w:
-            await w.execute("DROP TABLE IF EXISTS passages_vec")
-            await w.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
-            await w.execute("UPDATE passages SET embedded = 0 WHERE embedded = 1")
+        def start_over(c: sqlite3.Connection) -> None:
+            c.execute("DROP TABLE IF EXISTS passages_vec")
+            c.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
+            c.execute("UPDATE passages SET embedded = 0 WHERE embedded = 1")
+
+        await self.db.transact(start_over)
         self.dim = None
 
     async def _start_space(self, dim: int) -> None:
-        async with self.db.write() as w:
-            await w.execute(
+        def create(c: sqlite3.Connection) -> None:
+            c.execute(
                 f"CREATE VIRTUAL TABLE IF NOT EXISTS passages_vec USING vec0("
                 f"agent_id INTEGER PARTITION KEY, embedding float[{dim}] distance_metric=l2)"
             )
-            await w.executemany(
+            c.executemany(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                 [("embedding_model", self.model), ("embedding_dim", str(dim))],
             )
+
+        await self.db.transact(create)
         self.dim = dim
 
     async def embed(self, texts: list[str]) -> list[bytes]:
@@ -88,10 +92,9 @@ class Embedder:
             if any(len(v) != self.dim for v in vectors):
                 raise LLMError(f"embedding model {self.model} returned {dim} dimensions, expected {self.dim}")
             packed = [pack(v) for v in vectors]
-            async with self.db.write() as w:
-                await w.executemany(
-                    "INSERT OR IGNORE INTO embedding_cache(model, text_hash, vector) VALUES (?, ?, ?)",
-                    [(self.model, h, p) for (h, _), p in zip(batch, packed)],
-                )
+            rows = [(self.model, h, p) for (h, _), p in zip(batch, packed)]
+            await self.db.transact(
+                lambda c: c.executemany("INSERT OR IGNORE INTO embedding_cache(model, text_hash, vector) VALUES (?, ?, ?)", rows)
+            )
             found.update((h, p) for (h, _), p in zip(batch, packed))
         return [found[h] for h in hashes]

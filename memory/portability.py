@@ -64,16 +64,14 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
         for b in data["blocks"]:
             current = {x.label for x in await core.blocks(engine.db, agent)}
             if b["label"] not in current:
-                async with engine.db.write() as w:
-                    await w.execute(
-                        "INSERT INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, '', ?, ?, ?)",
-                        (agent.id, b["label"], int(b["limit"]), b.get("description", ""), now()),
-                    )
+                await engine.db.execute(
+                    "INSERT INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, '', ?, ?, ?)",
+                    (agent.id, b["label"], int(b["limit"]), b.get("description", ""), now()),
+                )
             result = await core.set_value(engine.db, agent, b["label"], str(b["value"]))
             if result.startswith("Error"):
                 raise ValueError(result)
-        async with engine.db.write() as w:
-            await w.execute("UPDATE agents SET summary = ? WHERE id = ?", (str(data["agent"].get("summary", "")), agent.id))
+        await engine.db.execute("UPDATE agents SET summary = ? WHERE id = ?", (str(data["agent"].get("summary", "")), agent.id))
         messages = [
             recall.Message(
                 role=m["role"], content=m.get("content") or "", author=m.get("author", ""), author_id=m.get("author_id", ""),

@@ -7,14 +7,14 @@ only clears that flag, so nothing leaves recall.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
 
 from . import search, tokens
 from .agents import Agent, now
-from .db import Database
+from .db import Database, sqlite3
 
 ROLES = ("user", "assistant", "tool", "system")
 
@@ -101,9 +101,9 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, state: 
             raise ValueError(f"unknown role {m.role!r}")
         m.content = m.content.replace("\x00", "")
         m.tokens = tokens.count_message(m.to_openai())
-    async with db.write() as w:
+    def store(c: sqlite3.Connection) -> None:
         for m in messages:
-            cur = await w.execute(
+            cur = c.execute(
                 "INSERT INTO messages(agent_id, role, author, author_id, content, tool_calls, tool_call_id,"
                 " external_id, created_at, in_context, tokens, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
                 " CASE WHEN ?10 = 1 THEN (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ?1 AND in_context = 1) END)",
@@ -116,9 +116,10 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, state: 
             m.id = cur.lastrowid or 0
             text = m.index_text()
             if text:
-                await w.execute(
-                    "INSERT INTO messages_fts(rowid, agent, content) VALUES (?, ?, ?)", (m.id, f"a{agent.id}", text)
-                )
+                c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (?, ?, ?)", (m.id, f"a{agent.id}", text))
+
+    if messages:
+        await db.transact(store)
     return messages
 
 
@@ -157,31 +158,32 @@ async def delete(db: Database, agent: Agent, ids: list[int]) -> int:
     if not ids:
         return 0
     marks = ",".join("?" * len(ids))
-    async with db.write() as w:
-        owned = [_row(r) for r in await w.execute_fetchall(
-            f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)
-        )]
-        await _delete(w, agent, owned)
-    return len(owned)
+    return await db.transact(
+        lambda c: _delete(c, agent, c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)))
+    )
 
 
-async def _delete(w: aiosqlite.Connection, agent: Agent, messages: list[Message]) -> None:
+def _delete(c: sqlite3.Connection, agent: Agent, rows: Iterable[Any]) -> int:
+    messages = [_row(r) for r in rows]
     # a contentless FTS index forgets a row only when told the exact text it indexed
-    await w.executemany(
+    c.executemany(
         "INSERT INTO messages_fts(messages_fts, rowid, agent, content) VALUES ('delete', ?, ?, ?)",
         [(m.id, f"a{agent.id}", m.index_text()) for m in messages if m.index_text()],
     )
     for i in range(0, len(messages), 500):
         part = [m.id for m in messages[i : i + 500]]
-        await w.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(part))})", part)
+        c.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(part))})", part)
+    return len(messages)
 
 
 async def clear(db: Database, agent: Agent) -> None:
     """Forget the whole conversation: recall, the in-context queue and the summary."""
-    async with db.write() as w:
-        rows = await w.execute_fetchall(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ?", (agent.id,))
-        await _delete(w, agent, [_row(r) for r in rows])
-        await w.execute("UPDATE agents SET summary = '', summary_updated_at = NULL, pressure_warned = 0 WHERE id = ?", (agent.id,))
+
+    def wipe(c: sqlite3.Connection) -> None:
+        _delete(c, agent, c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ?", (agent.id,)))
+        c.execute("UPDATE agents SET summary = '', summary_updated_at = NULL, pressure_warned = 0 WHERE id = ?", (agent.id,))
+
+    await db.transact(wipe)
 
 
 async def search_messages(

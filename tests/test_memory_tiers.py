@@ -225,11 +225,10 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
     rows = await db.fetchall("SELECT id, content, context, created_at FROM passages ORDER BY id")
     from memory.archival import spoken_date
 
-    async with fresh.write() as w:
-        await w.executemany(
-            "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
-            [(r[0], f"a{agent.id}", r[1], r[2], spoken_date(r[3])) for r in rows],
-        )
+    await fresh.transact(lambda c: c.executemany(
+        "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
+        [(r[0], f"a{agent.id}", r[1], r[2], spoken_date(r[3])) for r in rows],
+    ))
     expected = await fresh.fetchall("SELECT rowid, bm25(passages_fts, 0, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
     await fresh.close()
     assert [r[0] for r in scores] == [r[0] for r in expected] and len(scores) == 11
