@@ -34,6 +34,8 @@ class MnemoBot(discord.Client):
             # model output must never ping @everyone, roles or users
             allowed_mentions=discord.AllowedMentions.none(),
             guild_ready_timeout=0.5,
+            # replies come from the gateway payload; the message cache would only cost memory
+            max_messages=None,
         )
         self.settings = settings
         self.engine = engine
@@ -104,12 +106,12 @@ class MnemoBot(discord.Client):
                 stored.content += ("\n" if stored.content else "") + note
         if not stored.content.strip():
             return
+        # the indicator runs beside the turn: its REST calls must not delay the answer
+        typing = asyncio.create_task(self._typing(message.channel))
         try:
-            async with message.channel.typing():
-                result = await self.engine.send(key, stored)
-        except discord.HTTPException as exc:  # the typing call failed; the turn itself did not run
-            log.warning("typing indicator failed in %s: %s", message.channel.id, exc)
             result = await self.engine.send(key, stored)
+        finally:
+            typing.cancel()
         if result.reply:
             await self._send(message, result.reply)
 
@@ -140,6 +142,13 @@ class MnemoBot(discord.Client):
             f"[Document `{attachment.filename}` ({len(text)} characters) was saved to archival memory as "
             f"{len(ids)} passages tagged \"document\"; search it with archival_memory_search.]"
         )
+
+    async def _typing(self, channel: discord.abc.Messageable) -> None:
+        try:
+            async with channel.typing():
+                await asyncio.Event().wait()  # until cancelled
+        except discord.HTTPException as exc:
+            log.debug("typing indicator failed in %s: %s", getattr(channel, "id", "?"), exc)
 
     async def _send(self, message: discord.Message, text: str) -> discord.Message | None:
         """Reply in parts; the reference tolerates a deleted original."""
