@@ -34,6 +34,7 @@ class TurnResult:
     steps: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    model_calls: int = 0
     model_seconds: float = 0.0
     engine_seconds: float = 0.0
     error: str = ""
@@ -122,7 +123,7 @@ class Turn:
                 self.db, self.llm, s.llm_model, self.agent, prompt, s, target=s.memory_flush_fraction * COMPACT_TO
             )
             if eviction:
-                result.evicted.extend(eviction.messages)
+                self._count(eviction, result)
                 prompt = await context.build(self.db, self.agent, self.settings.context_window)
         if await context.warn_if_pressured(self.db, self.agent, prompt, s):
             prompt = await context.build(self.db, self.agent, self.settings.context_window)
@@ -142,10 +143,11 @@ class Turn:
             )
             if eviction is None:
                 raise
-            result.evicted.extend(eviction.messages)
+            self._count(eviction, result)
             prompt = await context.build(self.db, self.agent, self.settings.context_window)
             answer = await self.llm.chat(self.settings.llm_model, prompt.messages, schemas)
         result.request_tokens.append(prompt.tokens)
+        result.model_calls += 1
         result.model_seconds += answer.seconds
         if answer.usage:
             result.tokens_in += answer.usage.prompt_tokens
@@ -154,13 +156,23 @@ class Turn:
                 self.token_scale = max(1.0, min(3.0, answer.usage.prompt_tokens / prompt.tokens))
         return answer
 
+    def _count(self, eviction: context.Eviction, result: TurnResult) -> None:
+        """The summarizer's calls are model time and model tokens of this turn too."""
+        result.evicted.extend(eviction.messages)
+        for call in eviction.calls:
+            result.model_calls += 1
+            result.model_seconds += call.seconds
+            if call.usage:
+                result.tokens_in += call.usage.prompt_tokens
+                result.tokens_out += call.usage.completion_tokens
+
     async def _event(self, text: str) -> None:
         await recall.append(self.db, self.agent, [recall.Message(role="system", content=text)])
 
     async def _record_usage(self, result: TurnResult) -> None:
         await self.db.execute(
             "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
-            (result.tokens_in, result.tokens_out, len(result.request_tokens), self.agent.id),
+            (result.tokens_in, result.tokens_out, result.model_calls, self.agent.id),
         )
 
 

@@ -16,7 +16,7 @@ from . import core, recall, tokens
 from .agents import Agent, now
 from .config import EngineSettings
 from .db import Database, sqlite3
-from .llm import LLMClient, LLMError
+from .llm import ChatResult, LLMClient, LLMError
 from .tools import SCHEMAS
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,13 @@ def transcript(messages: list[recall.Message], max_tool_chars: int = 300) -> str
 
 
 async def summarize(
-    llm: LLMClient, model: str, previous: str, evicted: list[recall.Message], settings: EngineSettings
+    llm: LLMClient, model: str, previous: str, evicted: list[recall.Message], settings: EngineSettings,
+    calls: list[ChatResult],
 ) -> str:
-    """Fold `evicted` into `previous`, in pieces when the span is larger than the window allows."""
+    """Fold `evicted` into `previous`, in pieces when the span is larger than the window allows.
+
+    Each model call's result is appended to `calls` (for time and token accounting).
+    """
     budget = settings.context_window // 10  # tokens for the summary itself
     piece_budget = settings.context_window // 2
     pieces: list[list[recall.Message]] = [[]]
@@ -179,6 +183,7 @@ async def summarize(
             ],
             max_tokens=budget,
         )
+        calls.append(result)
         new = (result.content or "").strip()
         if not new:
             raise LLMError("the summarizer returned an empty summary")
@@ -191,6 +196,7 @@ class Eviction:
     messages: list[recall.Message]
     summary: str
     summarized: bool
+    calls: list[ChatResult]
 
 
 async def compact(
@@ -208,8 +214,9 @@ async def compact(
         return None
     evicted = prompt.history[:cut]
     previous = await db.fetchval("SELECT summary FROM agents WHERE id = ?", (agent.id,), "")
+    calls: list[ChatResult] = []
     try:
-        summary = await summarize(llm, model, previous, evicted, settings)
+        summary = await summarize(llm, model, previous, evicted, settings, calls)
         summarized = True
     except LLMError as exc:
         if prompt.tokens <= settings.context_window:
@@ -231,4 +238,4 @@ async def compact(
 
     await db.transact(evict)
     log.info("%s: evicted %d messages (%d tokens)", agent.key, len(evicted), sum(m.tokens for m in evicted))
-    return Eviction(evicted, summary, summarized)
+    return Eviction(evicted, summary, summarized, calls)
