@@ -55,7 +55,12 @@ class Turn:
     async def run(self) -> TurnResult:
         started = time.perf_counter()
         result = TurnResult(reply=None, outcome="reply")
-        await recall.admit_waiting(self.db, self.agent)
+        filed = await recall.admit_waiting(self.db, self.agent, self.settings.context_window // 4)
+        if filed:
+            await self._event(
+                f"{filed} older messages arrived since your last turn and went straight to recall memory "
+                "without being shown here; conversation_search finds them."
+            )
         try:
             await self._steps(result)
         except LLMError as exc:

@@ -130,15 +130,39 @@ async def in_context(db: Database, agent: Agent) -> list[Message]:
     return [_row(r) for r in rows]
 
 
-async def admit_waiting(db: Database, agent: Agent) -> int:
-    """Move waiting messages into the context, in the order they arrived."""
-    return await db.execute(
-        "UPDATE messages SET in_context = 1, position = base + n FROM ("
-        " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
-        " (SELECT coalesce(max(position), 0) FROM messages WHERE agent_id = ?1 AND in_context = 1) AS base"
-        " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
-        (agent.id,),
-    )
+async def admit_waiting(db: Database, agent: Agent, budget: int) -> int:
+    """Move waiting messages into the context, in the order they arrived.
+
+    Only the newest `budget` tokens of them: a busy channel can pile up more
+    chatter between two mentions than a window holds. The older ones go straight
+    to recall (searchable, never summarized); returns how many did.
+    """
+
+    def admit(c: sqlite3.Connection) -> int:
+        waiting = c.execute(
+            "SELECT id, tokens FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id DESC", (agent.id,)
+        ).fetchall()
+        total, first_kept = 0, None
+        for message_id, size in waiting:
+            total += size
+            if total > budget and first_kept is not None:
+                break
+            first_kept = message_id
+        if first_kept is None:
+            return 0
+        filed = c.execute(
+            "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
+        ).rowcount
+        c.execute(
+            "UPDATE messages SET in_context = 1, position = base + n FROM ("
+            " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
+            " (SELECT coalesce(max(position), 0) FROM messages WHERE agent_id = ?1 AND in_context = 1) AS base"
+            " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
+            (agent.id,),
+        )
+        return filed
+
+    return await db.transact(admit)
 
 
 async def count(db: Database, agent: Agent) -> int:

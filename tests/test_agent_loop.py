@@ -352,3 +352,20 @@ async def test_huge_message_is_clipped_for_the_model_but_kept_whole(engine: Engi
     stored = await recall.search_messages(engine.db, agent, "the-very-end")
     assert stored.total == 1
     assert len((await recall.get(engine.db, agent, [stored.hits[0].id]))[0].content) == len(huge)
+
+
+async def test_a_flood_of_waiting_messages_is_filed_not_crammed_in(tmp_path: Path, fake: FakeOpenAI) -> None:
+    engine = await Engine.open(make_settings(tmp_path, fake, context_window=2048))
+    for i in range(300):
+        await engine.record("channel:5", user(f"chatter line {i} about nothing much at all", author=f"u{i % 7}"))
+    fake.push(reply("caught up"))
+    assert (await engine.send("channel:5", user("@bot what's new?"))).reply == "caught up"
+    body = fake.chat_requests[0]
+    assert not any(is_summarizer(r) for r in fake.chat_requests)  # no summarizer storm on the reply path
+    texts = [m["content"] for m in body["messages"][1:]]
+    assert any(t.endswith("@bot what's new?") for t in texts) and any(t.endswith("chatter line 299 about nothing much at all") for t in texts)
+    assert any("went straight to recall memory" in t for t in texts)
+    agent = await engine.agent("channel:5")
+    assert (await recall.search_messages(engine.db, agent, "chatter line 3")).total >= 1
+    assert await engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND in_context = 2", (agent.id,)) == 0
+    await engine.close()
