@@ -423,7 +423,8 @@ async def run_size(
                     statements[" ".join(sql.split())[:90]] += 1
 
                 engine.db._writer.set_trace_callback(traced)
-                await engine.db._reader.set_trace_callback(traced)
+                for r in engine.db._readers:
+                    await r.set_trace_callback(traced)
                 submit = engine.db._thread.submit
 
                 def counted_submit(*a: Any, **k: Any) -> Any:
@@ -431,13 +432,12 @@ async def run_size(
                     return submit(*a, **k)
 
                 engine.db._thread.submit = counted_submit  # type: ignore[method-assign]
-                reader = engine.db._reader
+                for reader in engine.db._readers:
+                    async def counted(fn: Any, *a: Any, _run: Any = reader._execute, **k: Any) -> Any:
+                        statements["hops:reader"] += 1
+                        return await _run(fn, *a, **k)
 
-                async def counted(fn: Any, *a: Any, _run: Any = reader._execute, **k: Any) -> Any:
-                    statements["hops:reader"] += 1
-                    return await _run(fn, *a, **k)
-
-                reader._execute = counted
+                    reader._execute = counted
 
             rng = random.Random(SEED * 1000 + history)
             texts = [user_text(rng) for _ in range(turns)]
@@ -468,7 +468,8 @@ async def run_size(
                 profiler.disable()
             if trace:
                 engine.db._writer.set_trace_callback(None)
-                await engine.db._reader.set_trace_callback(None)
+                for r in engine.db._readers:
+                    await r.set_trace_callback(None)
             fake_log = await fake.take_log()
         finally:
             await engine.close()

@@ -9,6 +9,7 @@ bench/retrieval.py measures these choices on LoCoMo.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -227,25 +228,35 @@ class Archive:
             )
             return search.Page(await self._hits(agent, [r[0] for r in rows]), total, number, page_size)
 
-        weights = ", ".join(str(w) for w in BM25_WEIGHTS)
-        keyword_rows = await self.db.fetchall(
-            f"SELECT p.id, -bm25(passages_fts, {weights}) FROM passages_fts f JOIN passages p ON p.id = f.rowid"
-            f" WHERE passages_fts MATCH ? AND {where} ORDER BY bm25(passages_fts, {weights}) LIMIT ?",
-            (expression, *params, wanted),
+        # keyword and vector search run side by side, on different reader connections
+        (keyword, total), vector = await asyncio.gather(
+            self._keyword(expression, wanted, where if filtered else None, params),
+            self._knn(agent, query, wanted, where if filtered else None, params),
         )
-        keyword = [(r[0], r[1]) for r in keyword_rows]
-        vector = await self._knn(agent, query, wanted, where if filtered else None, params)
         if vector is None:
-            total = await self.db.fetchval(
-                f"SELECT count(*) FROM passages_fts f JOIN passages p ON p.id = f.rowid WHERE passages_fts MATCH ? AND {where}",
-                (expression, *params), 0,
-            )
             ranked, note = [i for i, _ in keyword], ""
         else:
             ranked = fuse(keyword, vector)
             total, note = len(ranked), "best matches by keyword and meaning"
         page_ids = ranked[(number - 1) * page_size : number * page_size]
         return search.Page(await self._hits(agent, page_ids), total, number, page_size, note)
+
+    async def _keyword(
+        self, expression: str, wanted: int, where: str | None, params: list[object]
+    ) -> tuple[list[tuple[int, float]], int]:
+        """(id, bm25 score) of the best keyword matches, and how many matched in all."""
+        weights = ", ".join(str(w) for w in BM25_WEIGHTS)
+        if where:
+            source, condition, args = "passages_fts f JOIN passages p ON p.id = f.rowid", f"passages_fts MATCH ? AND {where}", (expression, *params)
+        else:  # the agent token inside MATCH already keeps other agents' rows out: no join
+            source, condition, args = "passages_fts", "passages_fts MATCH ?", (expression,)
+        # materialized once: the ranking and the total come from one evaluation of MATCH
+        rows = await self.db.fetchall(
+            f"WITH m AS MATERIALIZED (SELECT {'p.id' if where else 'rowid'} AS id, bm25(passages_fts, {weights}) AS s"
+            f" FROM {source} WHERE {condition}) SELECT id, -s, (SELECT count(*) FROM m) FROM m ORDER BY s LIMIT ?",
+            (*args, wanted),
+        )
+        return [(r[0], r[1]) for r in rows], (rows[0][2] if rows else 0)
 
     async def nearest(self, agent: Agent, query: str, k: int = 10) -> list[int]:
         """Passage ids nearest to `query` by meaning alone (empty without vectors)."""
@@ -283,9 +294,10 @@ class Archive:
     async def _hits(self, agent: Agent, ids: list[int]) -> list[search.Hit]:
         if not ids:
             return []
+        # "+agent_id": look rows up by id; the agent index would walk all of the agent's rows
         rows = await self.db.fetchall(
-            f"SELECT id, created_at, content, tags FROM passages WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})",
-            (agent.id, *ids),
+            f"SELECT id, created_at, content, tags FROM passages WHERE id IN ({','.join('?' * len(ids))}) AND +agent_id = ?",
+            (*ids, agent.id),
         )
         by_id = {r["id"]: r for r in rows}
         hits = []

@@ -5,8 +5,8 @@ is handed whole as a function (`Database.transact`), so a transaction costs one
 trip between threads and writers queue without holding anything on the event
 loop. Holding an asyncio lock across a transaction's many awaits instead made
 100 concurrent users wait ~1 s per turn for it (bench/bot_load.py). Reads go
-through aiosqlite on a second connection, which in WAL mode sees committed data
-only and never waits for the writer.
+through aiosqlite on two more connections, which in WAL mode see committed data
+only and never wait for the writer.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class StorageError(Exception):
 
 
 T = TypeVar("T")
+# SQLite releases the GIL while it works: two readers let two queries run at once
+READERS = 2
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[Migration] = []
 
@@ -183,11 +185,14 @@ def _connect_sync(path: str) -> sqlite3.Connection:
 class Database:
     """The writer thread and the reader connection of one SQLite file, with sqlite-vec loaded."""
 
-    def __init__(self, path: Path, writer: sqlite3.Connection, thread: ThreadPoolExecutor, reader: aiosqlite.Connection) -> None:
+    def __init__(
+        self, path: Path, writer: sqlite3.Connection, thread: ThreadPoolExecutor, readers: list[aiosqlite.Connection]
+    ) -> None:
         self.path = path
         self._writer = writer
         self._thread = thread
-        self._reader = reader
+        self._readers = readers
+        self._turn = 0
 
     @classmethod
     async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> "Database":
@@ -197,18 +202,22 @@ class Database:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             writer = await loop.run_in_executor(thread, _open_writer, str(path), list(MIGRATIONS if migrations is None else migrations))
-            reader = await aiosqlite.Connection(lambda: _connect_sync(str(path)), 64)
-            await reader.execute("PRAGMA query_only = ON")
+            readers = [await aiosqlite.Connection(lambda: _connect_sync(str(path)), 64) for _ in range(READERS)]
+            for reader in readers:
+                await reader.execute("PRAGMA query_only = ON")
+                # reads of vector chunks come from mapped pages instead of a system call each
+                await reader.execute(f"PRAGMA mmap_size = {1 << 30}")
         except StorageError:
             thread.shutdown()
             raise
         except (OSError, sqlite3.Error) as exc:
             thread.shutdown()
             raise StorageError(f"cannot use database {path}: {exc}") from exc
-        return cls(path, writer, thread, reader)
+        return cls(path, writer, thread, readers)
 
     async def close(self) -> None:
-        await self._reader.close()
+        for reader in self._readers:
+            await reader.close()
 
         def finish() -> None:
             # a checkpoint folds the WAL back so a copied .db file is complete
@@ -243,11 +252,16 @@ class Database:
             self._thread, lambda: self._writer.execute(sql, args).rowcount
         )
 
+    def _reader(self) -> aiosqlite.Connection:
+        """Readers take turns, so concurrent queries run on different threads."""
+        self._turn += 1
+        return self._readers[self._turn % len(self._readers)]
+
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return list(await self._reader.execute_fetchall(sql, tuple(params)))
+        return list(await self._reader().execute_fetchall(sql, tuple(params)))
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        rows = await self._reader().execute_fetchall(sql, tuple(params))
         return rows[0] if rows else None
 
     async def fetchval(self, sql: str, params: Iterable[Any] = (), default: Any = None) -> Any:
