@@ -17,8 +17,8 @@ The schema is made by the engine itself (Database.open, agents.get_or_create,
 Embedder.prepare/embed, which creates passages_vec and the meta rows). The
 passages are then written with plain SQL in large transactions, row for row
 what Archive.insert + embed_pending would leave: passages (embedded = 1),
-passages_fts (the neighbours' text as context, the spoken date), passages_vec
-and embedding_cache (the embedder caches every text it embeds). Before each
+passages_fts (the neighbours' text as context, the spoken date) and passages_vec
+(the embedder caches query vectors only). Before each
 build a self-check inserts a few passages both ways, through Archive.insert
 and through the bulk path, and compares the two files; a difference is
 printed, as a sign this file has fallen behind memory/archival.py.
@@ -246,7 +246,7 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
     started = time.perf_counter()
     done = 0
     while done < total:
-        rows, fts, vec, cache = [], [], [], []
+        rows, fts, vec = [], [], []
         for n in range(done, min(total, done + BATCH)):
             a = order[n]
             pid, agent_id = first_id + n, agent_ids[a]
@@ -260,7 +260,6 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
             rows.append((pid, agent_id, content, context, "[]", "", stamp, h))
             fts.append((pid, f"a{agent_id}", content, context, spoken_date(stamp)))
             vec.append((pid, agent_id, vector))
-            cache.append((MODEL, h, vector))
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO passages(id, agent_id, content, context, tags, source, created_at, text_hash, embedded)"
@@ -269,7 +268,6 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
         )
         conn.executemany("INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)", fts)
         conn.executemany("INSERT INTO passages_vec(rowid, agent_id, embedding) VALUES (?, ?, ?)", vec)
-        conn.executemany("INSERT OR IGNORE INTO embedding_cache(model, text_hash, vector) VALUES (?, ?, ?)", cache)
         conn.execute("COMMIT")
         done += len(rows)
         if progress:

@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime
 
 
@@ -170,14 +171,14 @@ class Archive:
             return 0
         where, params = ("embedded = 0 AND agent_id = ?", (agent.id,)) if agent else ("embedded = 0", ())
         rows = await self.db.fetchall(
-            f"SELECT id, agent_id, content FROM passages WHERE {where} ORDER BY id LIMIT ?", (*params, limit)
+            f"SELECT id, agent_id, content, text_hash FROM passages WHERE {where} ORDER BY id LIMIT ?", (*params, limit)
         )
         done = 0
         step = self.embedder.batch_size * 4
         for i in range(0, len(rows), step):
             batch = rows[i : i + step]
             try:
-                vectors = await self.embedder.embed([r["content"] for r in batch])
+                vectors = await self._vectors(batch)
             except LLMError as exc:
                 log.warning("embedding failed, %d passages stay keyword-only until the next try: %s", len(rows) - done, exc)
                 break
@@ -193,6 +194,22 @@ class Archive:
             await self.db.transact(store)
             done += len(batch)
         return done
+
+    async def _vectors(self, rows: list[Any]) -> list[bytes]:
+        """Vectors for passages: copied from an embedded passage with the same text, else embedded."""
+        assert self.embedder is not None
+        hashes = list({r["text_hash"] for r in rows})
+        known: dict[str, bytes] = {}
+        if self.embedder.dim is not None:
+            known = dict(await self.db.fetchall(
+                f"SELECT p.text_hash, v.embedding FROM passages p JOIN passages_vec v ON v.rowid = p.id"
+                f" WHERE p.text_hash IN ({','.join('?' * len(hashes))}) AND p.embedded = 1 GROUP BY p.text_hash",
+                hashes,
+            ))
+        todo = [r for r in rows if r["text_hash"] not in known]
+        fresh = await self.embedder.embed([r["content"] for r in todo], remember=False) if todo else []
+        known.update((r["text_hash"], v) for r, v in zip(todo, fresh))
+        return [known[r["text_hash"]] for r in rows]
 
     async def search(
         self,

@@ -131,6 +131,7 @@ def m003_passages(c: sqlite3.Connection) -> None:
         );
         CREATE INDEX passages_agent_time ON passages(agent_id, created_at);
         CREATE INDEX passages_unembedded ON passages(embedded) WHERE embedded = 0;
+        CREATE INDEX passages_hash ON passages(text_hash);
         CREATE TABLE passage_tags (
             passage_id INTEGER NOT NULL REFERENCES passages(id) ON DELETE CASCADE,
             agent_id INTEGER NOT NULL,
@@ -143,7 +144,7 @@ def m003_passages(c: sqlite3.Connection) -> None:
             agent, content, context, date, content='',
             tokenize='porter unicode61 remove_diacritics 2'
         );
-        -- identical text is embedded once per model
+        -- vectors of recent search queries (passages' vectors are in passages_vec)
         CREATE TABLE embedding_cache (
             model TEXT NOT NULL,
             text_hash TEXT NOT NULL,
@@ -192,7 +193,7 @@ class Database:
         self._writer = writer
         self._thread = thread
         self._readers = readers
-        self._turn = 0
+        self._busy = [0] * len(readers)
 
     @classmethod
     async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> "Database":
@@ -252,16 +253,17 @@ class Database:
             self._thread, lambda: self._writer.execute(sql, args).rowcount
         )
 
-    def _reader(self) -> aiosqlite.Connection:
-        """Readers take turns, so concurrent queries run on different threads."""
-        self._turn += 1
-        return self._readers[self._turn % len(self._readers)]
-
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return list(await self._reader().execute_fetchall(sql, tuple(params)))
+        # the least busy reader, so concurrent queries run on different threads
+        i = self._busy.index(min(self._busy))
+        self._busy[i] += 1
+        try:
+            return list(await self._readers[i].execute_fetchall(sql, tuple(params)))
+        finally:
+            self._busy[i] -= 1
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        rows = await self._reader().execute_fetchall(sql, tuple(params))
+        rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
     async def fetchval(self, sql: str, params: Iterable[Any] = (), default: Any = None) -> Any:

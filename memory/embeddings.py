@@ -1,5 +1,8 @@
 """Embeddings for archival memory, from an OpenAI-compatible `/embeddings` endpoint.
 
+Search queries' vectors are cached (the newest few thousand); passages' vectors
+are looked up by text hash in the vector table itself.
+
 The model name and dimension in use are recorded in the database. When the
 configured model changes, the vector table is rebuilt and every passage is
 embedded again, so vectors of two models never share one space.
@@ -69,8 +72,12 @@ class Embedder:
         await self.db.transact(create)
         self.dim = dim
 
-    async def embed(self, texts: list[str]) -> list[bytes]:
-        """Vectors for `texts`, packed; identical text is fetched from the cache."""
+    async def embed(self, texts: list[str], *, remember: bool = True) -> list[bytes]:
+        """Vectors for `texts`, packed; text seen before comes from the cache.
+
+        Passages pass remember=False: their vectors live in passages_vec, where
+        Archive finds them by text hash, and a second copy would double the file.
+        """
         hashes = [text_hash(t) for t in texts]
         found: dict[str, bytes] = {}
         unique = list(dict.fromkeys(hashes))
@@ -92,9 +99,16 @@ class Embedder:
             if any(len(v) != self.dim for v in vectors):
                 raise LLMError(f"embedding model {self.model} returned {dim} dimensions, expected {self.dim}")
             packed = [pack(v) for v in vectors]
-            rows = [(self.model, h, p) for (h, _), p in zip(batch, packed)]
-            await self.db.transact(
-                lambda c: c.executemany("INSERT OR IGNORE INTO embedding_cache(model, text_hash, vector) VALUES (?, ?, ?)", rows)
-            )
+            if remember:
+                await self.db.transact(lambda c, rows=[(self.model, h, p) for (h, _), p in zip(batch, packed)]: _remember(c, rows))
             found.update((h, p) for (h, _), p in zip(batch, packed))
         return [found[h] for h in hashes]
+
+
+CACHE_ROWS = 10_000
+
+
+def _remember(c: sqlite3.Connection, rows: list[tuple[str, str, bytes]]) -> None:
+    c.executemany("INSERT OR IGNORE INTO embedding_cache(model, text_hash, vector) VALUES (?, ?, ?)", rows)
+    # queries keep coming: keep the newest
+    c.execute("DELETE FROM embedding_cache WHERE rowid <= (SELECT max(rowid) FROM embedding_cache) - ?", (CACHE_ROWS,))
