@@ -58,11 +58,10 @@ async def extract_text(attachment: discord.Attachment, data: bytes) -> str:
 
 def _pdf_text(data: bytes, filename: str) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
         reader = PdfReader(io.BytesIO(data))
         return "\n\n".join(page.extract_text() or "" for page in reader.pages)
-    except (PdfReadError, ValueError, KeyError, OSError) as exc:
-        log.info("unreadable PDF %s: %s", filename, exc)
+    except Exception as exc:  # pypdf raises many kinds on damaged or encrypted files
+        log.info("unreadable PDF %s: %r", filename, exc)
         raise Unreadable(f"`{filename}` is not a PDF I can read.") from None

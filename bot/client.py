@@ -79,7 +79,8 @@ class MnemoBot(discord.Client):
         if task is not None:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
-        if not allowed(self.settings, message.author.id, message.guild.id if message.guild else None, message.channel.id):
+        channel_id = getattr(message.channel, "parent_id", None) or message.channel.id  # a thread counts as its channel
+        if not allowed(self.settings, message.author.id, message.guild.id if message.guild else None, channel_id):
             return
         key = agent_key(message.channel, message.author)
         stored = recall.Message(

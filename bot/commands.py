@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from typing import TYPE_CHECKING, Literal
 
@@ -20,17 +21,42 @@ from discord import app_commands
 from memory import context, core, portability, recall
 from memory.agents import Agent, default_blocks
 
+from .access import allowed
 from .routing import agent_key
 
 if TYPE_CHECKING:
     from .client import MnemoBot
 
 EPHEMERAL_LIMIT = 1900
+log = logging.getLogger(__name__)
 
 
 def register(tree: app_commands.CommandTree, bot: MnemoBot) -> None:
     tree.add_command(MemoryCommands(bot))
     tree.add_command(AdminCommands(bot))
+
+    @tree.error
+    async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        if isinstance(error, app_commands.CheckFailure):
+            text = "You can't use this bot here."
+        else:
+            log.error("/%s failed", interaction.command.qualified_name if interaction.command else "?", exc_info=error)
+            text = "Sorry, that command failed on my side."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            pass
+
+
+def _allowed(bot: MnemoBot, interaction: discord.Interaction) -> bool:
+    channel = interaction.channel
+    return allowed(
+        bot.settings, interaction.user.id, interaction.guild_id,
+        getattr(channel, "parent_id", None) or interaction.channel_id,
+    )
 
 
 def may_change(interaction: discord.Interaction) -> bool:
@@ -61,6 +87,9 @@ class MemoryCommands(app_commands.Group):
     def __init__(self, bot: MnemoBot) -> None:
         super().__init__(name="memory", description="Look into this conversation's long-term memory")
         self.bot = bot
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return _allowed(self.bot, interaction)
 
     @app_commands.command(description="Core memory, summary, counts and context usage")
     async def view(self, interaction: discord.Interaction) -> None:
@@ -117,17 +146,21 @@ class MemoryCommands(app_commands.Group):
             await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        _, agent = await _agent(self.bot, interaction)
+        key, agent = await _agent(self.bot, interaction)
         engine = self.bot.engine
-        ids = re.findall(r"\b([mp])#?(\d+)\b", target.lower())
-        if ids and re.fullmatch(r"(\s*[mp]#?\d+\s*,?)+", target.lower()):
-            removed_m = await recall.delete(engine.db, agent, [int(n) for k, n in ids if k == "m"])
-            removed_p = await engine.archive.delete(agent, [int(n) for k, n in ids if k == "p"])
+        ids = re.findall(r"\b([mp])#?(\d{1,18})\b", target.lower())
+        if ids and re.fullmatch(r"(\s*[mp]#?\d{1,18}\s*,?)+", target.lower()):
+            async with engine.lock(key):
+                removed_m = await recall.delete(engine.db, agent, [int(n) for k, n in ids if k == "m"])
+                removed_p = await engine.archive.delete(agent, [int(n) for k, n in ids if k == "p"])
+                engine.forgotten(key)
             await interaction.followup.send(f"Forgot {removed_m} messages and {removed_p} passages.", ephemeral=True)
             return
         pattern = f"%{_escape_like(target)}%"
+        # replies live in the arguments of send_message calls, so tool_calls is searched too
         message_ids = [r[0] for r in await engine.db.fetchall(
-            "SELECT id FROM messages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern))]
+            "SELECT id FROM messages WHERE agent_id = ?1 AND (content LIKE ?2 ESCAPE '\\' OR tool_calls LIKE ?2 ESCAPE '\\')",
+            (agent.id, pattern))]
         passage_ids = [r[0] for r in await engine.db.fetchall(
             "SELECT id FROM passages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern))]
         if not message_ids and not passage_ids:
@@ -135,8 +168,10 @@ class MemoryCommands(app_commands.Group):
             return
 
         async def forget_them() -> str:
-            m = await recall.delete(engine.db, agent, message_ids)
-            p = await engine.archive.delete(agent, passage_ids)
+            async with engine.lock(key):
+                m = await recall.delete(engine.db, agent, message_ids)
+                p = await engine.archive.delete(agent, passage_ids)
+                engine.forgotten(key)
             return f"Forgot {m} messages and {p} passages."
 
         await interaction.followup.send(
@@ -156,6 +191,12 @@ class MemoryCommands(app_commands.Group):
         engine = self.bot.engine
 
         async def do_reset() -> str:
+            async with engine.lock(key):
+                await erase()
+                engine.forgotten(key)
+            return f"Done: {EXPLAIN[scope]} of `{key}` erased."
+
+        async def erase() -> None:
             if scope in ("conversation", "all"):
                 await recall.clear(engine.db, agent)
             if scope in ("core", "all"):
@@ -163,7 +204,6 @@ class MemoryCommands(app_commands.Group):
                     await core.set_value(engine.db, agent, label, value)
             if scope in ("archival", "all"):
                 await engine.archive.clear(agent)
-            return f"Done: {EXPLAIN[scope]} of `{key}` erased."
 
         await interaction.response.send_message(
             f"Erase {EXPLAIN[scope]} of `{key}`? This cannot be undone (`/memory export` first to keep a copy).",
@@ -188,6 +228,9 @@ class AdminCommands(app_commands.Group):
             default_permissions=discord.Permissions(manage_channels=True),
         )
         self.bot = bot
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return _allowed(self.bot, interaction)
 
     @app_commands.command(description="Replace the bot's persona in this conversation")
     @app_commands.describe(text="who the bot is and how it speaks")
@@ -230,8 +273,10 @@ class Confirm(discord.ui.View):
 
     @discord.ui.button(label="Confirm", style=discord.ButtonStyle.danger)
     async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        await interaction.response.defer()
+        if self.is_finished():  # a second click while the first is being handled
+            return
         self.stop()
+        await interaction.response.defer()
         result = await self.action()
         await interaction.edit_original_response(content=result, view=None)
 

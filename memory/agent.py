@@ -39,6 +39,7 @@ class TurnResult:
     engine_seconds: float = 0.0
     error: str = ""
     evicted: list[recall.Message] = field(default_factory=list)
+    admitted_through: int = 0  # the newest waiting message this turn took in
     request_tokens: list[int] = field(default_factory=list)
 
 
@@ -55,7 +56,7 @@ class Turn:
     async def run(self) -> TurnResult:
         started = time.perf_counter()
         result = TurnResult(reply=None, outcome="reply")
-        filed = await recall.admit_waiting(self.db, self.agent, self.settings.context_window // 4)
+        filed, result.admitted_through = await recall.admit_waiting(self.db, self.agent, self.settings.context_window // 4)
         if filed:
             await self._event(
                 f"{filed} older messages arrived since your last turn and went straight to recall memory "
@@ -122,16 +123,21 @@ class Turn:
     async def _prompt(self, result: TurnResult) -> context.Prompt:
         """The next request, compacted and with a pressure warning if needed."""
         s = self.settings
-        prompt = await context.build(self.db, self.agent, self.settings.context_window)
-        if prompt.tokens * self.token_scale > s.memory_flush_fraction * s.context_window:
+        prompt = self._scaled(await context.build(self.db, self.agent, s.context_window))
+        if prompt.tokens > s.memory_flush_fraction * s.context_window:
             eviction = await context.compact(
                 self.db, self.llm, s.llm_model, self.agent, prompt, s, target=s.memory_flush_fraction * COMPACT_TO
             )
             if eviction:
                 self._count(eviction, result)
-                prompt = await context.build(self.db, self.agent, self.settings.context_window)
+                prompt = self._scaled(await context.build(self.db, self.agent, s.context_window))
         if await context.warn_if_pressured(self.db, self.agent, prompt, s):
-            prompt = await context.build(self.db, self.agent, self.settings.context_window)
+            prompt = self._scaled(await context.build(self.db, self.agent, s.context_window))
+        return prompt
+
+    def _scaled(self, prompt: context.Prompt) -> context.Prompt:
+        """The estimate, corrected by what the provider reported (when it counted more)."""
+        prompt.tokens = int(prompt.tokens * self.token_scale)
         return prompt
 
     async def _call(self, prompt: context.Prompt, result: TurnResult, *, use_tools: bool = True):
@@ -158,7 +164,7 @@ class Turn:
             result.tokens_in += answer.usage.prompt_tokens
             result.tokens_out += answer.usage.completion_tokens
             if prompt.tokens:
-                self.token_scale = max(1.0, min(3.0, answer.usage.prompt_tokens / prompt.tokens))
+                self.token_scale = max(1.0, min(3.0, self.token_scale * answer.usage.prompt_tokens / prompt.tokens))
         return answer
 
     def _count(self, eviction: context.Eviction, result: TurnResult) -> None:

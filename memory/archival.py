@@ -125,6 +125,8 @@ class Archive:
                 "(split it into several inserts, keeping what matters)"
             )
         pieces = chunk(content)
+        if not pieces:
+            raise ValueError("content has no text; nothing was stored")
         tag_list = clean_tags(tags)
         stamp = created_at or now()
         agent_token = f"a{agent.id}"
@@ -231,7 +233,7 @@ class Archive:
             params.append(t)
         where = " AND ".join(filters)
         filtered = len(params) > 1
-        wanted = max(CANDIDATES, number * page_size)
+        wanted = min(4096, max(CANDIDATES, number * page_size))  # vec0's k is capped at 4096
 
         expression = search.match(f"a{agent.id}", query, "{content context date}")
         if not expression:

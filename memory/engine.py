@@ -49,6 +49,8 @@ class Engine:
         self.token_scale = 1.0
         self._mailboxes: dict[str, _Mailbox] = {}
         self._agents: dict[str, Agent] = {}  # agents are never deleted: a key's id never changes
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._epochs: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -124,14 +126,27 @@ class Engine:
             box.worker = asyncio.create_task(self._work(agent, box))
         return await future
 
+    def lock(self, key: str) -> asyncio.Lock:
+        """Held by each turn; commands that erase memory take it too, so they never cut into a turn."""
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    def forgotten(self, key: str) -> None:
+        """Memory was erased: a consolidation pass still running must not write back what it read."""
+        self._epochs[key] = self._epochs.get(key, 0) + 1
+
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
         while box.pending:
             batch, box.pending = box.pending, []
             try:
-                result = await self.run_turn(agent)
+                async with self.lock(agent.key):
+                    result = await self.run_turn(agent)
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("%s: turn failed", agent.key)
                 result = TurnResult(reply="Sorry, something went wrong on my side.", outcome="error", error=repr(exc))
+            # a message persisted just before the turn took its batch was answered by it too
+            answered = [p for p in box.pending if p[0].id and p[0].id <= result.admitted_through]
+            box.pending = [p for p in box.pending if p not in answered]
+            batch.extend(answered)
             for _, future in batch[:-1]:
                 if not future.done():
                     future.set_result(TurnResult(reply=None, outcome="merged"))
@@ -169,6 +184,7 @@ class Engine:
 
     async def _consolidate(self, agent: Agent, evicted: list[recall.Message]) -> None:
         """Off the reply path: turn an evicted span into archival notes and core edits."""
+        epoch = self._epochs.get(agent.key, 0)
         try:
             blocks = core.render(await core.blocks(self.db, agent))
             messages = [
@@ -182,6 +198,9 @@ class Engine:
                     break
                 messages.append({"role": "assistant", "content": answer.content or None, "tool_calls": [c.as_openai() for c in answer.tool_calls]})
                 for call in answer.tool_calls:
+                    if self._epochs.get(agent.key, 0) != epoch:
+                        log.info("%s: memory was erased during consolidation; its notes are dropped", agent.key)
+                        return
                     if call.name == "archival_memory_insert" and '"content"' in call.arguments:
                         # date the notes by the span they come from
                         call.arguments = _with_tag(call.arguments, "conversation " + evicted[0].created_at[:10])

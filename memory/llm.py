@@ -185,20 +185,35 @@ def parse_chat(data: dict[str, Any]) -> ChatResult:
     """Read a chat completion, tolerating servers that bend the protocol."""
     try:
         message = data["choices"][0]["message"]
+        if not isinstance(message, dict):
+            raise TypeError
     except (KeyError, IndexError, TypeError):
         raise LLMError(f"chat completion without a message: {json.dumps(data)[:200]}") from None
     calls: list[ToolCall] = []
     raw_calls = message.get("tool_calls") or []
-    if not raw_calls and message.get("function_call"):  # the pre-tools protocol
+    if not raw_calls and isinstance(message.get("function_call"), dict):  # the pre-tools protocol
         raw_calls = [{"function": message["function_call"]}]
-    for raw in raw_calls:
-        fn = raw.get("function") or {}
+    for raw in raw_calls if isinstance(raw_calls, list) else []:
+        fn = raw.get("function") if isinstance(raw, dict) else None
+        if not isinstance(fn, dict):
+            continue
         args = fn.get("arguments", "")
         if not isinstance(args, str):  # some servers send an object instead of a JSON string
             args = json.dumps(args)
-        calls.append(ToolCall(id=raw.get("id") or f"call_{uuid.uuid4().hex[:12]}", name=str(fn.get("name", "")), arguments=args))
+        calls.append(ToolCall(id=str(raw.get("id") or f"call_{uuid.uuid4().hex[:12]}"), name=str(fn.get("name", "")), arguments=args))
     usage = None
     if isinstance(data.get("usage"), dict):
-        u = data["usage"]
-        usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
-    return ChatResult(content=message.get("content") or "", tool_calls=calls, usage=usage)
+        try:
+            usage = Usage(int(data["usage"].get("prompt_tokens") or 0), int(data["usage"].get("completion_tokens") or 0))
+        except (TypeError, ValueError):
+            usage = None
+    return ChatResult(content=_text(message.get("content")), tool_calls=calls, usage=usage)
+
+
+def _text(content: Any) -> str:
+    """Content as text: some servers send a list of parts ({"type": "text", "text": ...})."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return content if isinstance(content, str) else str(content)

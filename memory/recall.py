@@ -130,26 +130,28 @@ async def in_context(db: Database, agent: Agent) -> list[Message]:
     return [_row(r) for r in rows]
 
 
-async def admit_waiting(db: Database, agent: Agent, budget: int) -> int:
+async def admit_waiting(db: Database, agent: Agent, budget: int) -> tuple[int, int]:
     """Move waiting messages into the context, in the order they arrived.
 
     Only the newest `budget` tokens of them: a busy channel can pile up more
     chatter between two mentions than a window holds. The older ones go straight
-    to recall (searchable, never summarized); returns how many did.
+    to recall (searchable, never summarized). Returns how many did, and the id of
+    the newest message admitted (0 if none).
     """
 
-    def admit(c: sqlite3.Connection) -> int:
+    def admit(c: sqlite3.Connection) -> tuple[int, int]:
         waiting = c.execute(
             "SELECT id, tokens FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id DESC", (agent.id,)
         ).fetchall()
         total, first_kept = 0, None
+        newest = waiting[0][0] if waiting else 0
         for message_id, size in waiting:
             total += size
             if total > budget and first_kept is not None:
                 break
             first_kept = message_id
         if first_kept is None:
-            return 0
+            return 0, 0
         filed = c.execute(
             "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
         ).rowcount
@@ -160,7 +162,7 @@ async def admit_waiting(db: Database, agent: Agent, budget: int) -> int:
             " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
             (agent.id,),
         )
-        return filed
+        return filed, newest
 
     return await db.transact(admit)
 
@@ -182,8 +184,35 @@ async def delete(db: Database, agent: Agent, ids: list[int]) -> int:
     if not ids:
         return 0
     marks = ",".join("?" * len(ids))
-    return await db.transact(
-        lambda c: _delete(c, agent, c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)))
+
+    def forget(c: sqlite3.Connection) -> int:
+        chosen = c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)).fetchall()
+        doomed = {r["id"]: r for r in chosen}
+        # A call and its results must stay together or the provider rejects the
+        # context: a call leaves with its results (stored right after it, in one
+        # transaction), and a result on its own is blanked instead of deleted.
+        for r in chosen:
+            if r["role"] == "assistant" and r["tool_calls"]:
+                for result in c.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND role = 'tool' AND id BETWEEN ? AND ?",
+                    (agent.id, r["id"] + 1, r["id"] + len(json.loads(r["tool_calls"]))),
+                ):
+                    doomed[result["id"]] = result
+        alone = [r for r in chosen if r["role"] == "tool" and not _follows_doomed(r, doomed)]
+        for r in alone:
+            del doomed[r["id"]]
+            c.execute("UPDATE messages SET content = '[forgotten]' WHERE id = ?", (r["id"],))
+        _delete(c, agent, list(doomed.values()))
+        return len(chosen)
+
+    return await db.transact(forget)
+
+
+def _follows_doomed(result: Any, doomed: dict[int, Any]) -> bool:
+    """Whether this tool result belongs to an assistant call that is being deleted."""
+    return any(
+        r["role"] == "assistant" and r["tool_calls"] and r["id"] < result["id"] <= r["id"] + len(json.loads(r["tool_calls"]))
+        for r in doomed.values()
     )
 
 

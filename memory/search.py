@@ -76,14 +76,16 @@ def parse_date(value: object, name: str, *, end: bool = False) -> str | None:
         if len(value) == 10:
             day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
             if end:
+                if day.date() == day.date().max:  # "9999-12-31": no end at all
+                    return None
                 day += timedelta(days=1)
             return day.strftime("%Y-%m-%dT%H:%M:%SZ")
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError):
         raise BadArgument(f"{name} {value!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def base_filters(alias: str, agent_id: int, start_date: object, end_date: object) -> tuple[list[str], list[object]]:
@@ -100,11 +102,16 @@ def base_filters(alias: str, agent_id: int, start_date: object, end_date: object
     return filters, params
 
 
+MAX_PAGE = 500
+
+
 def page_number(page: object) -> int:
     try:
         number = int(page) if page not in (None, "") else 1  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadArgument(f"page {page!r} is not a number; pages start at 1") from None
+    if number > MAX_PAGE:
+        raise BadArgument(f"page {number} is too far; refine the query instead (pages go up to {MAX_PAGE})")
     return max(1, number)
 
 

@@ -6,6 +6,7 @@ Every failure comes back as text the model can act on; nothing raises.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ from . import core, recall, search
 from .agents import Agent
 from .archival import Archive
 from .db import Database
+
+log = logging.getLogger(__name__)
 
 
 def _fn(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -106,6 +109,9 @@ async def execute(db: Database, archive: Archive, agent: Agent, name: str, raw_a
         return await _run(db, archive, agent, name, args)
     except search.BadArgument as exc:
         return Outcome(f"Error: {exc}. Call {name} again with corrected arguments.")
+    except Exception as exc:  # a bug or an input nobody foresaw must not end the turn
+        log.exception("%s: %s failed", agent.key, name)
+        return Outcome(f"Error: {name} failed ({type(exc).__name__}). Try other arguments or another function.")
 
 
 async def _run(db: Database, archive: Archive, agent: Agent, name: str, args: dict[str, Any]) -> Outcome:

@@ -60,3 +60,13 @@ async def test_retry_budget_bounds_total_time(fake: FakeOpenAI) -> None:
     with pytest.raises(ContextOverflowError):
         await client.chat("m", [{"role": "user", "content": "x"}])
     await client.aclose()
+
+
+def test_odd_message_shapes_are_normalised() -> None:
+    parts = parse_chat({"choices": [{"message": {"content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}}]})
+    assert parts.content == "Hello"
+    odd = parse_chat({"choices": [{"message": {"content": 42, "tool_calls": ["junk", {"function": "nope"}, {"function": {"name": "send_message", "arguments": [1]}}]}}],
+                      "usage": {"prompt_tokens": "many"}})
+    assert odd.content == "42" and [c.name for c in odd.tool_calls] == ["send_message"] and odd.usage is None
+    with pytest.raises(LLMError):
+        parse_chat({"choices": [{"message": None}]})

@@ -233,3 +233,41 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
     await fresh.close()
     assert [r[0] for r in scores] == [r[0] for r in expected] and len(scores) == 11
     assert [r[1] for r in scores] == pytest.approx([r[1] for r in expected], rel=1e-9)
+
+
+async def test_forgetting_never_separates_a_call_from_its_result(db: Database, agent: Agent) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "send_message", "arguments": '{"message": "your pin is 4242"}'}}
+    stored = await recall.append(db, agent, [
+        recall.Message(role="user", content="what's my pin?"),
+        recall.Message(role="assistant", content="", tool_calls=[call]),
+        recall.Message(role="tool", content="Sent.", tool_call_id="c1"),
+        recall.Message(role="tool", content="an unrelated result", tool_call_id="zz"),
+    ])
+    user_msg, assistant, result, lonely = stored
+    assert await recall.delete(db, agent, [lonely.id]) == 1
+    left = {m.id: m for m in await recall.in_context(db, agent)}
+    assert left[lonely.id].content == "[forgotten]"  # blanked, not removed
+    assert await recall.delete(db, agent, [assistant.id]) == 1
+    left = {m.id: m for m in await recall.in_context(db, agent)}
+    assert assistant.id not in left and result.id not in left  # the call took its result along
+    assert (await recall.search_messages(db, agent, "4242")).total == 0
+    assert user_msg.id in left
+
+
+async def test_odd_tool_arguments_come_back_as_errors(db: Database, agent: Agent, archive: Archive) -> None:
+    from memory import tools
+
+    cases = [
+        ("conversation_search", '{"query": "x", "end_date": "9999-12-31"}', "No messages matched"),
+        ("conversation_search", '{"query": "x", "start_date": "0001-01-01T00:00:00+05:00"}', "is not a date"),
+        ("conversation_search", '{"query": "x", "page": 1e309}', "not a number"),
+        ("archival_memory_search", '{"query": "x", "page": 100000000000000000000}', "too far"),
+        ("archival_memory_search", '{"query": "x", "page": 480}', "No passages matched"),
+        ("archival_memory_insert", '{"content": "\\u0000"}', "no text"),
+        ("archival_memory_insert", '{"content": ["a", "list"]}', "Saved"),
+        ("core_memory_append", '{"label": 5, "content": "x"}', "no core memory block"),
+        ("send_message", "[1, 2]", "must be a JSON object"),
+    ]
+    for name, args, expected in cases:
+        outcome = await tools.execute(db, archive, agent, name, args)
+        assert expected in outcome.text, (name, args, outcome.text)
