@@ -44,6 +44,7 @@ class MnemoBot(discord.Client):
         self.tree = app_commands.CommandTree(self)
         commands.register(self.tree, self)
         self.closing = False
+        self.stopped = False
         self._listening: dict[str, bool] = {}
         self._handlers: set[asyncio.Task[object]] = set()
 
@@ -66,14 +67,15 @@ class MnemoBot(discord.Client):
         self._listening[key] = on
 
     async def drain(self) -> None:
-        """Stop taking messages and wait until those being handled are answered."""
+        """Stop answering, and wait until the messages being handled are answered or kept."""
         self.closing = True
         while self._handlers:
             await asyncio.gather(*list(self._handlers), return_exceptions=True)
+        self.stopped = True  # no await since the loop: nothing can slip in before the engine closes
 
     async def on_message(self, message: discord.Message) -> None:
         me = self.user
-        if self.closing or me is None or is_ignored(message, me):
+        if self.stopped or me is None or is_ignored(message, me):
             return
         task = asyncio.current_task()
         if task is not None:
@@ -94,6 +96,9 @@ class MnemoBot(discord.Client):
         if not (is_addressed(message, me) or await self.is_listening(key)):
             if self.settings.store_unaddressed_messages and stored.content:
                 await self.engine.record(key, stored)
+            return
+        if self.closing:  # shutting down: keep it; the first turn after the restart sees it
+            await self.engine.record(key, stored)
             return
         wait = self.limiter.check(message.author.id)
         if wait:

@@ -382,3 +382,26 @@ async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_d
     assert "turn agent=dm:" in log and "outcome=reply" in log and "stopped" in log
     assert "secret-token-value" not in log and "Traceback" not in log
     assert not (tmp_path / "run.db-wal").exists() or (tmp_path / "run.db-wal").stat().st_size == 0
+
+
+async def test_message_arriving_during_shutdown_is_kept(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    in_flight = asyncio.Event()
+
+    async def slow(body: dict[str, Any]) -> dict[str, Any]:
+        in_flight.set()
+        await asyncio.sleep(0.5)
+        return reply("first answered")
+
+    fake.default = slow
+    async with running(settings, fake_discord) as bot:
+        await fake_discord.send_dm(alice["id"], "first")
+        await asyncio.wait_for(in_flight.wait(), 5)
+        draining = asyncio.create_task(bot.drain())
+        await fake_discord.send_dm(alice["id"], "second, sent while stopping")
+        await draining
+        agent = await bot.engine.agent(f"dm:{alice['id']}")
+        kept = await recall.search_messages(bot.engine.db, agent, "stopping")
+        assert kept.total == 1
+    assert [m["content"] for m in fake_discord.bot_messages(dm["id"])] == ["first answered"]
