@@ -112,9 +112,14 @@ async def _import(settings: EngineSettings, path: Path, key: str | None) -> None
 async def _export(settings: EngineSettings, key: str, output: Path | None) -> None:
     from memory import portability
 
+    from memory import agents
+
     engine = await Engine.open(settings)
     try:
-        data = await portability.export_agent(engine, await engine.agent(key))
+        agent = await agents.find(engine.db, key)
+        if agent is None:
+            sys.exit(f"mnemocord: no agent {key!r} in {settings.database_path} (keys look like dm:<user id> or channel:<channel id>)")
+        data = await portability.export_agent(engine, agent)
     finally:
         await engine.close()
     text = json.dumps(data, ensure_ascii=False, indent=1)

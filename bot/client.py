@@ -50,7 +50,10 @@ class MnemoBot(discord.Client):
 
     async def setup_hook(self) -> None:
         if self.sync_commands:
-            await sync_if_changed(self.tree, self.engine)
+            try:
+                await sync_if_changed(self.tree, self.engine, self.application_id)
+            except discord.HTTPException as exc:  # chat still works without slash commands
+                log.warning("could not register slash commands (%s); try `mnemocord sync` later", exc)
 
     async def on_ready(self) -> None:
         assert self.user is not None
@@ -175,9 +178,9 @@ def commands_hash(tree: app_commands.CommandTree) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-async def sync_if_changed(tree: app_commands.CommandTree, engine: Engine, *, force: bool = False) -> bool:
-    """Discord rate-limits command creation: sync only when the definitions changed."""
-    digest = commands_hash(tree)
+async def sync_if_changed(tree: app_commands.CommandTree, engine: Engine, app_id: int | None, *, force: bool = False) -> bool:
+    """Discord rate-limits command creation: sync only when the definitions (or the application) changed."""
+    digest = f"{app_id}:{commands_hash(tree)}"
     if not force and await engine.db.fetchval("SELECT value FROM meta WHERE key = 'discord_commands_hash'") == digest:
         return False
     await tree.sync()

@@ -87,7 +87,7 @@ async def sync() -> None:
     bot = MnemoBot(settings, engine, sync_commands=False)
     try:
         await bot.login(settings.discord_token.get_secret_value())
-        await sync_if_changed(bot.tree, engine, force=True)
+        await sync_if_changed(bot.tree, engine, bot.application_id, force=True)
         names = ", ".join("/" + c.name for c in bot.tree.get_commands())
         print(f"Synced the slash commands: {names}")
     except discord.LoginFailure:
