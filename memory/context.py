@@ -194,9 +194,7 @@ async def summarize(
 @dataclass
 class Eviction:
     messages: list[recall.Message]
-    summary: str
-    summarized: bool
-    calls: list[ChatResult]
+    calls: list[ChatResult]  # the summarizer's
 
 
 async def compact(
@@ -217,7 +215,6 @@ async def compact(
     calls: list[ChatResult] = []
     try:
         summary = await summarize(llm, model, previous, evicted, settings, calls)
-        summarized = True
     except LLMError as exc:
         if prompt.tokens <= settings.context_window:
             log.warning("summarizer failed for %s, keeping messages in context for now: %s", agent.key, exc)
@@ -227,7 +224,7 @@ async def compact(
             f"(Messages from {evicted[0].created_at[:16]} to {evicted[-1].created_at[:16]} left the context "
             "without a summary; find them with conversation_search.)"
         )
-        summary, summarized = (f"{previous}\n{note}" if previous else note), False
+        summary = f"{previous}\n{note}" if previous else note
     ids = [m.id for m in evicted]
 
     def evict(c: sqlite3.Connection) -> None:
@@ -238,4 +235,4 @@ async def compact(
 
     await db.transact(evict)
     log.info("%s: evicted %d messages (%d tokens)", agent.key, len(evicted), sum(m.tokens for m in evicted))
-    return Eviction(evicted, summary, summarized, calls)
+    return Eviction(evicted, calls)

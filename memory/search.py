@@ -121,7 +121,6 @@ class Hit:
     created_at: str
     text: str
     label: str  # who said it, or the passage's tags
-    score: float = 0.0
 
 
 @dataclass
