@@ -24,6 +24,7 @@ from .llm import LLMClient, LLMError
 log = logging.getLogger(__name__)
 
 CONSOLIDATION_STEPS = 3
+CONSOLIDATION_TOOLS = [s["function"]["name"] for s in tools.MEMORY_EDIT_SCHEMAS]
 CONSOLIDATION_INSTRUCTIONS = """\
 You maintain the long-term memory of an assistant. The conversation below is leaving its context window.
 1. Save what is worth remembering from it with archival_memory_insert: one passage of dated notes (who, what, when).
@@ -201,14 +202,13 @@ class Engine:
                     if self._epochs.get(agent.key, 0) != epoch:
                         log.info("%s: memory was erased during consolidation; its notes are dropped", agent.key)
                         return
-                    if call.name == "archival_memory_insert" and '"content"' in call.arguments:
+                    if call.name == "archival_memory_insert":
                         # date the notes by the span they come from
                         call.arguments = _with_tag(call.arguments, "conversation " + evicted[0].created_at[:10])
-                    allowed = call.name in {s["function"]["name"] for s in tools.MEMORY_EDIT_SCHEMAS}
-                    outcome = (
-                        await tools.execute(self.db, self.archive, agent, call.name, call.arguments)
-                        if allowed else tools.Outcome(f"Error: only {', '.join(s['function']['name'] for s in tools.MEMORY_EDIT_SCHEMAS)} are available here.")
-                    )
+                    if call.name in CONSOLIDATION_TOOLS:
+                        outcome = await tools.execute(self.db, self.archive, agent, call.name, call.arguments)
+                    else:
+                        outcome = tools.Outcome(f"Error: only {', '.join(CONSOLIDATION_TOOLS)} are available here.")
                     messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.text})
                     if outcome.changed_memory:
                         done.append(f"{call.name}: {outcome.text}")
