@@ -134,8 +134,13 @@ class LLMClient:
             try:
                 async with self._slots:
                     response = await self._http.post(path, json=body)
-            except httpx.TimeoutException:
-                problem, wait = f"timed out after {self._http.timeout.read:.0f} s", None
+            except httpx.TimeoutException as exc:
+                cause = exc.__cause__
+                # the aiohttp transport reports a refused connection as a timeout
+                if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+                    problem, wait = f"cannot reach {self._http.base_url} ({cause})", None
+                else:
+                    problem, wait = f"timed out after {self._http.timeout.read:.0f} s", None
             except httpx.TransportError as exc:
                 problem, wait = f"cannot reach {self._http.base_url} ({type(exc).__name__}: {exc})", None
             else:
