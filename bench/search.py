@@ -211,14 +211,20 @@ class Corpus:
         return (BASE_TIME + timedelta(seconds=int(n * self.step))).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+async def open_space(db: Database, keys: list[str]) -> tuple[list[int], Embedder]:
+    """The agents (created with their blocks) and an embedder whose vector table exists."""
+    ids = [(await agents.get_or_create(db, key, settings())).id for key in keys]
+    embedder = Embedder(db, RandomEmbeddings(), MODEL)  # type: ignore[arg-type]
+    await embedder.prepare()
+    await embedder.embed(["bench search: the first text creates the vector table"])
+    return ids, embedder
+
+
 async def create_schema(path: Path, keys: list[str]) -> list[int]:
     """Everything the engine makes itself: tables, agents with their blocks, the vector space."""
     db = await Database.open(path)
     try:
-        ids = [(await agents.get_or_create(db, key, settings())).id for key in keys]
-        embedder = Embedder(db, RandomEmbeddings(), MODEL)  # type: ignore[arg-type]
-        await embedder.prepare()
-        await embedder.embed(["bench search: the first text creates the vector table"])
+        ids, embedder = await open_space(db, keys)
         if embedder.dim != DIM:
             raise SystemExit(f"the embedder recorded {embedder.dim} dimensions, expected {DIM}")
     finally:
@@ -316,10 +322,7 @@ COMPARED = {
 async def engine_insert(path: Path, keys: list[str], corpus: Corpus) -> None:
     db = await Database.open(path)
     try:
-        ids = [(await agents.get_or_create(db, key, settings())).id for key in keys]
-        embedder = Embedder(db, RandomEmbeddings(), MODEL)  # type: ignore[arg-type]
-        await embedder.prepare()
-        await embedder.embed(["bench search: the first text creates the vector table"])
+        ids, embedder = await open_space(db, keys)
         archive = Archive(db, embedder)
         for n, a in enumerate(corpus.order):
             await archive.insert(agents.Agent(ids[a], keys[a]), corpus.content(n), created_at=corpus.stamp(n))

@@ -37,7 +37,9 @@ def register(tree: app_commands.CommandTree, bot: MnemoBot) -> None:
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        if isinstance(error, app_commands.CheckFailure):
+        if isinstance(error, NotManager):
+            text = NOT_ALLOWED
+        elif isinstance(error, app_commands.CheckFailure):
             text = "You can't use this bot here."
         else:
             log.error("/%s failed", interaction.command.qualified_name if interaction.command else "?", exc_info=error)
@@ -59,11 +61,19 @@ def _allowed(bot: MnemoBot, interaction: discord.Interaction) -> bool:
     )
 
 
-def may_change(interaction: discord.Interaction) -> bool:
-    if interaction.guild is None:
-        return True
+class NotManager(app_commands.CheckFailure):
+    """Changing a channel's memory needs Manage Channels or Manage Server."""
+
+
+def _may_change(interaction: discord.Interaction) -> bool:
     perms = interaction.permissions
-    return perms.manage_channels or perms.manage_guild or perms.administrator
+    if interaction.guild is None or perms.manage_channels or perms.manage_guild or perms.administrator:
+        return True
+    raise NotManager()
+
+
+# in guilds, for commands that change memory; in DMs the user owns their agent
+manager_only = app_commands.check(_may_change)
 
 
 async def _agent(bot: MnemoBot, interaction: discord.Interaction) -> tuple[str, Agent]:
@@ -139,12 +149,10 @@ class MemoryCommands(app_commands.Group):
             file=discord.File(io.BytesIO(payload), filename=name), ephemeral=True,
         )
 
+    @manager_only
     @app_commands.command(description="Delete messages or passages: ids from /memory search (m12, p3) or text")
     @app_commands.describe(target="m<id>, p<id> (several separated by spaces), or text the items contain")
     async def forget(self, interaction: discord.Interaction, target: app_commands.Range[str, 1, 500]) -> None:
-        if not may_change(interaction):
-            await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         key, agent = await _agent(self.bot, interaction)
         engine = self.bot.engine
@@ -179,14 +187,12 @@ class MemoryCommands(app_commands.Group):
             view=Confirm(interaction.user.id, forget_them), ephemeral=True,
         )
 
+    @manager_only
     @app_commands.command(description="Erase memory, after a confirmation")
     @app_commands.describe(scope="what to erase (default: all)")
     async def reset(
         self, interaction: discord.Interaction, scope: Literal["conversation", "core", "archival", "all"] = "all"
     ) -> None:
-        if not may_change(interaction):
-            await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
-            return
         key, agent = await _agent(self.bot, interaction)
         engine = self.bot.engine
 
@@ -232,22 +238,18 @@ class AdminCommands(app_commands.Group):
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         return _allowed(self.bot, interaction)
 
+    @manager_only
     @app_commands.command(description="Replace the bot's persona in this conversation")
     @app_commands.describe(text="who the bot is and how it speaks")
     async def persona(self, interaction: discord.Interaction, text: app_commands.Range[str, 1, 2000]) -> None:
-        if not may_change(interaction):
-            await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         _, agent = await _agent(self.bot, interaction)
         await interaction.followup.send(await core.set_value(self.bot.engine.db, agent, "persona", text), ephemeral=True)
 
+    @manager_only
     @app_commands.command(description="Answer every message in this channel, not only mentions and replies")
     @app_commands.describe(enabled="on: answer everything; off: only mentions and replies")
     async def listen(self, interaction: discord.Interaction, enabled: bool) -> None:
-        if not may_change(interaction):
-            await interaction.response.send_message(NOT_ALLOWED, ephemeral=True)
-            return
         if interaction.guild is None:
             await interaction.response.send_message("In DMs I always answer.", ephemeral=True)
             return

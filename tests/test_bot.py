@@ -307,7 +307,7 @@ async def test_rate_limit_replies_once_and_keeps_messages(settings: BotSettings,
         assert await bot.engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND role = 'user'", (agent.id,)) == 5
 
 
-async def test_export_forget_and_import_round_trip(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], tmp_path: Path) -> None:
+async def test_export_forget_and_import_round_trip(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     fake.push(call("archival_memory_insert", {"content": "Alice's cat is called Miso."}), reply("noted"))
@@ -333,16 +333,9 @@ async def test_export_forget_and_import_round_trip(settings: BotSettings, fake_d
     from bot.cli import main
 
     other_db = settings.model_copy(update={"database_path": tmp_path / "other.db"})
-    import os
-
-    env = {"DATABASE_PATH": str(other_db.database_path), "LLM_BASE_URL": fake.url, "LLM_MODEL": "m"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        await asyncio.to_thread(main, ["import", str(path), "--agent", "dm:999"])
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    for name, value in {"DATABASE_PATH": str(other_db.database_path), "LLM_BASE_URL": fake.url, "LLM_MODEL": "m"}.items():
+        monkeypatch.setenv(name, value)
+    await asyncio.to_thread(main, ["import", str(path), "--agent", "dm:999"])
     engine = await Engine.open(other_db)
     agent = await engine.agent("dm:999")
     assert (await engine.archive.search(agent, "cat")).hits[0].text == "Alice's cat is called Miso."
