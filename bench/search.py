@@ -14,11 +14,11 @@ agent of 10,000 passages:
     hybrid   Archive(db, embedder).search(agent, q)
 
 The schema is made by the engine itself (Database.open, agents.get_or_create,
-Embedder.prepare/embed, which creates passages_vec and the meta rows). The
+Embedder.prepare/embed, which creates passages_bits and the meta rows). The
 passages are then written with plain SQL in large transactions, row for row
 what Archive.insert + embed_pending would leave: passages (embedded = 1),
-passages_fts (the neighbours' text as context, the spoken date) and passages_vec
-(the embedder caches query vectors only). Before each
+passages_fts (the neighbours' text as context, the spoken date), passage_vectors
+and passages_bits (the embedder caches query vectors only). Before each
 build a self-check inserts a few passages both ways, through Archive.insert
 and through the bulk path, and compares the two files; a difference is
 printed, as a sign this file has fallen behind memory/archival.py.
@@ -54,7 +54,7 @@ import sqlite_vec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memory import agents  # noqa: E402
-from memory.archival import CANDIDATES, CONTEXT_CHARS, Archive, spoken_date  # noqa: E402
+from memory.archival import CANDIDATES, CONTEXT_CHARS, Archive, fts_row  # noqa: E402
 from memory.config import EngineSettings  # noqa: E402
 from memory.db import Database  # noqa: E402
 from memory.embeddings import Embedder, pack, text_hash  # noqa: E402
@@ -264,7 +264,7 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
             h = text_hash(content)
             vector = pack(random_vector(content))
             rows.append((pid, agent_id, content, context, "[]", "", stamp, h))
-            fts.append((pid, f"a{agent_id}", content, context, spoken_date(stamp)))
+            fts.append((pid, *fts_row(agent_id, content, context, stamp)))
             vec.append((pid, agent_id, vector))
         conn.execute("BEGIN")
         conn.executemany(
@@ -272,8 +272,9 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)",
             rows,
         )
-        conn.executemany("INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)", fts)
-        conn.executemany("INSERT INTO passages_vec(rowid, agent_id, embedding) VALUES (?, ?, ?)", vec)
+        conn.executemany("INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)", fts)
+        conn.executemany("INSERT INTO passage_vectors(id, vector) VALUES (?, ?)", [(v[0], v[2]) for v in vec])
+        conn.executemany("INSERT INTO passages_bits(rowid, agent_id, bits) VALUES (?, ?, vec_quantize_binary(?))", vec)
         conn.execute("COMMIT")
         done += len(rows)
         if progress:
@@ -313,7 +314,8 @@ COMPARED = {
     "passages": "SELECT * FROM passages ORDER BY id",
     "passage_tags": "SELECT * FROM passage_tags ORDER BY passage_id, tag",
     "passages_fts terms": "SELECT term, doc, col, offset FROM temp.v ORDER BY doc, col, offset",
-    "passages_vec": "SELECT rowid, agent_id, embedding FROM passages_vec ORDER BY rowid",
+    "passage_vectors": "SELECT id, vector FROM passage_vectors ORDER BY id",
+    "passages_bits": "SELECT rowid, agent_id, bits FROM passages_bits ORDER BY rowid",
     "embedding_cache": "SELECT model, text_hash, vector FROM embedding_cache ORDER BY text_hash",
     "meta": "SELECT key, value FROM meta ORDER BY key",
 }

@@ -35,8 +35,10 @@ MAX_TAGS = 10
 # of each neighbour, in the context column
 CONTEXT_CHARS = 500
 
-BM25_WEIGHTS = (0.0, 1.0, 0.5, 0.5)  # agent, content, context, date
+BM25_WEIGHTS = (1.0, 0.5, 0.5)  # content, context, date
 CANDIDATES = 50
+# nearest by sign bits first, this many times the neighbours wanted, then rescored exactly
+OVERSAMPLE = 4
 KEYWORD_SHARE = 0.5  # of the fused score; the rest is cosine similarity
 
 _BREAK = re.compile(r"(?<=[.!?。！？])\s+|\n\s*\n")
@@ -87,6 +89,15 @@ def spoken_date(stamp: str) -> str:
     return f"{day.day} {day:%B %Y}"
 
 
+def fts_row(agent_id: int, content: str, context: str, created_at: str) -> tuple[str, str, str]:
+    """The content, context and date columns of a passage's full-text row."""
+    return (
+        search.scoped(agent_id, content),
+        search.scoped(agent_id, context),
+        search.scoped(agent_id, spoken_date(created_at)),
+    )
+
+
 def clean_tags(tags: Iterable[str] | None) -> list[str]:
     out = []
     for t in tags or []:
@@ -129,7 +140,6 @@ class Archive:
             raise ValueError("content has no text; nothing was stored")
         tag_list = clean_tags(tags)
         stamp = created_at or now()
-        agent_token = f"a{agent.id}"
 
         def store(c: sqlite3.Connection) -> list[int]:
             ids = []
@@ -145,8 +155,8 @@ class Archive:
                 ).lastrowid
                 ids.append(pid)
                 c.execute(
-                    "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
-                    (pid, agent_token, piece, before, spoken_date(stamp)),
+                    "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
+                    (pid, *fts_row(agent.id, piece, before, stamp)),
                 )
                 c.executemany(
                     "INSERT OR IGNORE INTO passage_tags(passage_id, agent_id, tag) VALUES (?, ?, ?)",
@@ -157,8 +167,8 @@ class Archive:
                     c.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
                     _unindex(c, agent.id, [previous])
                     c.execute(
-                        "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
-                        (previous["id"], agent_token, previous["content"], context, spoken_date(previous["created_at"])),
+                        "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
+                        (previous["id"], *fts_row(agent.id, previous["content"], context, previous["created_at"])),
                     )
                 previous = {"id": pid, "content": piece, "context": before, "created_at": stamp}
             return ids
@@ -188,8 +198,9 @@ class Archive:
                 for r, v in zip(batch, vectors):
                     # the passage may have been deleted while its vector was computed
                     if c.execute("UPDATE passages SET embedded = 1 WHERE id = ? AND embedded = 0", (r["id"],)).rowcount:
+                        c.execute("INSERT OR REPLACE INTO passage_vectors(id, vector) VALUES (?, ?)", (r["id"], v))
                         c.execute(
-                            "INSERT OR REPLACE INTO passages_vec(rowid, agent_id, embedding) VALUES (?, ?, ?)",
+                            "INSERT OR REPLACE INTO passages_bits(rowid, agent_id, bits) VALUES (?, ?, vec_quantize_binary(?))",
                             (r["id"], r["agent_id"], v),
                         )
 
@@ -204,7 +215,7 @@ class Archive:
         known: dict[str, bytes] = {}
         if self.embedder.dim is not None:
             known = dict(await self.db.fetchall(
-                f"SELECT p.text_hash, v.embedding FROM passages p JOIN passages_vec v ON v.rowid = p.id"
+                f"SELECT p.text_hash, v.vector FROM passages p JOIN passage_vectors v ON v.id = p.id"
                 f" WHERE p.text_hash IN ({','.join('?' * len(hashes))}) AND p.embedded = 1 GROUP BY p.text_hash",
                 hashes,
             ))
@@ -235,7 +246,7 @@ class Archive:
         filtered = len(params) > 1
         wanted = min(4096, max(CANDIDATES, number * page_size))  # vec0's k is capped at 4096
 
-        expression = search.match(f"a{agent.id}", query, "{content context date}")
+        expression = search.match(agent.id, query, "{content context date}")
         if not expression:
             if query.strip():
                 return search.Page([], 0, number, page_size)
@@ -267,7 +278,7 @@ class Archive:
         weights = ", ".join(str(w) for w in BM25_WEIGHTS)
         if where:
             source, condition, args = "passages_fts f JOIN passages p ON p.id = f.rowid", f"passages_fts MATCH ? AND {where}", (expression, *params)
-        else:  # the agent token inside MATCH already keeps other agents' rows out: no join
+        else:  # the agent's marked terms already keep other agents' rows out: no join
             source, condition, args = "passages_fts", "passages_fts MATCH ?", (expression,)
         # materialized once: the ranking and the total come from one evaluation of MATCH
         rows = await self.db.fetchall(
@@ -292,23 +303,21 @@ class Archive:
         except LLMError as exc:
             log.warning("query embedding failed, searching by keyword only: %s", exc)
             return None
-        # vec0's KNN cannot apply our filters; over-fetch and filter after (k is capped at 4096)
-        k = 4096 if where else wanted
-        rows = await self.db.fetchall(
-            "SELECT rowid, distance FROM passages_vec WHERE embedding MATCH ? AND k = ? AND agent_id = ? ORDER BY distance",
-            (vector, k, agent.id),
-        )
+        if where:  # exact, over the rows the filters leave
+            rows = await self.db.fetchall(
+                f"SELECT p.id, vec_distance_l2(v.vector, ?) AS d FROM passages p JOIN passage_vectors v ON v.id = p.id"
+                f" WHERE {where} ORDER BY d LIMIT ?",
+                (vector, *params, wanted),
+            )
+        else:  # hamming distance on sign bits picks the candidates, their floats rank them
+            rows = await self.db.fetchall(
+                "SELECT id, vec_distance_l2(vector, ?1) AS d FROM passage_vectors WHERE id IN ("
+                " SELECT rowid FROM passages_bits WHERE bits MATCH vec_quantize_binary(?1) AND k = ?2 AND agent_id = ?3)"
+                " ORDER BY d LIMIT ?4",
+                (vector, min(4096, wanted * OVERSAMPLE), agent.id, wanted),
+            )
         # unit vectors: cosine = 1 - L2² / 2
-        found = [(r[0], 1.0 - r[1] * r[1] / 2) for r in rows]
-        if where and found:
-            allowed = {
-                r[0] for r in await self.db.fetchall(
-                    f"SELECT p.id FROM passages p WHERE {where} AND p.id IN ({','.join('?' * len(found))})",
-                    (*params, *(i for i, _ in found)),
-                )
-            }
-            found = [(i, c) for i, c in found if i in allowed]
-        return found[:wanted]
+        return [(r[0], 1.0 - r[1] * r[1] / 2) for r in rows]
 
     async def _hits(self, agent: Agent, ids: list[int]) -> list[search.Hit]:
         if not ids:
@@ -352,21 +361,21 @@ _ROW = "id, content, context, created_at"
 def _unindex(c: sqlite3.Connection, agent_id: int, rows: list) -> None:  # type: ignore[type-arg]
     """Remove rows from the contentless FTS index: it needs the exact values they were indexed with."""
     c.executemany(
-        "INSERT INTO passages_fts(passages_fts, rowid, agent, content, context, date) VALUES ('delete', ?, ?, ?, ?, ?)",
-        [(r["id"], f"a{agent_id}", r["content"], r["context"], spoken_date(r["created_at"])) for r in rows],
+        "INSERT INTO passages_fts(passages_fts, rowid, content, context, date) VALUES ('delete', ?, ?, ?, ?)",
+        [(r["id"], *fts_row(agent_id, r["content"], r["context"], r["created_at"])) for r in rows],
     )
 
 
 def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list) -> int:  # type: ignore[type-arg]
-    has_vec = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'").fetchone()
+    has_bits = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'passages_bits'").fetchone()
     for i in range(0, len(rows), 500):
         part = rows[i : i + 500]
         ids = [r["id"] for r in part]
         marks = ",".join("?" * len(ids))
         _unindex(c, agent_id, part)
-        if has_vec:
-            c.execute(f"DELETE FROM passages_vec WHERE rowid IN ({marks})", ids)
-        c.execute(f"DELETE FROM passages WHERE id IN ({marks})", ids)
+        if has_bits:
+            c.execute(f"DELETE FROM passages_bits WHERE rowid IN ({marks})", ids)
+        c.execute(f"DELETE FROM passages WHERE id IN ({marks})", ids)  # passage_vectors rows go with them
     return len(rows)
 
 

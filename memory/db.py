@@ -12,6 +12,7 @@ only and never wait for the writer.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ import aiosqlite
 # that can always load extensions (many Pythons' stdlib sqlite3 cannot).
 import sqlean as sqlite3
 import sqlite_vec
+
+from . import search
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ def m003_passages(c: sqlite3.Connection) -> None:
             agent, content, context, date, content='',
             tokenize='porter unicode61 remove_diacritics 2'
         );
-        -- vectors of recent search queries (passages' vectors are in passages_vec)
+        -- vectors of recent search queries (passages' vectors are in passage_vectors)
         CREATE TABLE embedding_cache (
             model TEXT NOT NULL,
             text_hash TEXT NOT NULL,
@@ -154,6 +157,74 @@ def m003_passages(c: sqlite3.Connection) -> None:
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         """
     )
+
+
+@migration
+def m004_agent_scoped_fts(c: sqlite3.Connection) -> None:
+    """Full-text rows hold their agent's mark on every word (memory/search.py), indexed anew.
+
+    With one agent column ANDed into every query, each term's posting list spanned all
+    agents: bench/search.py's 1,000,000 passages made a keyword search read ~100 times
+    more of the index than its agent wrote.
+    """
+    from .archival import fts_row
+    from .recall import Message
+
+    c.execute("DROP TABLE messages_fts")
+    c.execute("DROP TABLE passages_fts")
+    c.execute(f"CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='', tokenize=\"{search.TOKENIZER}\")")
+    c.execute(
+        f"CREATE VIRTUAL TABLE passages_fts USING fts5(content, context, date, content='', tokenize=\"{search.TOKENIZER}\")"
+    )
+    messages = c.execute("SELECT id, agent_id, role, content, tool_calls FROM messages")
+    c.executemany(
+        "INSERT INTO messages_fts(rowid, content) VALUES (?, ?)",
+        (
+            (r[0], search.scoped(r[1], text))
+            for r in messages
+            if (text := Message(r[2], r[3], tool_calls=json.loads(r[4]) if r[4] else None).index_text())
+        ),
+    )
+    passages = c.execute("SELECT id, agent_id, content, context, created_at FROM passages")
+    c.executemany(
+        "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
+        ((r[0], *fts_row(r[1], r[2], r[3], r[4])) for r in passages),
+    )
+
+
+@migration
+def m005_passage_vectors(c: sqlite3.Connection) -> None:
+    """Float vectors in a plain table; their sign bits in vec0, for a coarse first pass.
+
+    A float KNN in vec0 reads all of an agent's vectors (10,000 x 1.5 KB) from
+    overflow pages; the bits are 32 times smaller, and the few hundred candidates
+    they give are rescored exactly from this table by primary key.
+    """
+    from .embeddings import create_bits
+
+    _script(
+        c,
+        """
+        CREATE TABLE passage_vectors (
+            id INTEGER PRIMARY KEY REFERENCES passages(id) ON DELETE CASCADE,
+            vector BLOB NOT NULL
+        );
+        """,
+    )
+    if not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'").fetchone():
+        return
+    dim = int(c.execute("SELECT value FROM meta WHERE key = 'embedding_dim'").fetchone()[0])
+    if dim % 8:  # stored unpadded (embeddings.pack pads now): a new space, embedded again at the next start
+        c.execute("UPDATE passages SET embedded = 0")
+        c.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
+    else:
+        create_bits(c, dim)
+        c.execute("INSERT INTO passage_vectors(id, vector) SELECT rowid, embedding FROM passages_vec")
+        c.execute(
+            "INSERT INTO passages_bits(rowid, agent_id, bits)"
+            " SELECT rowid, agent_id, vec_quantize_binary(embedding) FROM passages_vec"
+        )
+    c.execute("DROP TABLE passages_vec")
 
 
 def _script(c: sqlite3.Connection, script: str) -> None:

@@ -1,7 +1,10 @@
 """Embeddings for archival memory, from an OpenAI-compatible `/embeddings` endpoint.
 
+Passages' vectors are stored twice: whole in passage_vectors (float32, unit
+length), and as sign bits in the vec0 table passages_bits (agent partitions),
+which a search scans first; archival.py rescores its best candidates exactly.
 Search queries' vectors are cached (the newest few thousand); passages' vectors
-are looked up by text hash in the vector table itself.
+are looked up by text hash in passage_vectors.
 
 The model name and dimension in use are recorded in the database. When the
 configured model changes, the vector table is rebuilt and every passage is
@@ -26,9 +29,21 @@ def text_hash(text: str) -> str:
 
 
 def pack(vector: list[float]) -> bytes:
-    """Unit length, float32: L2 distance on unit vectors ranks like cosine and is faster."""
+    """Unit length, float32: L2 distance on unit vectors ranks like cosine and is faster.
+
+    Zero-padded to a multiple of 8 dimensions, which sign bits need (bit[N] is
+    stored in bytes); zeros change no distance.
+    """
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-    return struct.pack(f"{len(vector)}f", *(x / norm for x in vector))
+    padding = -len(vector) % 8
+    return struct.pack(f"{len(vector) + padding}f", *(x / norm for x in vector), *([0.0] * padding))
+
+
+def create_bits(c: sqlite3.Connection, dim: int) -> None:
+    c.execute(
+        f"CREATE VIRTUAL TABLE IF NOT EXISTS passages_bits USING vec0("
+        f"agent_id INTEGER PARTITION KEY, bits bit[{dim + -dim % 8}])"
+    )
 
 
 class Embedder:
@@ -51,7 +66,8 @@ class Embedder:
                 recorded.get("embedding_model"), self.model,
             )
         def start_over(c: sqlite3.Connection) -> None:
-            c.execute("DROP TABLE IF EXISTS passages_vec")
+            c.execute("DROP TABLE IF EXISTS passages_bits")
+            c.execute("DELETE FROM passage_vectors")
             c.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
             c.execute("UPDATE passages SET embedded = 0 WHERE embedded = 1")
 
@@ -60,10 +76,7 @@ class Embedder:
 
     async def _start_space(self, dim: int) -> None:
         def create(c: sqlite3.Connection) -> None:
-            c.execute(
-                f"CREATE VIRTUAL TABLE IF NOT EXISTS passages_vec USING vec0("
-                f"agent_id INTEGER PARTITION KEY, embedding float[{dim}] distance_metric=l2)"
-            )
+            create_bits(c, dim)
             c.executemany(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                 [("embedding_model", self.model), ("embedding_dim", str(dim))],
@@ -75,7 +88,7 @@ class Embedder:
     async def embed(self, texts: list[str], *, remember: bool = True) -> list[bytes]:
         """Vectors for `texts`, packed; text seen before comes from the cache.
 
-        Passages pass remember=False: their vectors live in passages_vec, where
+        Passages pass remember=False: their vectors live in passage_vectors, where
         Archive finds them by text hash, and a second copy would double the file.
         """
         hashes = [text_hash(t) for t in texts]

@@ -116,7 +116,7 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, state: 
             m.id = cur.lastrowid or 0
             text = m.index_text()
             if text:
-                c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (?, ?, ?)", (m.id, f"a{agent.id}", text))
+                c.execute("INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", (m.id, search.scoped(agent.id, text)))
 
     if messages:
         await db.transact(store)
@@ -220,8 +220,8 @@ def _delete(c: sqlite3.Connection, agent: Agent, rows: Iterable[Any]) -> int:
     messages = [_row(r) for r in rows]
     # a contentless FTS index forgets a row only when told the exact text it indexed
     c.executemany(
-        "INSERT INTO messages_fts(messages_fts, rowid, agent, content) VALUES ('delete', ?, ?, ?)",
-        [(m.id, f"a{agent.id}", m.index_text()) for m in messages if m.index_text()],
+        "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', ?, ?)",
+        [(m.id, search.scoped(agent.id, text)) for m in messages if (text := m.index_text())],
     )
     for i in range(0, len(messages), 500):
         part = [m.id for m in messages[i : i + 500]]
@@ -263,12 +263,12 @@ async def search_messages(
         filters.append(f"m.role IN ({','.join('?' * len(roles))})")
         params.extend(roles)
     where = " AND ".join(filters)
-    expression = search.match(f"a{agent.id}", query or "", "{content}")
+    expression = search.match(agent.id, query or "", "{content}")
     if expression:
         source = "messages_fts f JOIN messages m ON m.id = f.rowid"
         where = f"messages_fts MATCH ? AND {where}"
         params.insert(0, expression)
-        order = "bm25(messages_fts, 0.0, 1.0)"
+        order = "bm25(messages_fts)"
     elif query and query.strip():  # words were all too long or not words: nothing can match
         return search.Page([], 0, number, page_size)
     else:

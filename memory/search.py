@@ -1,21 +1,51 @@
-"""What recall and archival search share: safe FTS5 queries, dates, result pages.
+"""What recall and archival search share: agent-scoped full-text terms, dates, result pages.
 
-Any text becomes a safe FTS5 query: it is cut into words and every word is quoted, so FTS5 syntax in the
+Every word goes into the FTS5 index with its agent's mark in front ("x17xotters"
+for agent 17), so each term's posting list holds one agent's rows only: a query
+reads as much of the index as that agent wrote, not the whole file's, bm25's
+document frequencies are the agent's own, and no query can reach another
+agent's rows, whatever it contains. The words are cut here, by the same rule the
+tokenizer uses (unicode61 with categories 'L* N* Co M*'), so each one stays one
+token with its mark; the tokenizer still folds case and diacritics and stems.
+
+Queries are cut the same way and every word is quoted, so FTS5 syntax in the
 input (`"`, `*`, `AND`, `NEAR(`, `-`, `:`) is only ever searched for, never
-parsed. Stop-words are dropped: on conversational data they drown the words
-that carry the meaning (measured in DESIGN.md section 5).
+parsed. Stop-words are dropped from queries: on conversational data they drown
+the words that carry the meaning (measured in DESIGN.md section 5).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 MAX_TERMS = 32
 
-# letters and digits; "_" separates words, as in FTS5's unicode61 tokenizer
-_WORD = re.compile(r"[^\W_]+")
+# the FTS5 tokenizer of messages_fts and passages_fts (migration m004)
+TOKENIZER = "porter unicode61 remove_diacritics 2 categories 'L* N* Co M*'"
+
+
+def _word_pattern() -> re.Pattern[str]:
+    """Runs of letters, digits, marks and private-use characters: unicode61's tokens.
+
+    Python's \\w lacks marks, which would cut Devanagari words at their vowel signs.
+    """
+    ranges: list[list[int]] = []
+    for cp in range(0x20000):  # the planes where marks live, plus the tags' below
+        if unicodedata.category(chr(cp))[0] == "M":
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1][1] = cp
+            else:
+                ranges.append([cp, cp])
+    ranges += [[0xE0100, 0xE01EF], [0xE000, 0xF8FF], [0xF0000, 0x10FFFD]]  # variation selectors, private use
+    extra = "".join(f"{chr(a)}-{chr(b)}" for a, b in ranges)
+    return re.compile(f"(?:[^\\W_]|[{extra}])+")
+
+
+# "_" separates words, as in FTS5's unicode61 tokenizer
+_WORD = _word_pattern()
 
 # NLTK's English list plus question fillers; not "may", which is also a month.
 STOP_WORDS = frozenset(
@@ -45,16 +75,27 @@ def terms(text: str) -> list[str]:
     return list(seen)[:MAX_TERMS]
 
 
-def match(agent_token: str, text: str, columns: str) -> str | None:
-    """An FTS5 MATCH expression limited to one agent, or None if `text` has no words.
+def _mark(agent_id: int) -> str:
+    # consonants and digits only: a vowel would change what the porter stemmer makes of the word
+    return f"x{agent_id}x"
 
-    `columns` is the FTS5 column filter for the text terms, e.g. "{content context}".
+
+def scoped(agent_id: int, text: str) -> str:
+    """`text` as one agent's rows of an FTS5 index hold it: every word behind the agent's mark."""
+    mark = _mark(agent_id)
+    return " ".join(mark + w for w in _WORD.findall(text))
+
+
+def match(agent_id: int, text: str, columns: str) -> str | None:
+    """An FTS5 MATCH expression for one agent's rows, or None if `text` has no words.
+
+    `columns` is the FTS5 column filter, e.g. "{content context}".
     """
     words = terms(text)
     if not words:
         return None
-    ored = " OR ".join(f'"{w}"' for w in words)
-    return f'agent : "{agent_token}" AND {columns} : ({ored})'
+    mark = _mark(agent_id)
+    return f"{columns} : (" + " OR ".join(f'"{mark}{w}"' for w in words) + ")"
 
 
 PAGE_SIZE = 5

@@ -150,7 +150,8 @@ async def test_embedding_outage_keeps_passage_and_catches_up(archive: Archive, a
     assert found.note == "" and found.hits[0].text == "second passage about canoes"
     fake.fail_embeddings = None
     assert await archive.embed_pending() == 1
-    assert await db.fetchval("SELECT count(*) FROM passages_vec") == 2
+    assert await db.fetchval("SELECT count(*) FROM passage_vectors") == 2
+    assert await db.fetchval("SELECT count(*) FROM passages_bits") == 2
 
 
 async def test_model_change_reembeds_instead_of_mixing(db: Database, client, agent: Agent, fake: FakeOpenAI) -> None:
@@ -195,7 +196,8 @@ async def test_agents_never_see_each_others_rows(db: Database, settings: EngineS
     await recall.append(db, alice, [recall.Message(role="user", content="my secret is swordfish", author="alice", author_id="1")])
     await archive.insert(alice, "alice secret swordfish passage", tags=["secret"])
     await core.append(db, alice, "human", "secret: swordfish")
-    probes = ["swordfish", "secret", f"a{alice.id}", f'agent:"a{alice.id}"', f"a{alice.id} OR swordfish", "*", ""]
+    mark = f"x{alice.id}x"  # the prefix of alice's index terms (memory/search.py)
+    probes = ["swordfish", "secret", f"{mark}swordfish", f'content:"{mark}swordfish"', f"{mark}secret OR swordfish", "*", ""]
     for q in probes:
         assert (await recall.search_messages(db, bob, q)).total == 0, q
         assert (await archive.search(bob, q)).total == 0, q
@@ -218,18 +220,18 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
         await arch.insert(agent, t)
     doomed = [r[0] for r in await db.fetchall("SELECT id FROM passages WHERE agent_id = ? AND content LIKE '%pond 4'", (agent.id,))]
     assert await arch.delete(agent, doomed) == 1
-    query = 'agent : "a{0}" AND {{content context date}} : ("zebra" OR "pond" OR "sleeps")'.format(agent.id)
-    scores = await db.fetchall("SELECT rowid, bm25(passages_fts, 0, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
+    query = search.match(agent.id, "zebra pond sleeps", "{content context date}")
+    scores = await db.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
     # the same final rows, indexed once each into a fresh table
     fresh = await Database.open(tmp_path / "fresh.db")
     rows = await db.fetchall("SELECT id, content, context, created_at FROM passages ORDER BY id")
-    from memory.archival import spoken_date
+    from memory.archival import fts_row
 
     await fresh.transact(lambda c: c.executemany(
-        "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (?, ?, ?, ?, ?)",
-        [(r[0], f"a{agent.id}", r[1], r[2], spoken_date(r[3])) for r in rows],
+        "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
+        [(r[0], *fts_row(agent.id, r[1], r[2], r[3])) for r in rows],
     ))
-    expected = await fresh.fetchall("SELECT rowid, bm25(passages_fts, 0, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
+    expected = await fresh.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
     await fresh.close()
     assert [r[0] for r in scores] == [r[0] for r in expected] and len(scores) == 11
     assert [r[1] for r in scores] == pytest.approx([r[1] for r in expected], rel=1e-9)
@@ -271,3 +273,42 @@ async def test_odd_tool_arguments_come_back_as_errors(db: Database, agent: Agent
     for name, args, expected in cases:
         outcome = await tools.execute(db, archive, agent, name, args)
         assert expected in outcome.text, (name, args, outcome.text)
+
+
+async def test_vector_search_ranks_sign_bit_candidates_by_exact_cosine(archive: Archive, agent: Agent, db: Database) -> None:
+    from tests.fakeopenai import embed_text
+
+    animals, colours = ["otter", "heron", "badger", "stoat", "vole", "newt"], ["red", "blue", "green", "grey", "gold"]
+    texts = [f"the {colours[i % 5]} {animals[i % 6]} number{i} sleeps at site{i % 7}" for i in range(60)]
+    for i, t in enumerate(texts):
+        await archive.insert(agent, t, created_at=f"{2023 + i % 2}-03-01T10:00:00Z")
+    ids = {t: r[0] for t, r in zip(texts, await db.fetchall("SELECT id FROM passages ORDER BY id"))}
+    for probe in texts[::7]:
+        # k=3: 12 candidates by sign bits out of 60, then exact distances
+        found = await archive.nearest(agent, probe, k=3)
+        assert found[0] == ids[probe]  # its own vector: hamming distance 0, cosine 1
+        q = embed_text(probe, 256)
+        by_id = {ids[t]: sum(a * b for a, b in zip(q, embed_text(t, 256))) for t in texts}
+        assert [by_id[i] for i in found] == sorted((by_id[i] for i in found), reverse=True)
+    # with a date filter the vector side searches only the rows left, exactly
+    page = await archive.search(agent, texts[0], start_date="2024-01-01", page_size=10)
+    assert page.hits and all(h.created_at.startswith("2024") for h in page.hits)
+    assert ids[texts[0]] not in [h.id for h in page.hits]
+    await archive.delete(agent, [ids[texts[0]], ids[texts[1]]])
+    assert await db.fetchval("SELECT count(*) FROM passage_vectors") == 58
+    assert await db.fetchval("SELECT count(*) FROM passages_bits") == 58
+    assert ids[texts[0]] not in await archive.nearest(agent, texts[0], k=5)
+
+
+async def test_a_dimension_that_is_not_a_multiple_of_8_is_padded(db: Database, client, agent: Agent, fake: FakeOpenAI) -> None:
+    from memory.embeddings import Embedder
+
+    fake.dim = 20
+    embedder = Embedder(db, client, "odd-model")
+    await embedder.prepare()
+    arch = Archive(db, embedder)
+    await arch.insert(agent, "a passage about lighthouses")
+    await arch.insert(agent, "a passage about tractors")
+    assert embedder.dim == 20
+    assert await db.fetchval("SELECT length(vector) FROM passage_vectors LIMIT 1") == 24 * 4
+    assert (await arch.nearest(agent, "lighthouses", k=1)) == [await db.fetchval("SELECT min(id) FROM passages")]

@@ -60,3 +60,79 @@ async def test_agents_created_once_with_kind_specific_blocks(db: Database, setti
     channel = await agents.get_or_create(db, "channel:9", settings)
     assert [b.label for b in await core.blocks(db, dm)] == ["persona", "human"]
     assert [b.label for b in await core.blocks(db, channel)] == ["persona", "channel"]
+
+
+async def test_full_text_rows_of_an_older_database_are_indexed_anew(tmp_path: Path, settings: EngineSettings) -> None:
+    """m004 rebuilds both FTS indexes from the rows, with each agent's marked terms."""
+    path = tmp_path / "old.db"
+    old = await Database.open(path, migrations=MIGRATIONS[:3])
+    for key in ("dm:1", "channel:2"):
+        await old.execute("INSERT INTO agents(key, created_at) VALUES (?, '2024-01-01T00:00:00Z')", (key,))
+    # rows as the code before m004 wrote them: an agent column in each FTS table
+    await old.transact(lambda c: (
+        c.execute("INSERT INTO messages(id, agent_id, role, content, created_at) VALUES (1, 1, 'user', 'the heron nests by the weir', '2024-05-08T10:00:00Z')"),
+        c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (1, 'a1', 'the heron nests by the weir')"),
+        c.execute("INSERT INTO passages(id, agent_id, content, created_at, text_hash) VALUES (7, 2, 'Herons were counted in May.', '2024-05-08T10:00:00Z', 'h')"),
+        c.execute("INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (7, 'a2', 'Herons were counted in May.', '', '8 May 2024')"),
+    ))
+    await old.close()
+
+    from memory.archival import Archive
+
+    new = await Database.open(path)
+    dm = await agents.get_or_create(new, "dm:1", settings)
+    channel = await agents.get_or_create(new, "channel:2", settings)
+    assert [h.id for h in (await recall.search_messages(new, dm, "herons")).hits] == [1]
+    assert (await recall.search_messages(new, channel, "herons")).total == 0
+    archive = Archive(new, None)
+    assert [h.id for h in (await archive.search(channel, "heron counts 8 May")).hits] == [7]
+    assert (await archive.search(dm, "heron")).total == 0
+    await new.close()
+
+
+async def test_words_with_marks_and_accents_are_searchable(db: Database, settings: EngineSettings) -> None:
+    agent = await agents.get_or_create(db, "dm:3", settings)
+    await recall.append(db, agent, [
+        recall.Message(role="user", content="मुझे हिन्दी पसंद है", author="ravi"),
+        recall.Message(role="user", content="un Cafe\u0301 crème au bar_tabac", author="léa"),
+    ])
+    assert (await recall.search_messages(db, agent, "हिन्दी")).total == 1
+    assert (await recall.search_messages(db, agent, "हि")).total == 0  # a word is one term, not its first letter
+    assert (await recall.search_messages(db, agent, "café creme")).total == 1
+    assert (await recall.search_messages(db, agent, "tabac")).total == 1
+
+
+async def test_float_vectors_of_an_older_database_move_to_passage_vectors(tmp_path: Path, settings: EngineSettings) -> None:
+    """m005: vec0 float vectors (the layout before it) become passage_vectors rows and sign bits."""
+    import struct
+
+    from memory.archival import Archive
+    from memory.embeddings import Embedder
+
+    path = tmp_path / "old.db"
+    old = await Database.open(path, migrations=MIGRATIONS[:4])
+    await old.execute("INSERT INTO agents(key, created_at) VALUES ('dm:1', '2024-01-01T00:00:00Z')")
+    near, far = struct.pack("8f", 1, 0, 0, 0, 0, 0, 0, 0), struct.pack("8f", 0, 0, 0, 0, 0, 0, 0, -1)
+
+    def old_layout(c) -> None:  # type: ignore[no-untyped-def]
+        c.execute("CREATE VIRTUAL TABLE passages_vec USING vec0(agent_id INTEGER PARTITION KEY, embedding float[8] distance_metric=l2)")
+        c.executemany("INSERT INTO meta VALUES (?, ?)", [("embedding_model", "m8"), ("embedding_dim", "8")])
+        for pid, vector in ((1, far), (2, near)):
+            c.execute("INSERT INTO passages(id, agent_id, content, created_at, text_hash, embedded) VALUES (?, 1, ?, '2024-01-01T00:00:00Z', ?, 1)", (pid, f"p{pid}", f"h{pid}"))
+            c.execute("INSERT INTO passages_vec(rowid, agent_id, embedding) VALUES (?, 1, ?)", (pid, vector))
+
+    await old.transact(old_layout)
+    await old.close()
+    new = await Database.open(path)
+    assert await new.fetchval("SELECT count(*) FROM sqlite_master WHERE name = 'passages_vec'") == 0
+    assert [tuple(r) for r in await new.fetchall("SELECT id, vector FROM passage_vectors ORDER BY id")] == [(1, far), (2, near)]
+
+    class Query:  # the embedding client: the query's vector is `near`
+        async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+            return [[1, 0, 0, 0, 0, 0, 0, 0.1] for _ in texts]
+
+    embedder = Embedder(new, Query(), "m8")  # type: ignore[arg-type]
+    await embedder.prepare()
+    agent = await agents.get_or_create(new, "dm:1", settings)
+    assert await Archive(new, embedder).nearest(agent, "anything", k=2) == [2, 1]
+    await new.close()
