@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memory import agents  # noqa: E402
-from memory.archival import Archive  # noqa: E402
+from memory.archival import CANDIDATES, OVERSAMPLE, Archive  # noqa: E402
 from memory.config import EngineSettings  # noqa: E402
 from memory.db import Database  # noqa: E402
 from memory.embeddings import Embedder  # noqa: E402
@@ -197,6 +197,7 @@ async def run(args: argparse.Namespace, db_path: Path) -> int:
         # search
         results: list[Result] = []
         latencies: list[float] = []
+        agreement: list[float] = []  # of the vector side's candidates with an exact scan
         for conv in conversations:
             agent = agent_of[conv.sample_id]
             for q in conv.questions:
@@ -205,6 +206,15 @@ async def run(args: argparse.Namespace, db_path: Path) -> int:
                 latencies.append(time.perf_counter() - t0)
                 ranked = list(dict.fromkeys(passage_to_turn[h.id] for h in page.hits if h.id in passage_to_turn))
                 results.append(Result(q.category, q.gold, ranked))
+                if embedder:
+                    (vector,) = await embedder.embed([q.text])
+                    exact = await db.fetchall(
+                        "SELECT v.id FROM passage_vectors v JOIN passages p ON p.id = v.id WHERE p.agent_id = ?"
+                        " ORDER BY vec_distance_l2(v.vector, ?) LIMIT ?",
+                        (agent.id, vector, CANDIDATES),
+                    )
+                    found = set(await archive.nearest(agent, q.text, k=CANDIDATES))
+                    agreement.append(len(found & {r[0] for r in exact}) / max(1, len(exact)))
         if failures.count:
             print(f"{failures.count} warnings from the engine (embedding failures?); figures are not pure {mode}",
                   file=sys.stderr)
@@ -231,6 +241,9 @@ async def run(args: argparse.Namespace, db_path: Path) -> int:
     p95 = statistics.quantiles(ms, n=20)[-1] if len(ms) > 1 else ms[0]
     print(f"ingest {passages} passages in {ingest_s:.1f} s: {passages / ingest_s:.0f} passages/s")
     print(f"search {len(ms)} queries: p50 {statistics.median(ms):.2f} ms, p95 {p95:.2f} ms")
+    if agreement:
+        print(f"vector candidates (sign bits, {OVERSAMPLE}x oversampled, rescored): {statistics.fmean(agreement):.3f}"
+              f" of an exact scan's top {CANDIDATES}, agents of ~{passages // len(conversations)} passages")
     s = scores(results)
     print(f"retrieval mode={mode} n={s['n']} recall_any@5={s['any5']:.3f} recall_any@10={s['any10']:.3f} "
           f"recall_all@10={s['all10']:.3f} mrr={s['mrr']:.3f}")

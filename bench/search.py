@@ -14,11 +14,11 @@ agent of 10,000 passages:
     hybrid   Archive(db, embedder).search(agent, q)
 
 The schema is made by the engine itself (Database.open, agents.get_or_create,
-Embedder.prepare/embed, which creates passages_bits and the meta rows). The
+Embedder.prepare/embed, which writes the meta rows). The
 passages are then written with plain SQL in large transactions, row for row
 what Archive.insert + embed_pending would leave: passages (embedded = 1),
 passages_fts (the neighbours' text as context, the spoken date), passage_vectors
-and passages_bits (the embedder caches query vectors only). Before each
+and passage_bits (the embedder caches query vectors only). Before each
 build a self-check inserts a few passages both ways, through Archive.insert
 and through the bulk path, and compares the two files; a difference is
 printed, as a sign this file has fallen behind memory/archival.py.
@@ -274,7 +274,7 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
         )
         conn.executemany("INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)", fts)
         conn.executemany("INSERT INTO passage_vectors(id, vector) VALUES (?, ?)", [(v[0], v[2]) for v in vec])
-        conn.executemany("INSERT INTO passages_bits(rowid, agent_id, bits) VALUES (?, ?, vec_quantize_binary(?))", vec)
+        conn.executemany("INSERT INTO passage_bits(agent_id, id, bits) VALUES (?, ?, vec_quantize_binary(?))", [(v[1], v[0], v[2]) for v in vec])
         conn.execute("COMMIT")
         done += len(rows)
         if progress:
@@ -315,7 +315,7 @@ COMPARED = {
     "passage_tags": "SELECT * FROM passage_tags ORDER BY passage_id, tag",
     "passages_fts terms": "SELECT term, doc, col, offset FROM temp.v ORDER BY doc, col, offset",
     "passage_vectors": "SELECT id, vector FROM passage_vectors ORDER BY id",
-    "passages_bits": "SELECT rowid, agent_id, bits FROM passages_bits ORDER BY rowid",
+    "passage_bits": "SELECT agent_id, id, bits FROM passage_bits ORDER BY id",
     "embedding_cache": "SELECT model, text_hash, vector FROM embedding_cache ORDER BY text_hash",
     "meta": "SELECT key, value FROM meta ORDER BY key",
 }

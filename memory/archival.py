@@ -1,10 +1,12 @@
 """Archival memory: passages the agent (or a document upload) chose to keep.
 
 Search is hybrid: FTS5 BM25 over the passage and, with lower weights, the
-passages inserted before and after it and its date; plus sqlite-vec KNN inside
-the agent's partition. The scores are fused linearly (BM25 scaled by the best
-one, cosine as is). Without an embedding endpoint search is keyword-only.
-bench/retrieval.py measures these choices on LoCoMo.
+passages inserted before and after it and its date; plus the nearest vectors:
+the agent's passages sorted by hamming distance of their sign bits, the best
+OVERSAMPLE times as many as wanted rescored by exact L2 (sqlite-vec's
+functions). The scores are fused linearly (BM25 scaled by the best one, cosine
+as is). Without an embedding endpoint search is keyword-only.
+bench/retrieval.py measures these choices on LoCoMo, bench/search.py their speed.
 """
 
 from __future__ import annotations
@@ -200,8 +202,8 @@ class Archive:
                     if c.execute("UPDATE passages SET embedded = 1 WHERE id = ? AND embedded = 0", (r["id"],)).rowcount:
                         c.execute("INSERT OR REPLACE INTO passage_vectors(id, vector) VALUES (?, ?)", (r["id"], v))
                         c.execute(
-                            "INSERT OR REPLACE INTO passages_bits(rowid, agent_id, bits) VALUES (?, ?, vec_quantize_binary(?))",
-                            (r["id"], r["agent_id"], v),
+                            "INSERT OR REPLACE INTO passage_bits(agent_id, id, bits) VALUES (?, ?, vec_quantize_binary(?))",
+                            (r["agent_id"], r["id"], v),
                         )
 
             await self.db.transact(store)
@@ -244,7 +246,7 @@ class Archive:
             params.append(t)
         where = " AND ".join(filters)
         filtered = len(params) > 1
-        wanted = min(4096, max(CANDIDATES, number * page_size))  # vec0's k is capped at 4096
+        wanted = max(CANDIDATES, number * page_size)
 
         expression = search.match(agent.id, query, "{content context date}")
         if not expression:
@@ -312,9 +314,10 @@ class Archive:
         else:  # hamming distance on sign bits picks the candidates, their floats rank them
             rows = await self.db.fetchall(
                 "SELECT id, vec_distance_l2(vector, ?1) AS d FROM passage_vectors WHERE id IN ("
-                " SELECT rowid FROM passages_bits WHERE bits MATCH vec_quantize_binary(?1) AND k = ?2 AND agent_id = ?3)"
+                " SELECT id FROM passage_bits WHERE agent_id = ?2"
+                " ORDER BY vec_distance_hamming(vec_bit(bits), vec_quantize_binary(?1)) LIMIT ?3)"
                 " ORDER BY d LIMIT ?4",
-                (vector, min(4096, wanted * OVERSAMPLE), agent.id, wanted),
+                (vector, agent.id, wanted * OVERSAMPLE, wanted),
             )
         # unit vectors: cosine = 1 - L2² / 2
         return [(r[0], 1.0 - r[1] * r[1] / 2) for r in rows]
@@ -367,14 +370,12 @@ def _unindex(c: sqlite3.Connection, agent_id: int, rows: list) -> None:  # type:
 
 
 def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list) -> int:  # type: ignore[type-arg]
-    has_bits = c.execute("SELECT 1 FROM sqlite_master WHERE name = 'passages_bits'").fetchone()
     for i in range(0, len(rows), 500):
         part = rows[i : i + 500]
         ids = [r["id"] for r in part]
         marks = ",".join("?" * len(ids))
         _unindex(c, agent_id, part)
-        if has_bits:
-            c.execute(f"DELETE FROM passages_bits WHERE rowid IN ({marks})", ids)
+        c.execute(f"DELETE FROM passage_bits WHERE agent_id = ? AND id IN ({marks})", (agent_id, *ids))
         c.execute(f"DELETE FROM passages WHERE id IN ({marks})", ids)  # passage_vectors rows go with them
     return len(rows)
 

@@ -194,14 +194,13 @@ def m004_agent_scoped_fts(c: sqlite3.Connection) -> None:
 
 @migration
 def m005_passage_vectors(c: sqlite3.Connection) -> None:
-    """Float vectors in a plain table; their sign bits in vec0, for a coarse first pass.
+    """Vectors leave vec0: floats by passage id, and their sign bits clustered by agent.
 
-    A float KNN in vec0 reads all of an agent's vectors (10,000 x 1.5 KB) from
-    overflow pages; the bits are 32 times smaller, and the few hundred candidates
-    they give are rescored exactly from this table by primary key.
+    A float KNN in vec0 read all of an agent's vectors (10,000 x 1.5 KB, in
+    overflow pages) and picked its top k in O(n k). Now a search sorts the agent's
+    sign bits (48 bytes each for 384-d, one contiguous range of passage_bits) by
+    hamming distance and rescores the best few hundred exactly by primary key.
     """
-    from .embeddings import create_bits
-
     _script(
         c,
         """
@@ -209,6 +208,13 @@ def m005_passage_vectors(c: sqlite3.Connection) -> None:
             id INTEGER PRIMARY KEY REFERENCES passages(id) ON DELETE CASCADE,
             vector BLOB NOT NULL
         );
+        -- vec_quantize_binary(vector); no foreign key: a cascade would scan for id
+        CREATE TABLE passage_bits (
+            agent_id INTEGER NOT NULL,
+            id INTEGER NOT NULL,
+            bits BLOB NOT NULL,
+            PRIMARY KEY (agent_id, id)
+        ) WITHOUT ROWID;
         """,
     )
     if not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'passages_vec'").fetchone():
@@ -218,12 +224,8 @@ def m005_passage_vectors(c: sqlite3.Connection) -> None:
         c.execute("UPDATE passages SET embedded = 0")
         c.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
     else:
-        create_bits(c, dim)
         c.execute("INSERT INTO passage_vectors(id, vector) SELECT rowid, embedding FROM passages_vec")
-        c.execute(
-            "INSERT INTO passages_bits(rowid, agent_id, bits)"
-            " SELECT rowid, agent_id, vec_quantize_binary(embedding) FROM passages_vec"
-        )
+        c.execute("INSERT INTO passage_bits SELECT agent_id, rowid, vec_quantize_binary(embedding) FROM passages_vec")
     c.execute("DROP TABLE passages_vec")
 
 

@@ -1,8 +1,8 @@
 """Embeddings for archival memory, from an OpenAI-compatible `/embeddings` endpoint.
 
 Passages' vectors are stored twice: whole in passage_vectors (float32, unit
-length), and as sign bits in the vec0 table passages_bits (agent partitions),
-which a search scans first; archival.py rescores its best candidates exactly.
+length), and as sign bits in passage_bits, which a search scans first;
+archival.py rescores its best candidates exactly.
 Search queries' vectors are cached (the newest few thousand); passages' vectors
 are looked up by text hash in passage_vectors.
 
@@ -39,13 +39,6 @@ def pack(vector: list[float]) -> bytes:
     return struct.pack(f"{len(vector) + padding}f", *(x / norm for x in vector), *([0.0] * padding))
 
 
-def create_bits(c: sqlite3.Connection, dim: int) -> None:
-    c.execute(
-        f"CREATE VIRTUAL TABLE IF NOT EXISTS passages_bits USING vec0("
-        f"agent_id INTEGER PARTITION KEY, bits bit[{dim + -dim % 8}])"
-    )
-
-
 class Embedder:
     def __init__(self, db: Database, client: LLMClient, model: str, batch_size: int = 64) -> None:
         self.db = db
@@ -66,7 +59,7 @@ class Embedder:
                 recorded.get("embedding_model"), self.model,
             )
         def start_over(c: sqlite3.Connection) -> None:
-            c.execute("DROP TABLE IF EXISTS passages_bits")
+            c.execute("DELETE FROM passage_bits")
             c.execute("DELETE FROM passage_vectors")
             c.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
             c.execute("UPDATE passages SET embedded = 0 WHERE embedded = 1")
@@ -75,14 +68,10 @@ class Embedder:
         self.dim = None
 
     async def _start_space(self, dim: int) -> None:
-        def create(c: sqlite3.Connection) -> None:
-            create_bits(c, dim)
-            c.executemany(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                [("embedding_model", self.model), ("embedding_dim", str(dim))],
-            )
-
-        await self.db.transact(create)
+        await self.db.transact(lambda c: c.executemany(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+            [("embedding_model", self.model), ("embedding_dim", str(dim))],
+        ))
         self.dim = dim
 
     async def embed(self, texts: list[str], *, remember: bool = True) -> list[bytes]:

@@ -151,7 +151,7 @@ async def test_embedding_outage_keeps_passage_and_catches_up(archive: Archive, a
     fake.fail_embeddings = None
     assert await archive.embed_pending() == 1
     assert await db.fetchval("SELECT count(*) FROM passage_vectors") == 2
-    assert await db.fetchval("SELECT count(*) FROM passages_bits") == 2
+    assert await db.fetchval("SELECT count(*) FROM passage_bits") == 2
 
 
 async def test_model_change_reembeds_instead_of_mixing(db: Database, client, agent: Agent, fake: FakeOpenAI) -> None:
@@ -296,7 +296,7 @@ async def test_vector_search_ranks_sign_bit_candidates_by_exact_cosine(archive: 
     assert ids[texts[0]] not in [h.id for h in page.hits]
     await archive.delete(agent, [ids[texts[0]], ids[texts[1]]])
     assert await db.fetchval("SELECT count(*) FROM passage_vectors") == 58
-    assert await db.fetchval("SELECT count(*) FROM passages_bits") == 58
+    assert await db.fetchval("SELECT count(*) FROM passage_bits") == 58
     assert ids[texts[0]] not in await archive.nearest(agent, texts[0], k=5)
 
 
