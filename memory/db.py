@@ -223,6 +223,7 @@ def m005_passage_vectors(c: sqlite3.Connection) -> None:
     if dim % 8:  # stored unpadded (embeddings.pack pads now): a new space, embedded again at the next start
         c.execute("UPDATE passages SET embedded = 0")
         c.execute("DELETE FROM meta WHERE key LIKE 'embedding_%'")
+        c.execute("DELETE FROM embedding_cache")
     else:
         c.execute("INSERT INTO passage_vectors(id, vector) SELECT rowid, embedding FROM passages_vec")
         c.execute("INSERT INTO passage_bits SELECT agent_id, rowid, vec_quantize_binary(embedding) FROM passages_vec")

@@ -2,12 +2,12 @@
 
 Passages' vectors are stored twice: whole in passage_vectors (float32, unit
 length), and as sign bits in passage_bits, which a search scans first;
-archival.py rescores its best candidates exactly.
-Search queries' vectors are cached (the newest few thousand); passages' vectors
-are looked up by text hash in passage_vectors.
+archival.py rescores its best candidates exactly. Search queries' vectors are
+cached (the newest few thousand); a passage whose text was embedded before
+takes that vector from passage_vectors.
 
 The model name and dimension in use are recorded in the database. When the
-configured model changes, the vector table is rebuilt and every passage is
+configured model changes, every vector is dropped and every passage is
 embedded again, so vectors of two models never share one space.
 """
 
