@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from . import core, recall
+from . import core, recall, search
 from .agents import Agent, now
 
 if TYPE_CHECKING:
@@ -51,43 +51,72 @@ async def export_agent(engine: Engine, agent: Agent) -> dict[str, Any]:
 async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = None) -> dict[str, Any]:
     """Load an export into agent `key` (default: the exported key).
 
-    Blocks and the summary are replaced; messages and passages are added.
-    Raises ValueError when `data` is not an export.
+    Blocks and the summary are replaced; messages and passages are added. The
+    whole file is checked before anything is written, so a malformed one leaves
+    memory as it was. Raises ValueError when `data` is not a valid export.
     """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"missing \"format\": \"{FORMAT}\"")
     if data.get("version") != VERSION:
         raise ValueError(f"unsupported version {data.get('version')!r}")
     try:
-        key = key or data["agent"]["key"]
-        agent = await engine.agent(str(key))
-        for b in data["blocks"]:
-            current = {x.label for x in await core.blocks(engine.db, agent)}
-            if b["label"] not in current:
-                await engine.db.execute(
-                    "INSERT INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, '', ?, ?, ?)",
-                    (agent.id, b["label"], int(b["limit"]), b.get("description", ""), now()),
-                )
-            result = await core.set_value(engine.db, agent, b["label"], str(b["value"]))
-            if result.startswith("Error"):
-                raise ValueError(result)
-        await engine.db.execute("UPDATE agents SET summary = ? WHERE id = ?", (str(data["agent"].get("summary", "")), agent.id))
+        key = str(key or data["agent"]["key"])
+        summary = str(data["agent"].get("summary", ""))
+        blocks = [(str(b["label"]), str(b["value"]), int(b["limit"]), str(b.get("description", ""))) for b in data["blocks"]]
         messages = [
-            recall.Message(
-                role=m["role"], content=m.get("content") or "", author=m.get("author", ""), author_id=m.get("author_id", ""),
-                tool_calls=m.get("tool_calls"), tool_call_id=m.get("tool_call_id"), created_at=m["created_at"],
+            (
+                recall.Message(
+                    role=str(m["role"]), content=str(m.get("content") or ""), author=str(m.get("author", "")),
+                    author_id=str(m.get("author_id", "")), tool_calls=_calls(m.get("tool_calls")),
+                    tool_call_id=m.get("tool_call_id"), created_at=_stamp(m["created_at"]),
+                ),
+                bool(m.get("in_context")),
             )
             for m in data["messages"]
         ]
-        # in-context messages go last and in order, so tool calls keep their results
-        evicted = [m for m, raw in zip(messages, data["messages"]) if not raw.get("in_context")]
-        current = [m for m, raw in zip(messages, data["messages"]) if raw.get("in_context")]
-        await recall.append(engine.db, agent, evicted, state=recall.EVICTED)
-        await recall.append(engine.db, agent, current, state=recall.IN_CONTEXT)
-        for p in data["passages"]:
-            await engine.archive.insert(
-                agent, p["content"], tags=p.get("tags"), source=p.get("source", ""), created_at=p["created_at"], max_chars=10**7
-            )
-    except (KeyError, TypeError) as exc:
+        passages = [
+            (str(p["content"]), [str(t) for t in p.get("tags") or []], str(p.get("source", "")), _stamp(p["created_at"]))
+            for p in data["passages"]
+        ]
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"missing or malformed field {exc}") from None
-    return {"agent": agent.key, "blocks": len(data["blocks"]), "messages": len(messages), "passages": len(data["passages"])}
+    for m, _ in messages:
+        if m.role not in recall.ROLES:
+            raise ValueError(f"message role {m.role!r} is not one of {list(recall.ROLES)}")
+    agent = await engine.agent(key)
+    current = {b.label: b.limit for b in await core.blocks(engine.db, agent)}
+    for label, value, limit, _ in blocks:
+        if len(value) > current.get(label, limit):
+            raise ValueError(f"block {label!r} holds {len(value)} characters, over its limit of {current.get(label, limit)}")
+
+    for label, value, limit, description in blocks:
+        if label not in current:
+            await engine.db.execute(
+                "INSERT INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, '', ?, ?, ?)",
+                (agent.id, label, limit, description, now()),
+            )
+        await core.set_value(engine.db, agent, label, value)
+    await engine.db.execute("UPDATE agents SET summary = ? WHERE id = ?", (summary, agent.id))
+    # in-context messages go last and in order, so tool calls keep their results
+    await recall.append(engine.db, agent, [m for m, kept in messages if not kept], state=recall.EVICTED)
+    await recall.append(engine.db, agent, [m for m, kept in messages if kept], state=recall.IN_CONTEXT)
+    for content, tags, source, created_at in passages:
+        if content.strip():
+            await engine.archive.insert(agent, content, tags=tags, source=source, created_at=created_at, max_chars=10**7)
+    return {"agent": agent.key, "blocks": len(blocks), "messages": len(messages), "passages": len(passages)}
+
+
+def _stamp(value: object) -> str:
+    """A stored time stamp, or ValueError: search and ordering compare them as text."""
+    stamp = search.parse_date(value, "created_at")
+    if stamp is None:
+        raise TypeError("created_at")
+    return stamp
+
+
+def _calls(value: object) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        raise TypeError("tool_calls")
+    return value

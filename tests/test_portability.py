@@ -1,0 +1,58 @@
+"""Export and import of one agent's memory (what `/memory export` and `mnemocord import` use)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from memory import core, recall
+from memory.config import EngineSettings
+from memory.engine import Engine
+from memory.portability import export_agent, import_agent
+from tests.fakeopenai import FakeOpenAI
+
+
+@pytest.fixture
+async def engine(settings: EngineSettings, fake: FakeOpenAI) -> AsyncIterator[Engine]:
+    opened = await Engine.open(settings.model_copy(update={"llm_base_url": fake.url, "llm_model": "m"}))
+    yield opened
+    await opened.close()
+
+
+async def _exported(engine: Engine) -> dict[str, Any]:
+    agent = await engine.agent("dm:1")
+    await core.set_value(engine.db, agent, "human", "Noor keeps bees.")
+    await recall.append(engine.db, agent, [recall.Message(role="user", content="the hive swarmed in June", author="noor")])
+    await engine.archive.insert(agent, "Noor's hives stand by the orchard wall.")
+    return await export_agent(engine, agent)
+
+
+async def test_import_loads_an_export_into_another_agent(engine: Engine) -> None:
+    data = await _exported(engine)
+    assert await import_agent(engine, data, "dm:2") == {"agent": "dm:2", "blocks": 2, "messages": 1, "passages": 1}
+    other = await engine.agent("dm:2")
+    assert "Noor keeps bees." in core.render(await core.blocks(engine.db, other))
+    assert (await recall.search_messages(engine.db, other, "swarmed")).total == 1
+    assert (await engine.archive.search(other, "orchard")).total == 1
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d["passages"][-1].pop("created_at"),
+    lambda d: d["passages"][-1].update(created_at="last Tuesday"),
+    lambda d: d["messages"][-1].update(role="narrator"),
+    lambda d: d["messages"][-1].update(tool_calls="not a list"),
+    lambda d: d["blocks"][-1].update(value="x" * 100_000),
+    lambda d: d["blocks"].append(["not", "a", "block"]),
+])
+async def test_a_malformed_export_changes_nothing(engine: Engine, damage: Any) -> None:
+    data = copy.deepcopy(await _exported(engine))
+    damage(data)
+    target = await engine.agent("dm:3")
+    before = await export_agent(engine, target)
+    with pytest.raises(ValueError):
+        await import_agent(engine, data, "dm:3")
+    after = await export_agent(engine, target)
+    assert {k: v for k, v in after.items() if k != "exported_at"} == {k: v for k, v in before.items() if k != "exported_at"}
