@@ -44,7 +44,8 @@ class EngineSettings(BaseSettings):
     keep_last_messages: int = Field(4, ge=1)
     max_steps_per_turn: int = Field(8, ge=1, le=50)
 
-    persona_limit: int = Field(2000, ge=100)
+    # the default persona (agents.DEFAULT_PERSONA) must fit, or creating and resetting an agent could not write it
+    persona_limit: int = Field(2000, ge=200)
     human_limit: int = Field(2000, ge=100)
     channel_limit: int = Field(3000, ge=100)
 

@@ -29,3 +29,20 @@ def test_env_file_is_read(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     env.write_text("LLM_MODEL=qwen2.5:7b\nCONTEXT_WINDOW=16384\n")
     settings = load_settings(EngineSettings, _env_file=env)
     assert settings.llm_model == "qwen2.5:7b" and settings.context_window == 16384
+
+
+async def test_default_persona_fits_the_smallest_persona_limit(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memory import agents, core
+    from memory.db import Database
+
+    monkeypatch.setenv("PERSONA_LIMIT", "199")
+    with pytest.raises(ConfigError, match="PERSONA_LIMIT"):
+        load_settings(EngineSettings, _env_file=None)
+    settings = EngineSettings(_env_file=None, persona_limit=200)  # type: ignore[call-arg]
+    db = await Database.open(tmp_path / "t.db")
+    agent = await agents.get_or_create(db, "dm:1", settings)
+    (persona, _) = await core.blocks(db, agent)
+    assert persona.value == agents.DEFAULT_PERSONA and len(persona.value) <= persona.limit
+    # what /memory reset core does
+    assert (await core.set_value(db, agent, "persona", agents.DEFAULT_PERSONA)).startswith("Block 'persona' set")
+    await db.close()
