@@ -16,7 +16,7 @@ from . import context, recall, tools
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
-from .db import Database
+from .db import Database, sqlite3
 from .llm import ContextOverflowError, LLMClient, LLMError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class Turn:
     agent: Agent
     # provider count / our estimate, when the provider says more than we thought
     token_scale: float = 1.0
+    # (tokens in, tokens out, model calls) of this turn already added to the agent's row
+    _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
 
     async def run(self) -> TurnResult:
         started = time.perf_counter()
@@ -59,6 +61,7 @@ class Turn:
         filed, result.admitted_through = await recall.admit_waiting(self.db, self.agent, self.settings.context_window // 4)
         if filed:
             await self._event(
+                result,
                 f"{filed} older messages arrived since your last turn and went straight to recall memory "
                 "without being shown here; conversation_search finds them."
             )
@@ -67,8 +70,8 @@ class Turn:
         except LLMError as exc:
             log.warning("%s: model call failed: %s", self.agent.key, exc)
             result.outcome, result.error, result.reply = "error", str(exc), APOLOGY
-            await recall.append(self.db, self.agent, [recall.Message(role="system", content=f"The model call failed: {exc}")])
-        await self._record_usage(result)
+            await self._append(result, [recall.Message(role="system", content=f"The model call failed: {exc}")])
+        await self._append(result, [])  # the usage, if the turn's last messages did not carry it
         result.engine_seconds = time.perf_counter() - started - result.model_seconds
         return result
 
@@ -78,19 +81,19 @@ class Turn:
         for step in range(1, max_steps + 1):
             last = step == max_steps and max_steps > 1
             if last:
-                await self._event(f"Step limit reached ({max_steps} steps). Answer the user now in plain text.")
+                await self._event(result, f"Step limit reached ({max_steps} steps). Answer the user now in plain text.")
             prompt = await self._prompt(result)
             answer = await self._call(prompt, result, use_tools=not last)
             result.steps = step
             if not answer.tool_calls:
                 text = answer.content.strip()
                 if text:
-                    await recall.append(self.db, self.agent, [recall.Message(role="assistant", content=text)])
+                    await self._append(result, [recall.Message(role="assistant", content=text)])
                     result.reply = text
                     if last:
                         result.outcome = "step_limit"
                     return
-                await self._event("Your answer was empty. Reply to the user with send_message.")
+                await self._event(result, "Your answer was empty. Reply to the user with send_message.")
                 continue
             stored = [recall.Message(role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in answer.tool_calls])]
             replies: list[str] = []
@@ -109,15 +112,15 @@ class Turn:
                 if outcome.reply:
                     replies.append(outcome.reply)
                 stored.append(recall.Message(role="tool", content=outcome.text, tool_call_id=call.id))
-            await recall.append(self.db, self.agent, stored)
+            await self._append(result, stored)
             if replies:
                 result.reply = "\n\n".join(replies)
                 return
             if looping:
-                await self._event("The turn was stopped: the same function call kept repeating.")
+                await self._event(result, "The turn was stopped: the same function call kept repeating.")
                 result.reply, result.outcome = STUCK, "loop"
                 return
-        await self._event(f"The turn was stopped after {max_steps} steps without an answer.")
+        await self._event(result, f"The turn was stopped after {max_steps} steps without an answer.")
         result.reply, result.outcome = STUCK, "step_limit"
 
     async def _prompt(self, result: TurnResult) -> context.Prompt:
@@ -177,14 +180,31 @@ class Turn:
                 result.tokens_in += call.usage.prompt_tokens
                 result.tokens_out += call.usage.completion_tokens
 
-    async def _event(self, text: str) -> None:
-        await recall.append(self.db, self.agent, [recall.Message(role="system", content=text)])
+    async def _event(self, result: TurnResult, text: str) -> None:
+        await self._append(result, [recall.Message(role="system", content=text)])
 
-    async def _record_usage(self, result: TurnResult) -> None:
-        await self.db.execute(
-            "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
-            (result.tokens_in, result.tokens_out, result.model_calls, self.agent.id),
-        )
+    async def _append(self, result: TurnResult, messages: list[recall.Message]) -> None:
+        """Store messages and the usage not written yet in one transaction (a trip to the database
+        thread costs more CPU than the statements, bench/bot_load.py)."""
+        usage = _usage(result)
+        tokens_in, tokens_out, calls = (now - before for now, before in zip(usage, self._recorded))
+        self._recorded = usage
+
+        def add_usage(c: sqlite3.Connection) -> None:
+            if calls:
+                c.execute(
+                    "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
+                    (tokens_in, tokens_out, calls, self.agent.id),
+                )
+
+        if messages:
+            await recall.append(self.db, self.agent, messages, also=add_usage)
+        elif calls:
+            await self.db.transact(add_usage)
+
+
+def _usage(result: TurnResult) -> tuple[int, int, int]:
+    return result.tokens_in, result.tokens_out, result.model_calls
 
 
 def _normalized(arguments: str) -> str:

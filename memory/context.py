@@ -51,14 +51,20 @@ def _count_system(text: str) -> int:
 
 
 async def build(db: Database, agent: Agent, window: int) -> Prompt:
-    blocks = await core.blocks(db, agent)
-    row = await db.fetchone(
-        "SELECT summary, pressure_warned,"
-        " (SELECT count(*) FROM messages WHERE agent_id = a.id AND in_context = 0),"
-        " (SELECT count(*) FROM passages WHERE agent_id = a.id),"
-        " (SELECT max(updated_at) FROM blocks WHERE agent_id = a.id)"
-        " FROM agents a WHERE id = ?",
-        (agent.id,),
+    # one trip to the database thread: each costs more CPU than these small queries (bench/bot_load.py)
+    blocks, row, history = await db.transact(
+        lambda c: (
+            core.read_blocks(c, agent),
+            c.execute(
+                "SELECT summary, pressure_warned,"
+                " (SELECT count(*) FROM messages WHERE agent_id = a.id AND in_context = 0),"
+                " (SELECT count(*) FROM passages WHERE agent_id = a.id),"
+                " (SELECT max(updated_at) FROM blocks WHERE agent_id = a.id)"
+                " FROM agents a WHERE id = ?",
+                (agent.id,),
+            ).fetchone(),
+            recall.read_in_context(c, agent),
+        )
     )
     summary, pressure_warned, out_of_context, passages, changed = row
     parts = [
@@ -72,7 +78,6 @@ async def build(db: Database, agent: Agent, window: int) -> Prompt:
     if summary:
         parts += ["### Summary of earlier conversation", summary]
     system = "\n".join(parts)
-    history = await recall.in_context(db, agent)
     for m in history:
         if m.tokens > window // 4:
             _clip(m, window // 4)

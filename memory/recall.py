@@ -7,7 +7,7 @@ only clears that flag, so nothing leaves recall.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +90,11 @@ def _row(row: Any) -> Message:
     )
 
 
-async def append(db: Database, agent: Agent, messages: list[Message], *, state: int = IN_CONTEXT) -> list[Message]:
-    """Persist messages (one transaction), filling in their ids and token counts.
+async def append(
+    db: Database, agent: Agent, messages: list[Message], *, state: int = IN_CONTEXT,
+    also: Callable[[sqlite3.Connection], None] | None = None,
+) -> list[Message]:
+    """Persist messages (one transaction, with `also` if given), filling in their ids and token counts.
 
     WAITING messages are in recall at once but enter the context only when a
     turn admits them, so they never land in the middle of a running turn.
@@ -117,17 +120,24 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, state: 
             text = m.index_text()
             if text:
                 c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (?, ?, ?)", (m.id, f"a{agent.id}", text))
+        if also:
+            also(c)
 
     if messages:
         await db.transact(store)
     return messages
 
 
+_IN_CONTEXT = f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position"
+
+
 async def in_context(db: Database, agent: Agent) -> list[Message]:
-    rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position", (agent.id,)
-    )
-    return [_row(r) for r in rows]
+    return [_row(r) for r in await db.fetchall(_IN_CONTEXT, (agent.id,))]
+
+
+def read_in_context(c: sqlite3.Connection, agent: Agent) -> list[Message]:
+    """`in_context` inside a transaction."""
+    return [_row(r) for r in c.execute(_IN_CONTEXT, (agent.id,))]
 
 
 async def admit_waiting(db: Database, agent: Agent, budget: int) -> tuple[int, int]:

@@ -83,6 +83,17 @@ async def test_search_then_answer_chain(engine: Engine, fake: FakeOpenAI) -> Non
     assert any(m.content == "Let me look that up." and m.role == "assistant" for m in stored)
 
 
+async def test_usage_is_added_to_the_agent_even_when_the_turn_fails(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(call("conversation_search", {"query": "x"}), call("send_message", {"message": "done"}))
+    first = await engine.send("dm:1", user("look something up"))
+    fake.push(call("conversation_search", {"query": "y"}), Error(401, {"error": {"message": "key revoked"}}))
+    failed = await engine.send("dm:1", user("again"))
+    assert (first.model_calls, failed.model_calls, failed.outcome) == (2, 1, "error")
+    row = await engine.db.fetchone("SELECT tokens_in, tokens_out, model_calls FROM agents WHERE key = 'dm:1'")
+    assert tuple(row) == (first.tokens_in + failed.tokens_in, first.tokens_out + failed.tokens_out, 3)
+    assert failed.tokens_in > 0
+
+
 async def test_core_edit_shows_in_next_system_prompt_and_prompt_is_stable(engine: Engine, fake: FakeOpenAI) -> None:
     fake.push(reply("one"), reply("two"))
     await engine.send("dm:1", user("first"))
