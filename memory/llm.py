@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
+import orjson
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -144,7 +145,7 @@ class LLMClient:
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = URL(self.base_url + path)
-        data = json.dumps(body).encode()
+        data = orjson.dumps(body)
         deadline = time.monotonic() + self.retry_budget
         attempt = 0
         while True:
@@ -160,7 +161,7 @@ class LLMClient:
             else:
                 if status < 300:
                     try:
-                        return json.loads(raw)
+                        return orjson.loads(raw)
                     except ValueError:
                         raise LLMError(f"{path} returned a body that is not JSON: {raw[:200]!r}") from None
                 text = raw.decode(errors="replace")
