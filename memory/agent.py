@@ -58,15 +58,21 @@ class Turn:
     async def run(self) -> TurnResult:
         started = time.perf_counter()
         result = TurnResult(reply=None, outcome="reply")
-        filed, result.admitted_through = await recall.admit_waiting(self.db, self.agent, self.settings.context_window // 4)
+        budget = self.settings.context_window // 4
+        # admitting the waiting messages and reading the first prompt: one trip to the database thread
+        (filed, result.admitted_through), snapshot = await self.db.transact(
+            lambda c: (recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent))
+        )
         if filed:
             await self._event(
                 result,
                 f"{filed} older messages arrived since your last turn and went straight to recall memory "
                 "without being shown here; conversation_search finds them."
             )
+        # with the event in the context the first prompt is read again
+        first = None if filed else context.assemble(snapshot, self.settings.context_window)
         try:
-            await self._steps(result)
+            await self._steps(result, first)
         except LLMError as exc:
             log.warning("%s: model call failed: %s", self.agent.key, exc)
             result.outcome, result.error, result.reply = "error", str(exc), APOLOGY
@@ -75,14 +81,14 @@ class Turn:
         result.engine_seconds = time.perf_counter() - started - result.model_seconds
         return result
 
-    async def _steps(self, result: TurnResult) -> None:
+    async def _steps(self, result: TurnResult, first: context.Prompt | None) -> None:
         max_steps = self.settings.max_steps_per_turn
         seen: dict[tuple[str, str], int] = {}
         for step in range(1, max_steps + 1):
             last = step == max_steps and max_steps > 1
             if last:
                 await self._event(result, f"Step limit reached ({max_steps} steps). Answer the user now in plain text.")
-            prompt = await self._prompt(result)
+            prompt = await self._prompt(result, first if step == 1 else None)
             answer = await self._call(prompt, result, use_tools=not last)
             result.steps = step
             if not answer.tool_calls:
@@ -123,10 +129,10 @@ class Turn:
         await self._event(result, f"The turn was stopped after {max_steps} steps without an answer.")
         result.reply, result.outcome = STUCK, "step_limit"
 
-    async def _prompt(self, result: TurnResult) -> context.Prompt:
-        """The next request, compacted and with a pressure warning if needed."""
+    async def _prompt(self, result: TurnResult, ready: context.Prompt | None) -> context.Prompt:
+        """The next request (`ready` if already read), compacted and with a pressure warning if needed."""
         s = self.settings
-        prompt = self._scaled(await context.build(self.db, self.agent, s.context_window))
+        prompt = self._scaled(ready if ready is not None else await context.build(self.db, self.agent, s.context_window))
         if prompt.tokens > s.memory_flush_fraction * s.context_window:
             eviction = await context.compact(
                 self.db, self.llm, s.llm_model, self.agent, prompt, s, target=s.memory_flush_fraction * COMPACT_TO

@@ -140,41 +140,37 @@ def read_in_context(c: sqlite3.Connection, agent: Agent) -> list[Message]:
     return [_row(r) for r in c.execute(_IN_CONTEXT, (agent.id,))]
 
 
-async def admit_waiting(db: Database, agent: Agent, budget: int) -> tuple[int, int]:
-    """Move waiting messages into the context, in the order they arrived.
+def admit_waiting(c: sqlite3.Connection, agent: Agent, budget: int) -> tuple[int, int]:
+    """Move waiting messages into the context, in the order they arrived (inside a transaction).
 
     Only the newest `budget` tokens of them: a busy channel can pile up more
     chatter between two mentions than a window holds. The older ones go straight
     to recall (searchable, never summarized). Returns how many did, and the id of
     the newest message admitted (0 if none).
     """
-
-    def admit(c: sqlite3.Connection) -> tuple[int, int]:
-        waiting = c.execute(
-            "SELECT id, tokens FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id DESC", (agent.id,)
-        ).fetchall()
-        total, first_kept = 0, None
-        newest = waiting[0][0] if waiting else 0
-        for message_id, size in waiting:
-            total += size
-            if total > budget and first_kept is not None:
-                break
-            first_kept = message_id
-        if first_kept is None:
-            return 0, 0
-        filed = c.execute(
-            "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
-        ).rowcount
-        c.execute(
-            "UPDATE messages SET in_context = 1, position = base + n FROM ("
-            " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
-            " (SELECT coalesce(max(position), 0) FROM messages WHERE agent_id = ?1 AND in_context = 1) AS base"
-            " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
-            (agent.id,),
-        )
-        return filed, newest
-
-    return await db.transact(admit)
+    waiting = c.execute(
+        "SELECT id, tokens FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id DESC", (agent.id,)
+    ).fetchall()
+    total, first_kept = 0, None
+    newest = waiting[0][0] if waiting else 0
+    for message_id, size in waiting:
+        total += size
+        if total > budget and first_kept is not None:
+            break
+        first_kept = message_id
+    if first_kept is None:
+        return 0, 0
+    filed = c.execute(
+        "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
+    ).rowcount
+    c.execute(
+        "UPDATE messages SET in_context = 1, position = base + n FROM ("
+        " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
+        " (SELECT coalesce(max(position), 0) FROM messages WHERE agent_id = ?1 AND in_context = 1) AS base"
+        " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
+        (agent.id,),
+    )
+    return filed, newest
 
 
 async def count(db: Database, agent: Agent) -> int:
