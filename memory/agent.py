@@ -1,7 +1,7 @@
 """One turn of an agent: steps of model call → function calls → results until a reply.
 
-The user's messages are already in recall (and in context) before a turn
-starts. Each step's assistant message and its function results are stored in
+The user's messages are in recall before the model is called: stored before
+the turn starts, or by its first transaction (`arriving`). Each step's assistant message and its function results are stored in
 one transaction, so a crash never leaves a call without its result.
 """
 
@@ -50,6 +50,8 @@ class Turn:
     archive: Archive
     settings: EngineSettings
     agent: Agent
+    # user messages not stored yet: the turn's first transaction stores them
+    arriving: list[recall.Message]
     # provider count / our estimate, when the provider says more than we thought
     token_scale: float = 1.0
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
@@ -59,10 +61,15 @@ class Turn:
         started = time.perf_counter()
         result = TurnResult(reply=None, outcome="reply")
         budget = self.settings.context_window // 4
-        # admitting the waiting messages and reading the first prompt: one trip to the database thread
-        (filed, result.admitted_through), snapshot = await self.db.transact(
-            lambda c: (recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent))
-        )
+        recall.prepare(self.arriving)
+
+        def start(c: sqlite3.Connection) -> tuple[tuple[int, int], context.Snapshot]:
+            # storing the arriving messages, admitting the waiting ones and reading the first
+            # prompt: one trip to the database thread, which costs more CPU than these statements
+            recall.insert(c, self.agent, self.arriving, recall.WAITING)
+            return recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent)
+
+        (filed, result.admitted_through), snapshot = await self.db.transact(start)
         if filed:
             await self._event(
                 result,
@@ -203,10 +210,9 @@ class Turn:
                     (tokens_in, tokens_out, calls, self.agent.id),
                 )
 
-        if messages:
-            await recall.append(self.db, self.agent, messages, also=add_usage)
-        elif calls:
-            await self.db.transact(add_usage)
+        recall.prepare(messages)
+        if messages or calls:
+            await self.db.transact(lambda c: (recall.insert(c, self.agent, messages), add_usage(c)))
 
 
 def _usage(result: TurnResult) -> tuple[int, int, int]:

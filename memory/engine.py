@@ -1,8 +1,10 @@
 """The engine: opens the store and the model client, and runs agents' turns.
 
 One turn at a time per agent: messages that arrive while a turn runs are
-persisted at once and answered together by the next turn, in order. Different
-agents run concurrently; the model client caps calls in flight for all of them.
+persisted at once and answered together by the next turn, in order. A message
+for an idle agent is persisted by the first transaction of the turn it starts,
+still before the model is called. Different agents run concurrently; the model
+client caps calls in flight for all of them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ Current core memory:
 @dataclass
 class _Mailbox:
     pending: list[tuple[recall.Message, asyncio.Future[TurnResult]]] = field(default_factory=list)
+    # for the turn about to start to store, in its first transaction
+    unsaved: list[recall.Message] = field(default_factory=list)
     worker: asyncio.Task[None] | None = None
 
 
@@ -119,8 +123,13 @@ class Engine:
         last one's result carries the reply, the others get outcome "merged".
         """
         agent = await self.agent(key)
-        await recall.append(self.db, agent, [message], state=recall.WAITING)
         box = self._mailboxes.setdefault(key, _Mailbox())
+        idle = (box.worker is None or box.worker.done()) and not self.lock(key).locked()
+        if idle or box.unsaved:
+            # one trip to the database thread less per turn; joining the unsaved keeps the order
+            box.unsaved.append(message)
+        else:
+            await recall.append(self.db, agent, [message], state=recall.WAITING)
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))
         if box.worker is None or box.worker.done():
@@ -138,9 +147,10 @@ class Engine:
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
         while box.pending:
             batch, box.pending = box.pending, []
+            arriving, box.unsaved = box.unsaved, []
             try:
                 async with self.lock(agent.key):
-                    result = await self.run_turn(agent)
+                    result = await self.run_turn(agent, arriving)
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("%s: turn failed", agent.key)
                 result = TurnResult(reply="Sorry, something went wrong on my side.", outcome="error", error=repr(exc))
@@ -156,8 +166,9 @@ class Engine:
         if self._mailboxes.get(agent.key) is box and not box.pending:
             del self._mailboxes[agent.key]
 
-    async def run_turn(self, agent: Agent) -> TurnResult:
-        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
+    async def run_turn(self, agent: Agent, arriving: list[recall.Message]) -> TurnResult:
+        """A turn that first stores `arriving` (messages not persisted yet) with the waiting ones."""
+        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, arriving, token_scale=self.token_scale)
         result = await turn.run()
         self.token_scale = turn.token_scale
         log.info(

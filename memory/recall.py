@@ -7,7 +7,7 @@ only clears that flag, so nothing leaves recall.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,42 +90,44 @@ def _row(row: Any) -> Message:
     )
 
 
-async def append(
-    db: Database, agent: Agent, messages: list[Message], *, state: int = IN_CONTEXT,
-    also: Callable[[sqlite3.Connection], None] | None = None,
-) -> list[Message]:
-    """Persist messages (one transaction, with `also` if given), filling in their ids and token counts.
+async def append(db: Database, agent: Agent, messages: list[Message], *, state: int = IN_CONTEXT) -> list[Message]:
+    """Persist messages (one transaction), filling in their ids and token counts.
 
     WAITING messages are in recall at once but enter the context only when a
     turn admits them, so they never land in the middle of a running turn.
     """
+    prepare(messages)
+    if messages:
+        await db.transact(lambda c: insert(c, agent, messages, state))
+    return messages
+
+
+def prepare(messages: list[Message]) -> None:
+    """Check and count messages before `insert`: outside the transaction, which other agents wait for."""
     for m in messages:
         if m.role not in ROLES:
             raise ValueError(f"unknown role {m.role!r}")
         m.content = m.content.replace("\x00", "")
         m.tokens = tokens.count_message(m.to_openai())
-    def store(c: sqlite3.Connection) -> None:
-        for m in messages:
-            cur = c.execute(
-                "INSERT INTO messages(agent_id, role, author, author_id, content, tool_calls, tool_call_id,"
-                " external_id, created_at, in_context, tokens, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " CASE WHEN ?10 = 1 THEN (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ?1 AND in_context = 1) END)",
-                (
-                    agent.id, m.role, m.author, m.author_id, m.content,
-                    json.dumps(m.tool_calls) if m.tool_calls else None,
-                    m.tool_call_id, m.external_id, m.created_at, state, m.tokens,
-                ),
-            )
-            m.id = cur.lastrowid or 0
-            text = m.index_text()
-            if text:
-                c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (?, ?, ?)", (m.id, f"a{agent.id}", text))
-        if also:
-            also(c)
 
-    if messages:
-        await db.transact(store)
-    return messages
+
+def insert(c: sqlite3.Connection, agent: Agent, messages: list[Message], state: int = IN_CONTEXT) -> None:
+    """`append` inside a transaction, for messages `prepare` has seen."""
+    for m in messages:
+        cur = c.execute(
+            "INSERT INTO messages(agent_id, role, author, author_id, content, tool_calls, tool_call_id,"
+            " external_id, created_at, in_context, tokens, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " CASE WHEN ?10 = 1 THEN (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ?1 AND in_context = 1) END)",
+            (
+                agent.id, m.role, m.author, m.author_id, m.content,
+                json.dumps(m.tool_calls) if m.tool_calls else None,
+                m.tool_call_id, m.external_id, m.created_at, state, m.tokens,
+            ),
+        )
+        m.id = cur.lastrowid or 0
+        text = m.index_text()
+        if text:
+            c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (?, ?, ?)", (m.id, f"a{agent.id}", text))
 
 
 _IN_CONTEXT = f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position"

@@ -293,6 +293,17 @@ async def test_agents_run_in_parallel_and_one_agents_messages_stay_ordered(engin
     assert not any("b-first" in json.dumps(r) for r in fake.chat_requests if "a-first" in json.dumps(r))
 
 
+async def test_messages_for_an_idle_agent_are_stored_in_order_by_one_turn(engine: Engine, fake: FakeOpenAI) -> None:
+    await engine.agent("dm:1")  # known agent: both sends reach the mailbox without waiting
+    fake.push(reply("both seen"))
+    first, second = await asyncio.gather(*(engine.send("dm:1", user(text)) for text in ("one", "two")))
+    assert (first.outcome, second.reply) == ("merged", "both seen")
+    (request,) = fake.chat_requests
+    assert [m["content"].rsplit(": ", 1)[-1] for m in request["messages"][1:]] == ["one", "two"]
+    stored = await recall.in_context(engine.db, await engine.agent("dm:1"))
+    assert [m.content for m in stored] == ["one", "two", "both seen"] and stored[0].id < stored[1].id
+
+
 CRASH_SCRIPT = """
 import asyncio, sys
 from memory.config import EngineSettings
