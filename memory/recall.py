@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 
 from . import search, tokens
 from .agents import Agent, now
@@ -82,7 +83,8 @@ def _row(row: Any) -> Message:
         content=row["content"],
         author=row["author"],
         author_id=row["author_id"],
-        tool_calls=json.loads(row["tool_calls"]) if row["tool_calls"] else None,
+        # orjson: every turn reads the whole context back (bench/bot_load.py)
+        tool_calls=orjson.loads(row["tool_calls"]) if row["tool_calls"] else None,
         tool_call_id=row["tool_call_id"],
         external_id=row["external_id"],
         created_at=row["created_at"],
