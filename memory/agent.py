@@ -1,8 +1,9 @@
 """One turn of an agent: steps of model call → function calls → results until a reply.
 
 The user's messages are in recall before the model is called: stored before
-the turn starts, or by its first transaction (`arriving`). Each step's assistant message and its function results are stored in
-one transaction, so a crash never leaves a call without its result.
+the turn starts, or by its first transaction (`arriving`). Each step's
+assistant message and its function results are stored in one transaction, so
+a crash never leaves a call without its result.
 """
 
 from __future__ import annotations

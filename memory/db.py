@@ -4,8 +4,9 @@ One writer: a connection owned by a single thread, to which every transaction
 is handed whole as a function (`Database.transact`), so a transaction costs one
 trip between threads and writers queue without holding anything on the event
 loop; transactions that queue up share a trip and a commit (bench/bot_load.py:
-CPU per reply -18 %, p50 -20 ms). Holding an asyncio lock across a transaction's many awaits instead made
-100 concurrent users wait ~1 s per turn for it (bench/bot_load.py). Reads go
+CPU per reply -17 %, p95 -40 ms). Holding an asyncio lock across a
+transaction's many awaits instead made 100 concurrent users wait ~1 s per turn
+for it (bench/bot_load.py). Reads go
 through aiosqlite on two more connections, which in WAL mode see committed data
 only and never wait for the writer.
 """

@@ -110,11 +110,14 @@ class Engine:
             self._agents[key] = await agents.get_or_create(self.db, key, self.settings)
         return self._agents[key]
 
-    async def record(self, key: str, message: recall.Message) -> recall.Message:
+    async def record(self, key: str, message: recall.Message) -> None:
         """Store a message the agent should remember but not answer; the next turn sees it."""
         agent = await self.agent(key)
-        (stored,) = await recall.append(self.db, agent, [message], state=recall.WAITING)
-        return stored
+        box = self._mailboxes.get(key)
+        if box and box.unsaved:  # the turn about to start stores it after those, in order
+            box.unsaved.append(message)
+        else:
+            await recall.append(self.db, agent, [message], state=recall.WAITING)
 
     async def send(self, key: str, message: recall.Message) -> TurnResult:
         """Persist `message`, then answer it in this agent's next turn.

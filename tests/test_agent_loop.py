@@ -302,6 +302,9 @@ async def test_messages_for_an_idle_agent_are_stored_in_order_by_one_turn(engine
     assert [m["content"].rsplit(": ", 1)[-1] for m in request["messages"][1:]] == ["one", "two"]
     stored = await recall.in_context(engine.db, await engine.agent("dm:1"))
     assert [m.content for m in stored] == ["one", "two", "both seen"] and stored[0].id < stored[1].id
+    fake.push(reply("noted"))
+    await asyncio.gather(engine.send("dm:1", user("three")), engine.record("dm:1", user("aside")))
+    assert [m["content"].rsplit(": ", 1)[-1] for m in fake.chat_requests[-1]["messages"][-2:]] == ["three", "aside"]
 
 
 CRASH_SCRIPT = """
