@@ -24,7 +24,8 @@ if its reply has not arrived LOST_AFTER seconds after it was sent (the next mess
 user is then sent anyway; a late reply is still matched by its tag and counted).
 
 Memory: VmHWM (peak RSS) of the bot process from /proc/<pid>/status at the end of the load,
-plus VmRSS after start-up and at the end. CPU: utime+stime from /proc/<pid>/stat.
+plus VmRSS after start-up and at the end. CPU: utime+stime from /proc/<pid>/stat, and of the
+event loop's thread (the one that serializes the work) from /proc/<pid>/task/<pid>/stat.
 At the end the bot gets SIGTERM; its exit code and time to exit are reported.
 
 The harness (fake Discord + 100 users) shares the machine's cores with the bot and the model;
@@ -193,9 +194,10 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """Of the process, or of one of its threads (the event loop's thread has tid == pid)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
@@ -323,6 +325,7 @@ async def run(args: argparse.Namespace) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_harness0 = usage.ru_utime + usage.ru_stime
         cpu_bot0 = cpu_seconds(pid)
+        cpu_loop0 = cpu_seconds(pid, pid)
         machine0 = machine_cpu()
         t_load = time.monotonic()
         await asyncio.gather(*(conversation(u, user) for u, user in enumerate(users)))
@@ -339,6 +342,7 @@ async def run(args: argparse.Namespace) -> None:
         t_end = time.monotonic()
         status = proc_status(pid)
         cpu_total = cpu_seconds(pid)
+        cpu_loop = cpu_seconds(pid, pid) - cpu_loop0
         cpu_model = cpu_seconds(model.proc.pid) - cpu_model0
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_harness = usage.ru_utime + usage.ru_stime - cpu_harness0
@@ -400,7 +404,8 @@ async def run(args: argparse.Namespace) -> None:
     span = t_end - t_load  # the load plus any wait for stragglers
     bot_load_cpu = cpu_total - cpu_bot0
     print(f"bot CPU: {cpu_total:.2f} s total, {cpu_startup:.2f} s start-up, {bot_load_cpu:.2f} s under load "
-          f"= {bot_load_cpu / max(1, replies) * 1000:.2f} ms per reply, "
+          f"= {bot_load_cpu / max(1, replies) * 1000:.2f} ms per reply "
+          f"({cpu_loop / max(1, replies) * 1000:.2f} on the event loop's thread, the rest on SQLite's), "
           f"{bot_load_cpu / span * 100 if span else 0:.0f}% of one core; start-up to READY {startup_s:.2f} s")
     print(f"other processes under load: harness (fake Discord + users) {cpu_harness:.2f} s CPU "
           f"({cpu_harness / span * 100 if span else 0:.0f}% of one core), fake model {cpu_model:.2f} s "

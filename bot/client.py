@@ -21,6 +21,10 @@ from .routing import agent_key, is_addressed, is_ignored
 
 log = logging.getLogger(__name__)
 
+# Typing shows only for turns still running after this long: a quick answer needs no
+# indicator, and skipping it saves a REST call per turn (a product choice, not a limit).
+TYPING_AFTER = 1.0
+
 
 class MnemoBot(discord.Client):
     def __init__(self, settings: BotSettings, engine: Engine, *, sync_commands: bool = True) -> None:
@@ -153,6 +157,7 @@ class MnemoBot(discord.Client):
         )
 
     async def _typing(self, channel: discord.abc.Messageable) -> None:
+        await asyncio.sleep(TYPING_AFTER)
         try:
             async with channel.typing():
                 await asyncio.Event().wait()  # until cancelled

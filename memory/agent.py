@@ -1,8 +1,9 @@
 """One turn of an agent: steps of model call → function calls → results until a reply.
 
-The user's messages are already in recall (and in context) before a turn
-starts. Each step's assistant message and its function results are stored in
-one transaction, so a crash never leaves a call without its result.
+The user's messages are in recall before the model is called: stored before
+the turn starts, or by its first transaction (`arriving`). Each step's
+assistant message and its function results are stored in one transaction, so
+a crash never leaves a call without its result.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from . import context, recall, tools
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
-from .db import Database
+from .db import Database, sqlite3
 from .llm import ContextOverflowError, LLMClient, LLMError
 
 log = logging.getLogger(__name__)
@@ -50,47 +51,63 @@ class Turn:
     archive: Archive
     settings: EngineSettings
     agent: Agent
+    # user messages not stored yet: the turn's first transaction stores them
+    arriving: list[recall.Message]
     # provider count / our estimate, when the provider says more than we thought
     token_scale: float = 1.0
+    # (tokens in, tokens out, model calls) of this turn already added to the agent's row
+    _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
 
     async def run(self) -> TurnResult:
         started = time.perf_counter()
         result = TurnResult(reply=None, outcome="reply")
-        filed, result.admitted_through = await recall.admit_waiting(self.db, self.agent, self.settings.context_window // 4)
+        budget = self.settings.context_window // 4
+        recall.prepare(self.arriving)
+
+        def start(c: sqlite3.Connection) -> tuple[tuple[int, int], context.Snapshot]:
+            # storing the arriving messages, admitting the waiting ones and reading the first
+            # prompt: one trip to the database thread, which costs more CPU than these statements
+            recall.insert(c, self.agent, self.arriving, recall.WAITING)
+            return recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent)
+
+        (filed, result.admitted_through), snapshot = await self.db.transact(start)
         if filed:
             await self._event(
+                result,
                 f"{filed} older messages arrived since your last turn and went straight to recall memory "
                 "without being shown here; conversation_search finds them."
             )
+        # with the event in the context the first prompt is read again
+        first = None if filed else context.assemble(snapshot, self.settings.context_window)
         try:
-            await self._steps(result)
+            await self._steps(result, first)
         except LLMError as exc:
             log.warning("%s: model call failed: %s", self.agent.key, exc)
             result.outcome, result.error, result.reply = "error", str(exc), APOLOGY
-            await recall.append(self.db, self.agent, [recall.Message(role="system", content=f"The model call failed: {exc}")])
-        await self._record_usage(result)
+            await self._append(result, [recall.Message(role="system", content=f"The model call failed: {exc}")])
+        await self._append(result, [])  # the usage, if the turn's last messages did not carry it
         result.engine_seconds = time.perf_counter() - started - result.model_seconds
         return result
 
-    async def _steps(self, result: TurnResult) -> None:
+    async def _steps(self, result: TurnResult, first: context.Prompt | None) -> None:
         max_steps = self.settings.max_steps_per_turn
         seen: dict[tuple[str, str], int] = {}
         for step in range(1, max_steps + 1):
             last = step == max_steps and max_steps > 1
             if last:
-                await self._event(f"Step limit reached ({max_steps} steps). Answer the user now in plain text.")
-            prompt = await self._prompt(result)
+                await self._event(result, f"Step limit reached ({max_steps} steps). Answer the user now in plain text.")
+            prompt = await self._prompt(result, first if step == 1 else None)
             answer = await self._call(prompt, result, use_tools=not last)
             result.steps = step
             if not answer.tool_calls:
                 text = answer.content.strip()
                 if text:
-                    await recall.append(self.db, self.agent, [recall.Message(role="assistant", content=text)])
+                    await self._append(result, [recall.Message(role="assistant", content=text)])
                     result.reply = text
                     if last:
                         result.outcome = "step_limit"
                     return
-                await self._event("Your answer was empty. Reply to the user with send_message.")
+                await self._event(result, "Your answer was empty. Reply to the user with send_message.")
                 continue
             stored = [recall.Message(role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in answer.tool_calls])]
             replies: list[str] = []
@@ -109,21 +126,21 @@ class Turn:
                 if outcome.reply:
                     replies.append(outcome.reply)
                 stored.append(recall.Message(role="tool", content=outcome.text, tool_call_id=call.id))
-            await recall.append(self.db, self.agent, stored)
+            await self._append(result, stored)
             if replies:
                 result.reply = "\n\n".join(replies)
                 return
             if looping:
-                await self._event("The turn was stopped: the same function call kept repeating.")
+                await self._event(result, "The turn was stopped: the same function call kept repeating.")
                 result.reply, result.outcome = STUCK, "loop"
                 return
-        await self._event(f"The turn was stopped after {max_steps} steps without an answer.")
+        await self._event(result, f"The turn was stopped after {max_steps} steps without an answer.")
         result.reply, result.outcome = STUCK, "step_limit"
 
-    async def _prompt(self, result: TurnResult) -> context.Prompt:
-        """The next request, compacted and with a pressure warning if needed."""
+    async def _prompt(self, result: TurnResult, ready: context.Prompt | None) -> context.Prompt:
+        """The next request (`ready` if already read), compacted and with a pressure warning if needed."""
         s = self.settings
-        prompt = self._scaled(await context.build(self.db, self.agent, s.context_window))
+        prompt = self._scaled(ready if ready is not None else await context.build(self.db, self.agent, s.context_window))
         if prompt.tokens > s.memory_flush_fraction * s.context_window:
             eviction = await context.compact(
                 self.db, self.llm, s.llm_model, self.agent, prompt, s, target=s.memory_flush_fraction * COMPACT_TO
@@ -177,14 +194,30 @@ class Turn:
                 result.tokens_in += call.usage.prompt_tokens
                 result.tokens_out += call.usage.completion_tokens
 
-    async def _event(self, text: str) -> None:
-        await recall.append(self.db, self.agent, [recall.Message(role="system", content=text)])
+    async def _event(self, result: TurnResult, text: str) -> None:
+        await self._append(result, [recall.Message(role="system", content=text)])
 
-    async def _record_usage(self, result: TurnResult) -> None:
-        await self.db.execute(
-            "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
-            (result.tokens_in, result.tokens_out, result.model_calls, self.agent.id),
-        )
+    async def _append(self, result: TurnResult, messages: list[recall.Message]) -> None:
+        """Store messages and the usage not written yet in one transaction (a trip to the database
+        thread costs more CPU than the statements, bench/bot_load.py)."""
+        usage = _usage(result)
+        tokens_in, tokens_out, calls = (now - before for now, before in zip(usage, self._recorded))
+        self._recorded = usage
+
+        def add_usage(c: sqlite3.Connection) -> None:
+            if calls:
+                c.execute(
+                    "UPDATE agents SET tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, model_calls = model_calls + ? WHERE id = ?",
+                    (tokens_in, tokens_out, calls, self.agent.id),
+                )
+
+        recall.prepare(messages)
+        if messages or calls:
+            await self.db.transact(lambda c: (recall.insert(c, self.agent, messages), add_usage(c)))
+
+
+def _usage(result: TurnResult) -> tuple[int, int, int]:
+    return result.tokens_in, result.tokens_out, result.model_calls
 
 
 def _normalized(arguments: str) -> str:

@@ -50,16 +50,30 @@ def _count_system(text: str) -> int:
     return tokens.count(text) + tokens.PER_MESSAGE
 
 
+# what a prompt is made of: core blocks, the agent's summary and counts, the in-context messages
+Snapshot = tuple[list[core.Block], Any, list[recall.Message]]
+
+
 async def build(db: Database, agent: Agent, window: int) -> Prompt:
-    blocks = await core.blocks(db, agent)
-    row = await db.fetchone(
+    # one trip to the database thread: each costs more CPU than these small queries (bench/bot_load.py)
+    return assemble(await db.transact(lambda c: read(c, agent)), window)
+
+
+def read(c: sqlite3.Connection, agent: Agent) -> Snapshot:
+    """The prompt's parts, read inside a transaction."""
+    row = c.execute(
         "SELECT summary, pressure_warned,"
         " (SELECT count(*) FROM messages WHERE agent_id = a.id AND in_context = 0),"
         " (SELECT count(*) FROM passages WHERE agent_id = a.id),"
         " (SELECT max(updated_at) FROM blocks WHERE agent_id = a.id)"
         " FROM agents a WHERE id = ?",
         (agent.id,),
-    )
+    ).fetchone()
+    return core.read_blocks(c, agent), row, recall.read_in_context(c, agent)
+
+
+def assemble(snapshot: Snapshot, window: int) -> Prompt:
+    blocks, row, history = snapshot
     summary, pressure_warned, out_of_context, passages, changed = row
     parts = [
         INSTRUCTIONS,
@@ -72,7 +86,6 @@ async def build(db: Database, agent: Agent, window: int) -> Prompt:
     if summary:
         parts += ["### Summary of earlier conversation", summary]
     system = "\n".join(parts)
-    history = await recall.in_context(db, agent)
     for m in history:
         if m.tokens > window // 4:
             _clip(m, window // 4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .agents import Agent, now
-from .db import Database
+from .db import Database, sqlite3
 
 
 @dataclass(frozen=True)
@@ -20,11 +20,16 @@ class Block:
     description: str
 
 
+_BLOCKS = "SELECT label, value, char_limit, description FROM blocks WHERE agent_id = ? ORDER BY rowid"
+
+
 async def blocks(db: Database, agent: Agent) -> list[Block]:
-    rows = await db.fetchall(
-        "SELECT label, value, char_limit, description FROM blocks WHERE agent_id = ? ORDER BY rowid", (agent.id,)
-    )
-    return [Block(*row) for row in rows]
+    return [Block(*row) for row in await db.fetchall(_BLOCKS, (agent.id,))]
+
+
+def read_blocks(c: sqlite3.Connection, agent: Agent) -> list[Block]:
+    """`blocks` inside a transaction."""
+    return [Block(*row) for row in c.execute(_BLOCKS, (agent.id,))]
 
 
 def render(blocks: list[Block]) -> str:

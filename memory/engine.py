@@ -1,8 +1,10 @@
 """The engine: opens the store and the model client, and runs agents' turns.
 
 One turn at a time per agent: messages that arrive while a turn runs are
-persisted at once and answered together by the next turn, in order. Different
-agents run concurrently; the model client caps calls in flight for all of them.
+persisted at once and answered together by the next turn, in order. A message
+for an idle agent is persisted by the first transaction of the turn it starts,
+still before the model is called. Different agents run concurrently; the model
+client caps calls in flight for all of them.
 """
 
 from __future__ import annotations
@@ -10,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import httpx
 
 from . import agents, context, core, recall, tools
 from .agent import Turn, TurnResult
@@ -41,6 +40,8 @@ Current core memory:
 @dataclass
 class _Mailbox:
     pending: list[tuple[recall.Message, asyncio.Future[TurnResult]]] = field(default_factory=list)
+    # for the turn about to start to store, in its first transaction
+    unsaved: list[recall.Message] = field(default_factory=list)
     worker: asyncio.Task[None] | None = None
 
 
@@ -58,16 +59,10 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(
-        cls, settings: EngineSettings, *, http_transport: Callable[[], httpx.AsyncBaseTransport] | None = None
-    ) -> "Engine":
-        """Open the database and the model client. Raises ConfigError or StorageError.
-
-        `http_transport` makes the transport for each HTTP client (default: httpx's own).
-        """
+    async def open(cls, settings: EngineSettings) -> "Engine":
+        """Open the database and the model client. Raises ConfigError or StorageError."""
         settings.require_llm()
         db = await Database.open(settings.database_path)
-        new_transport = http_transport or (lambda: None)
         llm = LLMClient(
             settings.llm_base_url,
             api_key=settings.llm_api_key.get_secret_value(),
@@ -75,7 +70,6 @@ class Engine:
             max_retries=settings.llm_max_retries,
             retry_budget=settings.llm_retry_budget,
             max_concurrent=settings.max_concurrent_llm_calls,
-            transport=new_transport(),
         )
         embedder = None
         if settings.embedding_model:
@@ -87,7 +81,6 @@ class Engine:
                     timeout=settings.llm_timeout,
                     max_retries=settings.llm_max_retries,
                     retry_budget=settings.llm_retry_budget,
-                    transport=new_transport(),
                 )
             embedder = Embedder(db, embed_client, settings.embedding_model, settings.embedding_batch_size)
             await embedder.prepare()
@@ -117,11 +110,14 @@ class Engine:
             self._agents[key] = await agents.get_or_create(self.db, key, self.settings)
         return self._agents[key]
 
-    async def record(self, key: str, message: recall.Message) -> recall.Message:
+    async def record(self, key: str, message: recall.Message) -> None:
         """Store a message the agent should remember but not answer; the next turn sees it."""
         agent = await self.agent(key)
-        (stored,) = await recall.append(self.db, agent, [message], state=recall.WAITING)
-        return stored
+        box = self._mailboxes.get(key)
+        if box and box.unsaved:  # the turn about to start stores it after those, in order
+            box.unsaved.append(message)
+        else:
+            await recall.append(self.db, agent, [message], state=recall.WAITING)
 
     async def send(self, key: str, message: recall.Message) -> TurnResult:
         """Persist `message`, then answer it in this agent's next turn.
@@ -130,8 +126,13 @@ class Engine:
         last one's result carries the reply, the others get outcome "merged".
         """
         agent = await self.agent(key)
-        await recall.append(self.db, agent, [message], state=recall.WAITING)
         box = self._mailboxes.setdefault(key, _Mailbox())
+        idle = (box.worker is None or box.worker.done()) and not self.lock(key).locked()
+        if idle or box.unsaved:
+            # one trip to the database thread less per turn; joining the unsaved keeps the order
+            box.unsaved.append(message)
+        else:
+            await recall.append(self.db, agent, [message], state=recall.WAITING)
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))
         if box.worker is None or box.worker.done():
@@ -149,9 +150,10 @@ class Engine:
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
         while box.pending:
             batch, box.pending = box.pending, []
+            arriving, box.unsaved = box.unsaved, []
             try:
                 async with self.lock(agent.key):
-                    result = await self.run_turn(agent)
+                    result = await self.run_turn(agent, arriving)
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("%s: turn failed", agent.key)
                 result = TurnResult(reply="Sorry, something went wrong on my side.", outcome="error", error=repr(exc))
@@ -167,8 +169,9 @@ class Engine:
         if self._mailboxes.get(agent.key) is box and not box.pending:
             del self._mailboxes[agent.key]
 
-    async def run_turn(self, agent: Agent) -> TurnResult:
-        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
+    async def run_turn(self, agent: Agent, arriving: list[recall.Message]) -> TurnResult:
+        """A turn that first stores `arriving` (messages not persisted yet) with the waiting ones."""
+        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, arriving, token_scale=self.token_scale)
         result = await turn.run()
         self.token_scale = turn.token_scale
         log.info(

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 
 from . import search, tokens
 from .agents import Agent, now
@@ -82,7 +83,8 @@ def _row(row: Any) -> Message:
         content=row["content"],
         author=row["author"],
         author_id=row["author_id"],
-        tool_calls=json.loads(row["tool_calls"]) if row["tool_calls"] else None,
+        # orjson: every turn reads the whole context back (bench/bot_load.py)
+        tool_calls=orjson.loads(row["tool_calls"]) if row["tool_calls"] else None,
         tool_call_id=row["tool_call_id"],
         external_id=row["external_id"],
         created_at=row["created_at"],
@@ -96,75 +98,83 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, state: 
     WAITING messages are in recall at once but enter the context only when a
     turn admits them, so they never land in the middle of a running turn.
     """
+    prepare(messages)
+    if messages:
+        await db.transact(lambda c: insert(c, agent, messages, state))
+    return messages
+
+
+def prepare(messages: list[Message]) -> None:
+    """Check and count messages before `insert`: outside the transaction, which other agents wait for."""
     for m in messages:
         if m.role not in ROLES:
             raise ValueError(f"unknown role {m.role!r}")
         m.content = m.content.replace("\x00", "")
         m.tokens = tokens.count_message(m.to_openai())
-    def store(c: sqlite3.Connection) -> None:
-        for m in messages:
-            cur = c.execute(
-                "INSERT INTO messages(agent_id, role, author, author_id, content, tool_calls, tool_call_id,"
-                " external_id, created_at, in_context, tokens, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " CASE WHEN ?10 = 1 THEN (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ?1 AND in_context = 1) END)",
-                (
-                    agent.id, m.role, m.author, m.author_id, m.content,
-                    json.dumps(m.tool_calls) if m.tool_calls else None,
-                    m.tool_call_id, m.external_id, m.created_at, state, m.tokens,
-                ),
-            )
-            m.id = cur.lastrowid or 0
-            text = m.index_text()
-            if text:
-                c.execute("INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", (m.id, search.scoped(agent.id, text)))
 
-    if messages:
-        await db.transact(store)
-    return messages
+
+def insert(c: sqlite3.Connection, agent: Agent, messages: list[Message], state: int = IN_CONTEXT) -> None:
+    """`append` inside a transaction, for messages `prepare` has seen."""
+    for m in messages:
+        cur = c.execute(
+            "INSERT INTO messages(agent_id, role, author, author_id, content, tool_calls, tool_call_id,"
+            " external_id, created_at, in_context, tokens, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " CASE WHEN ?10 = 1 THEN (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ?1 AND in_context = 1) END)",
+            (
+                agent.id, m.role, m.author, m.author_id, m.content,
+                json.dumps(m.tool_calls) if m.tool_calls else None,
+                m.tool_call_id, m.external_id, m.created_at, state, m.tokens,
+            ),
+        )
+        m.id = cur.lastrowid or 0
+        text = m.index_text()
+        if text:
+            c.execute("INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", (m.id, search.scoped(agent.id, text)))
+
+
+_IN_CONTEXT = f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position"
 
 
 async def in_context(db: Database, agent: Agent) -> list[Message]:
-    rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position", (agent.id,)
-    )
-    return [_row(r) for r in rows]
+    return [_row(r) for r in await db.fetchall(_IN_CONTEXT, (agent.id,))]
 
 
-async def admit_waiting(db: Database, agent: Agent, budget: int) -> tuple[int, int]:
-    """Move waiting messages into the context, in the order they arrived.
+def read_in_context(c: sqlite3.Connection, agent: Agent) -> list[Message]:
+    """`in_context` inside a transaction."""
+    return [_row(r) for r in c.execute(_IN_CONTEXT, (agent.id,))]
+
+
+def admit_waiting(c: sqlite3.Connection, agent: Agent, budget: int) -> tuple[int, int]:
+    """Move waiting messages into the context, in the order they arrived (inside a transaction).
 
     Only the newest `budget` tokens of them: a busy channel can pile up more
     chatter between two mentions than a window holds. The older ones go straight
     to recall (searchable, never summarized). Returns how many did, and the id of
     the newest message admitted (0 if none).
     """
-
-    def admit(c: sqlite3.Connection) -> tuple[int, int]:
-        waiting = c.execute(
-            "SELECT id, tokens FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id DESC", (agent.id,)
-        ).fetchall()
-        total, first_kept = 0, None
-        newest = waiting[0][0] if waiting else 0
-        for message_id, size in waiting:
-            total += size
-            if total > budget and first_kept is not None:
-                break
-            first_kept = message_id
-        if first_kept is None:
-            return 0, 0
-        filed = c.execute(
-            "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
-        ).rowcount
-        c.execute(
-            "UPDATE messages SET in_context = 1, position = base + n FROM ("
-            " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
-            " (SELECT coalesce(max(position), 0) FROM messages WHERE agent_id = ?1 AND in_context = 1) AS base"
-            " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
-            (agent.id,),
-        )
-        return filed, newest
-
-    return await db.transact(admit)
+    waiting = c.execute(
+        "SELECT id, tokens FROM messages WHERE agent_id = ? AND in_context = 2 ORDER BY id DESC", (agent.id,)
+    ).fetchall()
+    total, first_kept = 0, None
+    newest = waiting[0][0] if waiting else 0
+    for message_id, size in waiting:
+        total += size
+        if total > budget and first_kept is not None:
+            break
+        first_kept = message_id
+    if first_kept is None:
+        return 0, 0
+    filed = c.execute(
+        "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
+    ).rowcount
+    c.execute(
+        "UPDATE messages SET in_context = 1, position = base + n FROM ("
+        " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
+        " (SELECT coalesce(max(position), 0) FROM messages WHERE agent_id = ?1 AND in_context = 1) AS base"
+        " FROM messages WHERE agent_id = ?1 AND in_context = 2) WHERE messages.id = wid",
+        (agent.id,),
+    )
+    return filed, newest
 
 
 async def count(db: Database, agent: Agent) -> int:

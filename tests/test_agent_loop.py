@@ -83,6 +83,17 @@ async def test_search_then_answer_chain(engine: Engine, fake: FakeOpenAI) -> Non
     assert any(m.content == "Let me look that up." and m.role == "assistant" for m in stored)
 
 
+async def test_usage_is_added_to_the_agent_even_when_the_turn_fails(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(call("conversation_search", {"query": "x"}), call("send_message", {"message": "done"}))
+    first = await engine.send("dm:1", user("look something up"))
+    fake.push(call("conversation_search", {"query": "y"}), Error(401, {"error": {"message": "key revoked"}}))
+    failed = await engine.send("dm:1", user("again"))
+    assert (first.model_calls, failed.model_calls, failed.outcome) == (2, 1, "error")
+    row = await engine.db.fetchone("SELECT tokens_in, tokens_out, model_calls FROM agents WHERE key = 'dm:1'")
+    assert tuple(row) == (first.tokens_in + failed.tokens_in, first.tokens_out + failed.tokens_out, 3)
+    assert failed.tokens_in > 0
+
+
 async def test_core_edit_shows_in_next_system_prompt_and_prompt_is_stable(engine: Engine, fake: FakeOpenAI) -> None:
     fake.push(reply("one"), reply("two"))
     await engine.send("dm:1", user("first"))
@@ -280,6 +291,20 @@ async def test_agents_run_in_parallel_and_one_agents_messages_stay_ordered(engin
     ends = [c.rsplit(": ", 1)[-1] for c in contents]
     assert ends == ["a-first", "answer to a-first", "a-second", "a-third"]
     assert not any("b-first" in json.dumps(r) for r in fake.chat_requests if "a-first" in json.dumps(r))
+
+
+async def test_messages_for_an_idle_agent_are_stored_in_order_by_one_turn(engine: Engine, fake: FakeOpenAI) -> None:
+    await engine.agent("dm:1")  # known agent: both sends reach the mailbox without waiting
+    fake.push(reply("both seen"))
+    first, second = await asyncio.gather(*(engine.send("dm:1", user(text)) for text in ("one", "two")))
+    assert (first.outcome, second.reply) == ("merged", "both seen")
+    (request,) = fake.chat_requests
+    assert [m["content"].rsplit(": ", 1)[-1] for m in request["messages"][1:]] == ["one", "two"]
+    stored = await recall.in_context(engine.db, await engine.agent("dm:1"))
+    assert [m.content for m in stored] == ["one", "two", "both seen"] and stored[0].id < stored[1].id
+    fake.push(reply("noted"))
+    await asyncio.gather(engine.send("dm:1", user("three")), engine.record("dm:1", user("aside")))
+    assert [m["content"].rsplit(": ", 1)[-1] for m in fake.chat_requests[-1]["messages"][-2:]] == ["three", "aside"]
 
 
 CRASH_SCRIPT = """

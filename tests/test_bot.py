@@ -15,7 +15,7 @@ import pytest
 
 from bot.client import MnemoBot
 from bot.config import BotSettings
-from bot.main import open_engine, point_discord_at
+from bot.main import point_discord_at
 from memory import recall
 from memory.engine import Engine
 from tests.fakediscord import EPHEMERAL, FakeDiscord
@@ -45,7 +45,7 @@ def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> Bot
 @contextlib.asynccontextmanager
 async def running(settings: BotSettings, fake_discord: FakeDiscord) -> AsyncIterator[MnemoBot]:
     point_discord_at(settings)
-    engine = await open_engine(settings)
+    engine = await Engine.open(settings)
     bot = MnemoBot(settings, engine)
     ready_before = fake_discord.ready_count
     task = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
@@ -101,7 +101,7 @@ async def test_dm_remembered_across_restart(settings: BotSettings, fake_discord:
         (answer,) = await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
         assert answer["content"] == "Nice to meet you, Zed!"
         assert answer["allowed_mentions"] == {"parse": []}
-        assert [t["channel_id"] for t in fake_discord.typing][:1] == [dm["id"]]
+        assert fake_discord.typing == []  # a quick turn shows no typing indicator
     synced = len([r for r in fake_discord.requests if r[0] == "PUT" and "commands" in r[1]])
     fake.push(reply("You're Zed, the sailor."))
     async with running(settings, fake_discord):  # a new process: same database, new client
@@ -112,6 +112,18 @@ async def test_dm_remembered_across_restart(settings: BotSettings, fake_discord:
     assert any("I'm Zed" in (m.get("content") or "") for m in body["messages"][1:])
     # the commands did not change: no second sync
     assert len([r for r in fake_discord.requests if r[0] == "PUT" and "commands" in r[1]]) == synced == 1
+
+
+async def test_typing_shows_for_slow_turns(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bot.client.TYPING_AFTER", 0.05)
+    dm = fake_discord.dm_channel(world["alice"]["id"])
+    fake.push(Delay(0.5, reply("Thought about it.")))
+    async with running(settings, fake_discord):
+        await fake_discord.send_dm(world["alice"]["id"], "a hard question")
+        await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
+    assert [t["channel_id"] for t in fake_discord.typing] == [dm["id"]]
 
 
 async def test_mention_answered_unaddressed_stored_and_found(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:

@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from memory import agents, core, recall
 from memory.config import EngineSettings
-from memory.db import MIGRATIONS, Database, StorageError
+from memory.db import MIGRATIONS, Database, StorageError, sqlite3
 
 
 async def test_sqlite_vec_and_fts5_available(db: Database) -> None:
     assert (await db.fetchval("SELECT vec_version()")).startswith("v")
     assert await db.fetchval("SELECT vec_length(vec_f32('[1,2,3]'))") == 3
     assert await db.fetchval("PRAGMA journal_mode") == "wal"
+
+
+async def test_transactions_committed_together_still_fail_alone(db: Database) -> None:
+    def put(key: str) -> Callable[[sqlite3.Connection], int]:
+        return lambda c: c.execute("INSERT INTO meta(key, value) VALUES (?, 'v')", (key,)).rowcount
+
+    def half_then_fail(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO meta(key, value) VALUES ('half', 'v')")
+        raise ValueError("no")
+
+    # the first goes alone; the others queue behind it and share the next commit
+    results = await asyncio.gather(
+        db.transact(put("first")), db.transact(put("a")), db.transact(half_then_fail), db.transact(put("b")),
+        return_exceptions=True,
+    )
+    assert results[:2] == [1, 1] and isinstance(results[2], ValueError) and results[3] == 1
+    cancelled = asyncio.create_task(db.transact(put("cancelled")))
+    await asyncio.sleep(0)  # queued
+    cancelled.cancel()
+    await db.transact(put("last"))
+    keys = {row[0] for row in await db.fetchall("SELECT key FROM meta")}
+    assert keys == {"first", "a", "b", "cancelled", "last"}  # a cancelled caller's transaction still commits
 
 
 async def test_older_database_is_migrated(tmp_path: Path) -> None:
