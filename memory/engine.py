@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import httpx
 
 from . import agents, context, core, recall, tools
 from .agent import Turn, TurnResult
@@ -59,10 +62,16 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, settings: EngineSettings) -> "Engine":
-        """Open the database and the model client. Raises ConfigError or StorageError."""
+    async def open(
+        cls, settings: EngineSettings, *, http_transport: Callable[[], httpx.AsyncBaseTransport] | None = None
+    ) -> "Engine":
+        """Open the database and the model client. Raises ConfigError or StorageError.
+
+        `http_transport` makes the transport for each HTTP client (default: httpx's own).
+        """
         settings.require_llm()
         db = await Database.open(settings.database_path)
+        new_transport = http_transport or (lambda: None)
         llm = LLMClient(
             settings.llm_base_url,
             api_key=settings.llm_api_key.get_secret_value(),
@@ -70,6 +79,7 @@ class Engine:
             max_retries=settings.llm_max_retries,
             retry_budget=settings.llm_retry_budget,
             max_concurrent=settings.max_concurrent_llm_calls,
+            transport=new_transport(),
         )
         embedder = None
         if settings.embedding_model:
@@ -81,6 +91,7 @@ class Engine:
                     timeout=settings.llm_timeout,
                     max_retries=settings.llm_max_retries,
                     retry_budget=settings.llm_retry_budget,
+                    transport=new_transport(),
                 )
             embedder = Embedder(db, embed_client, settings.embedding_model, settings.embedding_batch_size)
             await embedder.prepare()

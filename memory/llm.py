@@ -1,9 +1,7 @@
-"""The model client: OpenAI-compatible chat completions and embeddings over aiohttp.
+"""The model client: OpenAI-compatible chat completions and embeddings over httpx.
 
-One long-lived `aiohttp.ClientSession`; retries with backoff and jitter on timeouts,
-connection errors, 429 and 5xx, bounded in count and in total time. Plain aiohttp
-(already here for discord.py) because httpx cost about twice its CPU per call
-under load, over its own pool or over aiohttp (bench/bot_load.py).
+One long-lived `httpx.AsyncClient`; retries with backoff and jitter on timeouts,
+connection errors, 429 and 5xx, bounded in count and in total time.
 """
 
 from __future__ import annotations
@@ -19,10 +17,8 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
+import httpx
 import orjson
-from multidict import CIMultiDictProxy
-from yarl import URL
 
 log = logging.getLogger(__name__)
 
@@ -82,33 +78,24 @@ class LLMClient:
         max_retries: int = 4,
         retry_budget: float = 60.0,
         max_concurrent: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/") + "/"
-        self._headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"}
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self.timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+        )
         self.max_retries = max_retries
         self.retry_budget = retry_budget
         # a global cap on model calls in flight, shared by all agents
         self._slots = asyncio.Semaphore(max_concurrent)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def _http(self) -> aiohttp.ClientSession:
-        """Made on first use: a session belongs to the event loop running then."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                # the semaphore above caps calls in flight; no cookies from a model API
-                connector=aiohttp.TCPConnector(limit=0),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                # like httpx's: a limit per connect and per read, none on the whole call
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 10.0), sock_read=self.timeout),
-            )
-        return self._session
+        await self._http.aclose()
 
     async def chat(
         self,
@@ -144,32 +131,34 @@ class LLMClient:
         return vectors
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = URL(self.base_url + path)
         data = orjson.dumps(body)
         deadline = time.monotonic() + self.retry_budget
         attempt = 0
         while True:
             try:
-                async with self._slots, self._http().post(url, data=data, headers=self._headers) as response:
-                    status, headers, raw = response.status, response.headers, await response.read()
-            except aiohttp.ClientConnectorError as exc:
-                problem, wait = f"cannot reach {self.base_url} ({exc.os_error})", None
-            except TimeoutError:
-                problem, wait = f"timed out after {self.timeout:.0f} s", None
-            except aiohttp.ClientError as exc:
-                problem, wait = f"cannot reach {self.base_url} ({type(exc).__name__}: {exc})", None
+                async with self._slots:
+                    response = await self._http.post(path, content=data)
+            except httpx.TimeoutException as exc:
+                cause = exc.__cause__
+                # the aiohttp transport reports a refused connection as a timeout
+                if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+                    problem, wait = f"cannot reach {self._http.base_url} ({cause})", None
+                else:
+                    problem, wait = f"timed out after {self._http.timeout.read:.0f} s", None
+            except httpx.TransportError as exc:
+                problem, wait = f"cannot reach {self._http.base_url} ({type(exc).__name__}: {exc})", None
             else:
-                if status < 300:
+                if response.status_code < 300:
                     try:
-                        return orjson.loads(raw)
+                        return orjson.loads(response.content)
                     except ValueError:
-                        raise LLMError(f"{path} returned a body that is not JSON: {raw[:200]!r}") from None
-                text = raw.decode(errors="replace")
-                if is_context_overflow(status, text):
-                    raise ContextOverflowError(_short(status, text))
-                if status != 429 and status < 500:
-                    raise LLMError(_short(status, text))
-                problem, wait = _short(status, text), _retry_after(headers)
+                        raise LLMError(f"{path} returned a body that is not JSON: {response.text[:200]!r}") from None
+                text = response.text
+                if is_context_overflow(response.status_code, text):
+                    raise ContextOverflowError(_short(response.status_code, text))
+                if response.status_code != 429 and response.status_code < 500:
+                    raise LLMError(_short(response.status_code, text))
+                problem, wait = _short(response.status_code, text), _retry_after(response)
             attempt += 1
             backoff = wait if wait is not None else random.uniform(0, min(8.0, 0.5 * 2**attempt))
             if attempt > self.max_retries or time.monotonic() + backoff > deadline:
@@ -187,8 +176,8 @@ def _short(status: int, text: str) -> str:
     return f"HTTP {status}: {str(message).strip()[:300]}"
 
 
-def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
-    value = headers.get("retry-after")
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
     if not value:
         return None
     try:

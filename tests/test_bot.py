@@ -15,7 +15,7 @@ import pytest
 
 from bot.client import MnemoBot
 from bot.config import BotSettings
-from bot.main import point_discord_at
+from bot.main import open_engine, point_discord_at
 from memory import recall
 from memory.engine import Engine
 from tests.fakediscord import EPHEMERAL, FakeDiscord
@@ -45,7 +45,7 @@ def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> Bot
 @contextlib.asynccontextmanager
 async def running(settings: BotSettings, fake_discord: FakeDiscord) -> AsyncIterator[MnemoBot]:
     point_discord_at(settings)
-    engine = await Engine.open(settings)
+    engine = await open_engine(settings)
     bot = MnemoBot(settings, engine)
     ready_before = fake_discord.ready_count
     task = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))

@@ -72,12 +72,14 @@ def test_odd_message_shapes_are_normalised() -> None:
         parse_chat({"choices": [{"message": None}]})
 
 
-async def test_transport_errors_are_readable(fake: FakeOpenAI) -> None:
-    down = LLMClient("http://127.0.0.1:9/v1", max_retries=1, retry_budget=2)
+async def test_aiohttp_transport_keeps_errors_readable(fake: FakeOpenAI) -> None:
+    from httpx_aiohttp import AiohttpTransport
+
+    down = LLMClient("http://127.0.0.1:9/v1", max_retries=1, retry_budget=2, transport=AiohttpTransport())
     with pytest.raises(LLMError, match="cannot reach http://127.0.0.1:9/v1"):
         await down.chat("m", [{"role": "user", "content": "x"}])
     await down.aclose()
-    slow = LLMClient(fake.url, timeout=0.2, max_retries=0)
+    slow = LLMClient(fake.url, timeout=0.2, max_retries=0, transport=AiohttpTransport())
     fake.push(Delay(1.0, reply("late")))
     with pytest.raises(LLMError, match="timed out"):
         await slow.chat("m", [{"role": "user", "content": "x"}])
