@@ -80,15 +80,12 @@ class LLMClient:
         max_concurrent: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Content-Type": "application/json"}
+        self.base_url = base_url.rstrip("/") + "/"
+        self._headers = httpx.Headers({"Content-Type": "application/json"})
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport,
-        )
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
         self.max_retries = max_retries
         self.retry_budget = retry_budget
         # a global cap on model calls in flight, shared by all agents
@@ -136,17 +133,23 @@ class LLMClient:
         attempt = 0
         while True:
             try:
+                # built here, not by client.post(), which merges URLs, headers and cookies
+                # on every call: ~70 of its ~230 µs of CPU per call on loopback
+                request = httpx.Request(
+                    "POST", self.base_url + path, headers=self._headers, content=data,
+                    extensions={"timeout": self._timeout.as_dict()},
+                )
                 async with self._slots:
-                    response = await self._http.post(path, content=data)
+                    response = await self._http.send(request)
             except httpx.TimeoutException as exc:
                 cause = exc.__cause__
                 # the aiohttp transport reports a refused connection as a timeout
                 if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
-                    problem, wait = f"cannot reach {self._http.base_url} ({cause})", None
+                    problem, wait = f"cannot reach {self.base_url} ({cause})", None
                 else:
-                    problem, wait = f"timed out after {self._http.timeout.read:.0f} s", None
+                    problem, wait = f"timed out after {self._timeout.read:.0f} s", None
             except httpx.TransportError as exc:
-                problem, wait = f"cannot reach {self._http.base_url} ({type(exc).__name__}: {exc})", None
+                problem, wait = f"cannot reach {self.base_url} ({type(exc).__name__}: {exc})", None
             else:
                 if response.status_code < 300:
                     try:
