@@ -16,7 +16,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from datetime import datetime
 
@@ -115,6 +115,8 @@ class Archive:
 
     db: Database
     embedder: Embedder | None = None
+    # set when the endpoint failed and passages were left without vectors (Engine retries them)
+    behind: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def insert(
         self,
@@ -195,6 +197,7 @@ class Archive:
                 vectors = await self._vectors(batch)
             except LLMError as exc:
                 log.warning("embedding failed, %d passages stay keyword-only until the next try: %s", len(rows) - done, exc)
+                self.behind.set()
                 break
             def store(c: sqlite3.Connection, batch: list = batch, vectors: list[bytes] = vectors) -> None:  # type: ignore[type-arg]
                 for r, v in zip(batch, vectors):

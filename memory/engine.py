@@ -29,6 +29,8 @@ from .llm import LLMClient, LLMError
 log = logging.getLogger(__name__)
 
 CONSOLIDATION_STEPS = 3
+# first pause before embedding again after the endpoint failed; it doubles up to 10 minutes
+EMBEDDING_RETRY_SECONDS = 30.0
 CONSOLIDATION_TOOLS = [s["function"]["name"] for s in tools.MEMORY_EDIT_SCHEMAS]
 CONSOLIDATION_INSTRUCTIONS = """\
 You maintain the long-term memory of an assistant. The conversation below is leaving its context window.
@@ -60,6 +62,7 @@ class Engine:
         self._locks: dict[str, asyncio.Lock] = {}
         self._epochs: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._embedding: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -99,7 +102,7 @@ class Engine:
             log.info("EMBEDDING_MODEL is not set: archival search is keyword-only")
         engine = cls(settings, db, llm, Archive(db, embedder))
         if embedder:
-            engine._spawn(engine._catch_up_embeddings())
+            engine._embedding = asyncio.create_task(engine._catch_up_embeddings())
         return engine
 
     async def close(self) -> None:
@@ -107,9 +110,10 @@ class Engine:
         workers = [m.worker for m in self._mailboxes.values() if m.worker and not m.worker.done()]
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
-        for task in list(self._background):
+        background = [*self._background, *([self._embedding] if self._embedding else [])]
+        for task in background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         embedder = self.archive.embedder
         if embedder and embedder.client is not self.llm:
             await embedder.client.aclose()
@@ -205,8 +209,19 @@ class Engine:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def _catch_up_embeddings(self) -> None:
-        while await self.archive.embed_pending():
-            pass
+        """Runs for the engine's life: embeds passages left without vectors at start (a new
+        model, an earlier outage) and, after pauses that grow, whenever the endpoint failed."""
+        pause = EMBEDDING_RETRY_SECONDS
+        while True:
+            self.archive.behind.clear()
+            while await self.archive.embed_pending():
+                pass
+            if self.archive.behind.is_set():
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 600.0)
+            else:
+                pause = EMBEDDING_RETRY_SECONDS
+                await self.archive.behind.wait()
 
     async def _consolidate(self, agent: Agent, evicted: list[recall.Message]) -> None:
         """Off the reply path: turn an evicted span into archival notes and core edits."""

@@ -394,3 +394,29 @@ async def test_a_flood_of_waiting_messages_is_filed_not_crammed_in(tmp_path: Pat
     assert (await recall.search_messages(engine.db, agent, "chatter line 3")).total >= 1
     assert await engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND in_context = 2", (agent.id,)) == 0
     await engine.close()
+
+
+async def test_passages_left_without_vectors_are_embedded_when_the_endpoint_is_back(
+    tmp_path: Path, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memory import engine as engine_module
+    from tests.fakeopenai import Error
+
+    monkeypatch.setattr(engine_module, "EMBEDDING_RETRY_SECONDS", 0.05)
+    e = await Engine.open(make_settings(tmp_path, fake, embedding_model="fake-embed", llm_max_retries=0))
+    try:
+        agent = await e.agent("dm:5")
+        await e.archive.insert(agent, "the spare key is under the blue flowerpot")  # the vector space exists
+        fake.fail_embeddings = Error(503, {"error": {"message": "loading model"}})
+        await e.archive.insert(agent, "the boiler code is 7731")
+        assert await e.db.fetchval("SELECT count(*) FROM passages WHERE embedded = 0") == 1
+        await asyncio.sleep(0.2)  # a few failed retries: still keyword-only, nothing lost
+        assert await e.db.fetchval("SELECT count(*) FROM passages WHERE embedded = 0") == 1
+        fake.fail_embeddings = None
+        for _ in range(100):  # no insert and no restart: the engine's retry catches up
+            if not await e.db.fetchval("SELECT count(*) FROM passages WHERE embedded = 0"):
+                break
+            await asyncio.sleep(0.05)
+        assert await e.db.fetchval("SELECT count(*) FROM passage_vectors") == 2
+    finally:
+        await e.close()
