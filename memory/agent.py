@@ -70,7 +70,12 @@ class Turn:
             recall.insert(c, self.agent, self.arriving, recall.WAITING)
             return recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent)
 
-        (filed, result.admitted_through), snapshot = await self.db.transact(start)
+        try:
+            (filed, result.admitted_through), snapshot = await self.db.transact(start)
+        except BaseException:
+            for m in self.arriving:  # rolled back: not stored after all (the engine stores them)
+                m.id = 0
+            raise
         if filed:
             await self._event(
                 result,

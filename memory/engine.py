@@ -135,7 +135,7 @@ class Engine:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
 
     async def send(self, key: str, message: recall.Message) -> TurnResult:
-        """Persist `message`, then answer it in this agent's next turn.
+        """Answer `message` in this agent's next turn; it is in recall before the model is called.
 
         When several messages wait for one agent, one turn answers them all: the
         last one's result carries the reply, the others get outcome "merged".
@@ -144,15 +144,26 @@ class Engine:
         box = self._mailboxes.setdefault(key, _Mailbox())
         idle = (box.worker is None or box.worker.done()) and not self.lock(key).locked()
         if idle or box.unsaved:
-            # one trip to the database thread less per turn; joining the unsaved keeps the order
+            # stored by the first transaction of the turn this starts (one trip to the database
+            # thread less); later messages join it there, which keeps their order
             box.unsaved.append(message)
         else:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
+            # the worker may have finished and dropped the box meanwhile
+            box = self._mailboxes.setdefault(key, box)
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))
         if box.worker is None or box.worker.done():
             box.worker = asyncio.create_task(self._work(agent, box))
         return await future
+
+    async def _keep(self, agent: Agent, messages: list[recall.Message]) -> None:
+        """Store messages that were to be stored by a turn's first transaction."""
+        if messages:
+            try:
+                await recall.append(self.db, agent, messages, state=recall.WAITING)
+            except Exception:
+                log.exception("%s: %d messages could not be stored", agent.key, len(messages))
 
     def lock(self, key: str) -> asyncio.Lock:
         """Held by each turn; commands that erase memory take it too, so they never cut into a turn."""
@@ -163,15 +174,22 @@ class Engine:
         self._epochs[key] = self._epochs.get(key, 0) + 1
 
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
+        lock = self.lock(agent.key)
         while box.pending:
-            batch, box.pending = box.pending, []
-            arriving, box.unsaved = box.unsaved, []
+            if lock.locked() and box.unsaved:
+                # a command holds the agent: store what waits instead of holding it in memory
+                saved, box.unsaved = box.unsaved, []
+                await self._keep(agent, saved)
+            arriving: list[recall.Message] = []
             try:
-                async with self.lock(agent.key):
+                async with lock:
+                    batch, box.pending = box.pending, []
+                    arriving, box.unsaved = box.unsaved, []
                     result = await self.run_turn(agent, arriving)
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("%s: turn failed", agent.key)
                 result = TurnResult(reply="Sorry, something went wrong on my side.", outcome="error", error=repr(exc))
+                await self._keep(agent, [m for m in arriving if not m.id])
             # a message persisted just before the turn took its batch was answered by it too
             answered = [p for p in box.pending if p[0].id and p[0].id <= result.admitted_through]
             box.pending = [p for p in box.pending if p not in answered]

@@ -420,3 +420,66 @@ async def test_passages_left_without_vectors_are_embedded_when_the_endpoint_is_b
         assert await e.db.fetchval("SELECT count(*) FROM passage_vectors") == 2
     finally:
         await e.close()
+
+
+async def test_a_turn_that_fails_before_the_model_call_keeps_the_message(
+    engine: Engine, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memory import context
+
+    def broken(c: Any, agent: Any) -> Any:
+        raise RuntimeError("a bug while reading the prompt")
+
+    with monkeypatch.context() as m:
+        m.setattr(context, "read", broken)
+        failed = await engine.send("dm:1", user("my flight is at 9"))
+    assert failed.outcome == "error" and fake.chat_requests == []
+    fake.push(reply("Noted: 9."))
+    await engine.send("dm:1", user("did you get that?"))
+    said = [m["content"] for m in fake.chat_requests[0]["messages"] if m["role"] == "user"]
+    assert any("my flight is at 9" in s for s in said) and "did you get that?" in said[-1]
+
+
+async def test_messages_keep_their_order_while_a_command_holds_the_agent(engine: Engine, fake: FakeOpenAI) -> None:
+    await engine.agent("dm:1")
+    fake.push(reply("ok"))
+    command_started = asyncio.Event()
+
+    async def command() -> None:  # e.g. /memory reset, which takes the agent's lock
+        async with engine.lock("dm:1"):
+            command_started.set()
+            await asyncio.sleep(0.2)
+
+    first = asyncio.create_task(engine.send("dm:1", user("A: first")))
+    held = asyncio.create_task(command())
+    await command_started.wait()
+    second = asyncio.create_task(engine.send("dm:1", user("C: second")))
+    await asyncio.gather(first, second, held)
+    rows = await engine.db.fetchall("SELECT content FROM messages WHERE role = 'user' ORDER BY id")
+    assert [r[0] for r in rows] == ["A: first", "C: second"]
+    (request,) = fake.chat_requests
+    said = [m["content"] for m in request["messages"] if m["role"] == "user"]
+    assert "A: first" in said[-2] and "C: second" in said[-1]
+
+
+async def test_a_message_stored_as_the_turn_ends_is_answered_before_close(
+    tmp_path: Path, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await Engine.open(make_settings(tmp_path, fake))
+    real = recall.append
+
+    async def slow(db: Any, agent: Any, messages: list[recall.Message], **kw: Any) -> Any:
+        stored = await real(db, agent, messages, **kw)
+        if messages and messages[0].content == "B":
+            await asyncio.sleep(0.4)  # the sender resumes only after A's turn has ended
+        return stored
+
+    monkeypatch.setattr(recall, "append", slow)
+    fake.push(Delay(0.2, reply("answer A")), Delay(0.5, reply("answer B")))
+    a = asyncio.create_task(engine.send("dm:1", user("A")))
+    await asyncio.sleep(0.05)
+    b = asyncio.create_task(engine.send("dm:1", user("B")))
+    await asyncio.sleep(0.5)
+    await engine.close()  # must wait for B's turn, which needs its mailbox to be known
+    assert (await a).reply == "answer A"
+    assert (await b).reply == "answer B"
