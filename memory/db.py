@@ -340,6 +340,8 @@ class Database:
                 try:
                     outcomes.append((True, fn(c)))
                 except Exception as exc:
+                    if not c.in_transaction:  # SQLite rolled back the whole batch (disk full, I/O)
+                        raise
                     c.execute("ROLLBACK TO one")
                     outcomes.append((False, exc))
                 c.execute("RELEASE one")

@@ -160,3 +160,25 @@ async def test_float_vectors_of_an_older_database_move_to_passage_vectors(tmp_pa
     agent = await agents.get_or_create(new, "dm:1", settings)
     assert await Archive(new, embedder).nearest(agent, "anything", k=2) == [2, 1]
     await new.close()
+
+
+async def test_a_full_disk_fails_the_batch_with_its_own_error(db: Database) -> None:
+    """SQLite rolls a whole transaction back when the file is full: every batched caller hears why."""
+    import asyncio
+
+    import sqlean
+
+    pages = await db.fetchval("PRAGMA page_count")
+    await db.transact(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 3}"))
+    results = await asyncio.gather(
+        db.transact(lambda c: c.execute("INSERT INTO meta VALUES ('first', 'v')")),  # runs alone, commits
+        db.transact(lambda c: c.execute("INSERT INTO meta VALUES ('a', 'v')")),
+        db.transact(lambda c: c.execute("INSERT INTO meta VALUES ('big', ?)", ("x" * 200_000,))),
+        db.transact(lambda c: c.execute("INSERT INTO meta VALUES ('b', 'v')")),
+        return_exceptions=True,
+    )
+    assert not isinstance(results[0], Exception)
+    for r in results[1:]:
+        assert isinstance(r, sqlean.OperationalError) and "full" in str(r), r
+    assert [r[0] for r in await db.fetchall("SELECT key FROM meta ORDER BY key")] == ["first"]
+    await db.transact(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
