@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -171,11 +172,21 @@ def m004_agent_scoped_fts(c: sqlite3.Connection) -> None:
     agents: bench/search.py's 1,000,000 passages made a keyword search read ~100 times
     more of the index than its agent wrote.
     """
+    index_anew(c)
+
+
+def index_anew(c: sqlite3.Connection) -> None:
+    """Build both full-text indexes again from the rows they index.
+
+    At m004, and whenever Python's Unicode tables changed since (a new Python):
+    search.scoped cuts words by them, and a contentless index forgets a row only
+    when told the very tokens it was given.
+    """
     from .archival import fts_row
     from .recall import Message
 
-    c.execute("DROP TABLE messages_fts")
-    c.execute("DROP TABLE passages_fts")
+    c.execute("DROP TABLE IF EXISTS messages_fts")
+    c.execute("DROP TABLE IF EXISTS passages_fts")
     c.execute(f"CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='', tokenize=\"{search.TOKENIZER}\")")
     c.execute(
         f"CREATE VIRTUAL TABLE passages_fts USING fts5(content, context, date, content='', tokenize=\"{search.TOKENIZER}\")"
@@ -194,6 +205,7 @@ def m004_agent_scoped_fts(c: sqlite3.Connection) -> None:
         "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
         ((r[0], *fts_row(r[1], r[2], r[3], r[4])) for r in passages),
     )
+    c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('fts_unicode', ?)", (unicodedata.unidata_version,))
 
 
 @migration
@@ -393,10 +405,27 @@ def _open_writer(path: str, migrations: list[Migration]) -> sqlite3.Connection:
         # only an OS crash or power cut can lose the last transactions.
         conn.execute("PRAGMA synchronous = NORMAL")
         _migrate(conn, migrations)
+        _reindex_after_unicode_change(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _reindex_after_unicode_change(c: sqlite3.Connection) -> None:
+    if not c.execute("SELECT 1 FROM _migrations WHERE name = 'm004_agent_scoped_fts'").fetchone():
+        return
+    row = c.execute("SELECT value FROM meta WHERE key = 'fts_unicode'").fetchone()
+    if row and row[0] == unicodedata.unidata_version:
+        return
+    log.warning("Unicode %s -> %s (a new Python): indexing full text anew", row[0] if row else "?", unicodedata.unidata_version)
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        index_anew(c)
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
 
 
 def _migrate(c: sqlite3.Connection, migrations: list[Migration]) -> None:
