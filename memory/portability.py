@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import core, recall, search
 from .agents import Agent, now
+from .archival import chunk
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -83,6 +84,11 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     for m, _ in messages:
         if m.role not in recall.ROLES:
             raise ValueError(f"message role {m.role!r} is not one of {list(recall.ROLES)}")
+        if m.tool_call_id is not None and not isinstance(m.tool_call_id, str):
+            raise ValueError(f"tool_call_id {m.tool_call_id!r} is not a string")
+    labels = [label for label, *_ in blocks]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"a block label appears twice: {sorted(labels)}")
     agent = await engine.agent(key)
     current = {b.label: b.limit for b in await core.blocks(engine.db, agent)}
     for label, value, limit, _ in blocks:
@@ -101,7 +107,7 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     await recall.append(engine.db, agent, [m for m, kept in messages if not kept], state=recall.EVICTED)
     await recall.append(engine.db, agent, [m for m, kept in messages if kept], state=recall.IN_CONTEXT)
     for content, tags, source, created_at in passages:
-        if content.strip():
+        if chunk(content):  # text left after cleaning; an empty passage is skipped
             await engine.archive.insert(agent, content, tags=tags, source=source, created_at=created_at, max_chars=10**7)
     return {"agent": agent.key, "blocks": len(blocks), "messages": len(messages), "passages": len(passages)}
 
@@ -115,8 +121,18 @@ def _stamp(value: object) -> str:
 
 
 def _calls(value: object) -> list[dict[str, Any]] | None:
+    """Tool calls in the shape the model client writes them, or TypeError."""
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+    if not isinstance(value, list):
         raise TypeError("tool_calls")
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str) and isinstance(call.get("id", ""), str)):
+            raise TypeError("tool_calls")
+    try:
+        json.dumps(value, allow_nan=False)  # NaN would be stored, then fail every read of the row
+    except ValueError:
+        raise TypeError("tool_calls") from None
     return value
