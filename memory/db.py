@@ -6,9 +6,9 @@ trip between threads and writers queue without holding anything on the event
 loop; transactions that queue up share a trip and a commit (bench/bot_load.py:
 CPU per reply -17 %, p95 -40 ms). Holding an asyncio lock across a
 transaction's many awaits instead made 100 concurrent users wait ~1 s per turn
-for it (bench/bot_load.py). Reads go
-through aiosqlite on two more connections, which in WAL mode see committed data
-only and never wait for the writer.
+for it (bench/bot_load.py). Reads go through aiosqlite on two more connections,
+which in WAL mode see committed data only and never wait for the writer; reads
+that belong to a write (a turn's first prompt) run inside its transaction.
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ class Database:
             self._flush()
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
-        """One write statement, committed on its own; returns the rows it changed."""
+        """One write statement as a transaction of its own; returns the rows it changed."""
         args = tuple(params)
         return await self.transact(lambda c: c.execute(sql, args).rowcount)
 

@@ -232,8 +232,12 @@ class Engine:
         pause = EMBEDDING_RETRY_SECONDS
         while True:
             self.archive.behind.clear()
-            while await self.archive.embed_pending():
-                pass
+            try:
+                while await self.archive.embed_pending():
+                    pass
+            except Exception:  # a database error: this task must outlive it
+                log.exception("embedding passages failed")
+                self.archive.behind.set()
             if self.archive.behind.is_set():
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 600.0)

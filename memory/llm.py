@@ -154,8 +154,8 @@ class LLMClient:
                 if response.status_code < 300:
                     try:
                         return orjson.loads(response.content)
-                    except ValueError:
-                        raise LLMError(f"{path} returned a body that is not JSON: {response.text[:200]!r}") from None
+                    except ValueError as exc:  # orjson also refuses lone surrogates, which some servers send
+                        raise LLMError(f"{path} returned a body that is not valid JSON ({exc}): {response.text[:200]!r}") from None
                 text = response.text
                 if is_context_overflow(response.status_code, text):
                     raise ContextOverflowError(_short(response.status_code, text))

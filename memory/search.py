@@ -76,7 +76,9 @@ def terms(text: str) -> list[str]:
 
 
 def _mark(agent_id: int) -> str:
-    # consonants and digits only: a vowel would change what the porter stemmer makes of the word
+    # consonants and digits only, so the stemmer's measure of a word is as without it; what the
+    # mark does change: words of 1-2 letters get stemmed too ("us" -> "u"), and words near 60
+    # letters no longer are; indexing and queries agree on both
     return f"x{agent_id}x"
 
 
