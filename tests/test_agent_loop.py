@@ -19,7 +19,7 @@ from memory import core, recall
 from memory.config import EngineSettings
 from memory.db import Database
 from memory.engine import Engine
-from tests.fakeopenai import Delay, Error, FakeOpenAI, call, calls, reply
+from tests.fakeopenai import Delay, Error, FakeOpenAI, call, reply
 
 
 def user(text: str, author: str = "ann", author_id: str = "1001") -> recall.Message:
