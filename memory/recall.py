@@ -77,18 +77,12 @@ _COLUMNS = "id, role, content, author, author_id, tool_calls, tool_call_id, exte
 
 
 def _row(row: Any) -> Message:
+    """A row of `SELECT {_COLUMNS}`. Every turn reads its whole context back (bench/bot_load.py):
+    unpacked by position, as sqlite3.Row's lookups by name cost a third of this; orjson likewise."""
+    id_, role, content, author, author_id, tool_calls, tool_call_id, external_id, created_at, tokens = row
     return Message(
-        id=row["id"],
-        role=row["role"],
-        content=row["content"],
-        author=row["author"],
-        author_id=row["author_id"],
-        # orjson: every turn reads the whole context back (bench/bot_load.py)
-        tool_calls=orjson.loads(row["tool_calls"]) if row["tool_calls"] else None,
-        tool_call_id=row["tool_call_id"],
-        external_id=row["external_id"],
-        created_at=row["created_at"],
-        tokens=row["tokens"],
+        role, content, author, author_id, orjson.loads(tool_calls) if tool_calls else None,
+        tool_call_id, external_id, created_at, id_, tokens,
     )
 
 
