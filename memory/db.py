@@ -7,8 +7,9 @@ loop; transactions that queue up share a trip and a commit (bench/bot_load.py:
 CPU per reply -17 %, p95 -40 ms). Holding an asyncio lock across a
 transaction's many awaits instead made 100 concurrent users wait ~1 s per turn
 for it (bench/bot_load.py). Reads go through aiosqlite on two more connections,
-which in WAL mode see committed data only and never wait for the writer; reads
-that belong to a write (a turn's first prompt) run inside its transaction.
+which in WAL mode see committed data only and never wait for the writer; a
+turn's prompt is read on the writer, in one transaction (with its first writes
+for the first prompt), since a trip there costs less than several reads.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def index_anew(c: sqlite3.Connection) -> None:
     when told the very tokens it was given.
     """
     from .archival import fts_row
-    from .recall import Message
+    from .recall import Message, fts_text
 
     c.execute("DROP TABLE IF EXISTS messages_fts")
     c.execute("DROP TABLE IF EXISTS passages_fts")
@@ -195,9 +196,9 @@ def index_anew(c: sqlite3.Connection) -> None:
     c.executemany(
         "INSERT INTO messages_fts(rowid, content) VALUES (?, ?)",
         (
-            (r[0], search.scoped(r[1], text))
+            (r[0], text)
             for r in messages
-            if (text := Message(r[2], r[3], tool_calls=json.loads(r[4]) if r[4] else None).index_text())
+            if (text := fts_text(r[1], Message(r[2], r[3], tool_calls=json.loads(r[4]) if r[4] else None)))
         ),
     )
     passages = c.execute("SELECT id, agent_id, content, context, created_at FROM passages")

@@ -121,9 +121,14 @@ def insert(c: sqlite3.Connection, agent: Agent, messages: list[Message], state: 
             ),
         )
         m.id = cur.lastrowid or 0
-        text = m.index_text()
-        if text:
-            c.execute("INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", (m.id, search.scoped(agent.id, text)))
+        if text := fts_text(agent.id, m):
+            c.execute("INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", (m.id, text))
+
+
+def fts_text(agent_id: int, m: Message) -> str:
+    """The message's row in messages_fts ("" for none): a delete must give what the insert gave."""
+    text = m.index_text()
+    return search.scoped(agent_id, text) if text else ""
 
 
 _IN_CONTEXT = f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position"
@@ -225,7 +230,7 @@ def _delete(c: sqlite3.Connection, agent: Agent, rows: Iterable[Any]) -> int:
     # a contentless FTS index forgets a row only when told the exact text it indexed
     c.executemany(
         "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', ?, ?)",
-        [(m.id, search.scoped(agent.id, text)) for m in messages if (text := m.index_text())],
+        [(m.id, text) for m in messages if (text := fts_text(agent.id, m))],
     )
     for i in range(0, len(messages), 500):
         part = [m.id for m in messages[i : i + 500]]
