@@ -10,7 +10,7 @@ import logging
 import discord
 from discord import app_commands
 
-from memory import agents, recall
+from memory import agents, clock, recall
 from memory.engine import Engine
 
 from . import attachments, commands
@@ -98,7 +98,7 @@ class MnemoBot(discord.Client):
             author=message.author.display_name,
             author_id=str(message.author.id),
             external_id=str(message.id),
-            created_at=message.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            created_at=clock.stamp(message.created_at),
         )
         if not (is_addressed(message, me) or await self.is_listening(key)):
             if self.settings.store_unaddressed_messages and stored.content:

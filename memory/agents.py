@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from .clock import now
 from .config import EngineSettings
 from .db import Database, sqlite3
 
@@ -14,11 +14,6 @@ DEFAULT_PERSONA = (
     "I am a friendly, curious assistant with a long memory. I keep notes about the people "
     "I talk with and refer back to past conversations when it helps. I am concise."
 )
-
-
-def now() -> str:
-    """Timestamps are ISO-8601 UTC with seconds: sortable as text and readable in prompts."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

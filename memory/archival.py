@@ -22,8 +22,9 @@ from datetime import datetime
 
 
 from . import search
-from .agents import Agent, now
-from .db import Database, sqlite3
+from .agents import Agent
+from .clock import now
+from .db import Database, marks, sqlite3
 from .embeddings import Embedder, text_hash
 from .llm import LLMError
 
@@ -221,7 +222,7 @@ class Archive:
         if self.embedder.dim is not None:
             known = dict(await self.db.fetchall(
                 f"SELECT p.text_hash, v.vector FROM passages p JOIN passage_vectors v ON v.id = p.id"
-                f" WHERE p.text_hash IN ({','.join('?' * len(hashes))}) AND p.embedded = 1 GROUP BY p.text_hash",
+                f" WHERE p.text_hash IN ({marks(len(hashes))}) AND p.embedded = 1 GROUP BY p.text_hash",
                 hashes,
             ))
         todo = [r for r in rows if r["text_hash"] not in known]
@@ -330,7 +331,7 @@ class Archive:
             return []
         # "+agent_id": look rows up by id; the agent index would walk all of the agent's rows
         rows = await self.db.fetchall(
-            f"SELECT id, created_at, content, tags FROM passages WHERE id IN ({','.join('?' * len(ids))}) AND +agent_id = ?",
+            f"SELECT id, created_at, content, tags FROM passages WHERE id IN ({marks(len(ids))}) AND +agent_id = ?",
             (*ids, agent.id),
         )
         by_id = {r["id"]: r for r in rows}
@@ -348,10 +349,10 @@ class Archive:
     async def delete(self, agent: Agent, ids: list[int]) -> int:
         if not ids:
             return 0
-        marks = ",".join("?" * len(ids))
+        in_ids = marks(len(ids))
         return await self.db.transact(
             lambda c: _delete_rows(c, agent.id, c.execute(
-                f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)
+                f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)
             ).fetchall())
         )
 
@@ -376,10 +377,10 @@ def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list) -> int:  # ty
     for i in range(0, len(rows), 500):
         part = rows[i : i + 500]
         ids = [r["id"] for r in part]
-        marks = ",".join("?" * len(ids))
+        in_ids = marks(len(ids))
         _unindex(c, agent_id, part)
-        c.execute(f"DELETE FROM passage_bits WHERE agent_id = ? AND id IN ({marks})", (agent_id, *ids))
-        c.execute(f"DELETE FROM passages WHERE id IN ({marks})", ids)  # passage_vectors rows go with them
+        c.execute(f"DELETE FROM passage_bits WHERE agent_id = ? AND id IN ({in_ids})", (agent_id, *ids))
+        c.execute(f"DELETE FROM passages WHERE id IN ({in_ids})", ids)  # passage_vectors rows go with them
     return len(rows)
 
 

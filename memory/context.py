@@ -13,9 +13,10 @@ from functools import lru_cache
 from typing import Any
 
 from . import core, recall, tokens
-from .agents import Agent, now
+from .agents import Agent
+from .clock import minute, now
 from .config import EngineSettings
-from .db import Database, sqlite3
+from .db import Database, marks, sqlite3
 from .llm import ChatResult, LLMClient, LLMError
 from .tools import SCHEMAS
 
@@ -81,7 +82,7 @@ def assemble(snapshot: Snapshot, window: int) -> Prompt:
         core.render(blocks),
         "### Memory status",
         f"{out_of_context} older messages are in recall memory; {passages} passages in archival memory; "
-        f"core memory last changed {changed[:16].replace('T', ' ') if changed else 'never'} UTC.",
+        f"core memory last changed {minute(changed) if changed else 'never'} UTC.",
     ]
     if summary:
         parts += ["### Summary of earlier conversation", summary]
@@ -149,7 +150,7 @@ def _cut(history: list[recall.Message], excess: int, keep_last: int) -> int:
 def transcript(messages: list[recall.Message], max_tool_chars: int = 300) -> str:
     lines = []
     for m in messages:
-        when = m.created_at[:16].replace("T", " ")
+        when = minute(m.created_at)
         if m.role == "user":
             lines.append(f"[{when}] {m.author or 'user'}: {m.content}")
         elif m.role == "system":
@@ -234,7 +235,7 @@ async def compact(
             return None
         log.warning("summarizer failed for %s and the window is full; evicting without a summary: %s", agent.key, exc)
         note = (
-            f"(Messages from {evicted[0].created_at[:16]} to {evicted[-1].created_at[:16]} left the context "
+            f"(Messages from {minute(evicted[0].created_at)} to {minute(evicted[-1].created_at)} left the context "
             "without a summary; find them with conversation_search.)"
         )
         summary = f"{previous}\n{note}" if previous else note
@@ -243,7 +244,7 @@ async def compact(
     def evict(c: sqlite3.Connection) -> None:
         c.execute("UPDATE agents SET summary = ?, summary_updated_at = ? WHERE id = ?", (summary, now(), agent.id))
         c.execute(
-            f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({','.join('?' * len(ids))})", (agent.id, *ids)
+            f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({marks(len(ids))})", (agent.id, *ids)
         )
 
     await db.transact(evict)

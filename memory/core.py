@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .agents import Agent, now
+from .agents import Agent
+from .clock import now
 from .db import Database, sqlite3
 
 

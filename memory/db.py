@@ -49,6 +49,11 @@ Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[Migration] = []
 
 
+def marks(n: int) -> str:
+    """Placeholders for an SQL `IN (...)` list of n values."""
+    return ",".join("?" * n)
+
+
 def migration(fn: Migration) -> Migration:
     MIGRATIONS.append(fn)
     return fn

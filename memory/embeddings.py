@@ -18,7 +18,7 @@ import logging
 import math
 import struct
 
-from .db import Database, sqlite3
+from .db import Database, marks, sqlite3
 from .llm import LLMClient, LLMError
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Embedder:
         for i in range(0, len(unique), 500):
             part = unique[i : i + 500]
             rows = await self.db.fetchall(
-                f"SELECT text_hash, vector FROM embedding_cache WHERE model = ? AND text_hash IN ({','.join('?' * len(part))})",
+                f"SELECT text_hash, vector FROM embedding_cache WHERE model = ? AND text_hash IN ({marks(len(part))})",
                 (self.model, *part),
             )
             found.update((r[0], r[1]) for r in rows)

@@ -6,7 +6,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from . import core, recall, search
-from .agents import Agent, now
+from .agents import Agent
+from .clock import now
 from .archival import chunk
 
 if TYPE_CHECKING:

@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 
 from . import search, tokens
-from .agents import Agent, now
-from .db import Database, sqlite3
+from .agents import Agent
+from .clock import minute, now
+from .db import Database, marks, sqlite3
 
 ROLES = ("user", "assistant", "tool", "system")
 
@@ -38,7 +39,7 @@ class Message:
 
     def to_openai(self) -> dict[str, Any]:
         """The message as the model sees it: who and when, for user text and events."""
-        when = self.created_at[:16].replace("T", " ")
+        when = minute(self.created_at)
         if self.role == "user":
             who = f"{self.author} ({self.author_id})" if self.author_id else (self.author or "user")
             return {"role": "user", "content": f"[{when}] {who}: {self.content}"}
@@ -181,9 +182,9 @@ async def count(db: Database, agent: Agent) -> int:
 
 
 async def get(db: Database, agent: Agent, ids: list[int]) -> list[Message]:
-    marks = ",".join("?" * len(ids))
+    in_ids = marks(len(ids))
     rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks}) ORDER BY id", (agent.id, *ids)
+        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({in_ids}) ORDER BY id", (agent.id, *ids)
     )
     return [_row(r) for r in rows]
 
@@ -192,10 +193,10 @@ async def delete(db: Database, agent: Agent, ids: list[int]) -> int:
     """Delete specific messages (a user's "forget"); the engine itself never deletes."""
     if not ids:
         return 0
-    marks = ",".join("?" * len(ids))
+    in_ids = marks(len(ids))
 
     def forget(c: sqlite3.Connection) -> int:
-        chosen = c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks})", (agent.id, *ids)).fetchall()
+        chosen = c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)).fetchall()
         doomed = {r["id"]: r for r in chosen}
         # A call and its results must stay together or the provider rejects the
         # context: a call leaves with its results (stored right after it, in one
@@ -234,7 +235,7 @@ def _delete(c: sqlite3.Connection, agent: Agent, rows: Iterable[Any]) -> int:
     )
     for i in range(0, len(messages), 500):
         part = [m.id for m in messages[i : i + 500]]
-        c.execute(f"DELETE FROM messages WHERE id IN ({','.join('?' * len(part))})", part)
+        c.execute(f"DELETE FROM messages WHERE id IN ({marks(len(part))})", part)
     return len(messages)
 
 
@@ -269,7 +270,7 @@ async def search_messages(
         bad = [r for r in roles if r not in ROLES]
         if bad:
             raise search.BadArgument(f"unknown role(s) {bad}; use any of {list(ROLES)}")
-        filters.append(f"m.role IN ({','.join('?' * len(roles))})")
+        filters.append(f"m.role IN ({marks(len(roles))})")
         params.extend(roles)
     where = " AND ".join(filters)
     expression = search.match(agent.id, query or "", "{content}")

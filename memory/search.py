@@ -21,6 +21,8 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from . import clock
+
 MAX_TERMS = 32
 
 # the FTS5 tokenizer of messages_fts and passages_fts (migration m004)
@@ -122,11 +124,11 @@ def parse_date(value: object, name: str, *, end: bool = False) -> str | None:
                 if day.date() == day.date().max:  # "9999-12-31": no end at all
                     return None
                 day += timedelta(days=1)
-            return day.strftime("%Y-%m-%dT%H:%M:%SZ")
+            return clock.stamp(day)
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return clock.stamp(moment)
     except (ValueError, OverflowError):
         raise BadArgument(f"{name} {value!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from None
 
@@ -188,7 +190,7 @@ class Page:
         lines = [head]
         for h in self.hits:
             text = h.text if len(h.text) <= max_chars else h.text[: max_chars - 1] + "…"
-            lines.append(f"[#{h.id} {h.created_at[:16].replace('T', ' ')}] {h.label}: {text}")
+            lines.append(f"[#{h.id} {clock.minute(h.created_at)}] {h.label}: {text}")
         if self.page < self.pages:
             lines.append(f"More on page {self.page + 1}.")
         return "\n".join(lines)
