@@ -1,7 +1,8 @@
 """One turn of an agent: steps of model call → function calls → results until a reply.
 
-The user's messages are in recall before the model is called: stored before
-the turn starts, or by its first transaction (`arriving`). Each step's
+The user's messages are in recall before the model is called: the engine
+stores each one as it arrives, and the turn's first transaction moves the
+waiting ones into the context window. Each step's
 assistant message and its function results are stored in one transaction, so
 a crash never leaves a call without its result.
 """
@@ -51,8 +52,6 @@ class Turn:
     archive: Archive
     settings: EngineSettings
     agent: Agent
-    # user messages not stored yet: the turn's first transaction stores them
-    arriving: list[recall.Message]
     # provider count / our estimate, when the provider says more than we thought
     token_scale: float = 1.0
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
@@ -62,20 +61,13 @@ class Turn:
         started = time.perf_counter()
         result = TurnResult(reply=None, outcome="reply")
         budget = self.settings.context_window // 4
-        recall.prepare(self.arriving)
 
         def start(c: sqlite3.Connection) -> tuple[tuple[int, int], context.Snapshot]:
-            # storing the arriving messages, admitting the waiting ones and reading the first
-            # prompt: one trip to the database thread, which costs more CPU than these statements
-            recall.insert(c, self.agent, self.arriving, recall.WAITING)
+            # admitting the waiting messages and reading the first prompt: one trip to the
+            # database thread, which costs more CPU than these statements
             return recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent)
 
-        try:
-            (filed, result.admitted_through), snapshot = await self.db.transact(start)
-        except BaseException:
-            for m in self.arriving:  # rolled back: not stored after all (the engine stores them)
-                m.id = 0
-            raise
+        (filed, result.admitted_through), snapshot = await self.db.transact(start)
         if filed:
             await self._event(
                 result,

@@ -44,9 +44,8 @@ Current core memory:
 
 @dataclass
 class _Mailbox:
+    # messages stored and waiting for an answer, with the callers waiting for it
     pending: list[tuple[recall.Message, asyncio.Future[TurnResult]]] = field(default_factory=list)
-    # for the turn about to start to store, in its first transaction
-    unsaved: list[recall.Message] = field(default_factory=list)
     worker: asyncio.Task[None] | None = None
 
 
@@ -58,7 +57,8 @@ class Engine:
         self.archive = archive
         self.token_scale = 1.0
         self._mailboxes: dict[str, _Mailbox] = {}
-        self._agents: dict[str, Agent] = {}  # agents are never deleted: a key's id never changes
+        # agents are never deleted: a key's id never changes
+        self._agents: dict[str, asyncio.Future[Agent]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._epochs: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -121,49 +121,43 @@ class Engine:
         await self.db.close()
 
     async def agent(self, key: str) -> Agent:
-        if key not in self._agents:
-            self._agents[key] = await agents.get_or_create(self.db, key, self.settings)
-        return self._agents[key]
+        """The agent of `key`, created on first use. Callers resume in the order they asked,
+        so messages for a new agent are still stored in the order they arrived."""
+        found = self._agents.get(key)
+        if found is None:
+            found = self._agents[key] = asyncio.ensure_future(agents.get_or_create(self.db, key, self.settings))
+            found.add_done_callback(lambda f: f.exception() is not None and self._agents.pop(key, None))
+        return await found
 
     async def record(self, key: str, message: recall.Message) -> None:
-        """Store a message the agent should remember but not answer; the next turn sees it."""
-        agent = await self.agent(key)
-        box = self._mailboxes.get(key)
-        if box and box.unsaved:  # the turn about to start stores it after those, in order
-            box.unsaved.append(message)
-        else:
-            await recall.append(self.db, agent, [message], state=recall.WAITING)
+        """Store a message the agent should remember but not answer; its next turn sees it."""
+        await self._arrive(key, message)
 
     async def send(self, key: str, message: recall.Message) -> TurnResult:
-        """Answer `message` in this agent's next turn; it is in recall before the model is called.
+        """Store `message`, then answer it in this agent's next turn.
 
         When several messages wait for one agent, one turn answers them all: the
         last one's result carries the reply, the others get outcome "merged".
         """
+        future = await self._arrive(key, message, answer=True)
+        assert future is not None
+        return await future
+
+    async def _arrive(self, key: str, message: recall.Message, *, answer: bool = False) -> asyncio.Future[TurnResult] | None:
+        """The one way in for messages: stored at once, in call order, waiting for the next turn.
+
+        Raises StorageError when it cannot be stored: the caller must say so, nothing else will.
+        """
         agent = await self.agent(key)
+        await recall.append(self.db, agent, [message], state=recall.WAITING)
+        if not answer:
+            return None
         box = self._mailboxes.setdefault(key, _Mailbox())
-        idle = (box.worker is None or box.worker.done()) and not self.lock(key).locked()
-        if idle or box.unsaved:
-            # stored by the first transaction of the turn this starts (one trip to the database
-            # thread less); later messages join it there, which keeps their order
-            box.unsaved.append(message)
-        else:
-            await recall.append(self.db, agent, [message], state=recall.WAITING)
-            # the worker may have finished and dropped the box meanwhile
-            box = self._mailboxes.setdefault(key, box)
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))
         if box.worker is None or box.worker.done():
             box.worker = asyncio.create_task(self._work(agent, box))
-        return await future
-
-    async def _keep(self, agent: Agent, messages: list[recall.Message]) -> None:
-        """Store messages that were to be stored by a turn's first transaction."""
-        if messages:
-            try:
-                await recall.append(self.db, agent, messages, state=recall.WAITING)
-            except Exception:
-                log.exception("%s: %d messages could not be stored", agent.key, len(messages))
+        return future
 
     def lock(self, key: str) -> asyncio.Lock:
         """Held by each turn; commands that erase memory take it too, so they never cut into a turn."""
@@ -174,37 +168,29 @@ class Engine:
         self._epochs[key] = self._epochs.get(key, 0) + 1
 
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
-        lock = self.lock(agent.key)
+        """Turns until no stored message waits for an answer."""
         while box.pending:
-            if lock.locked() and box.unsaved:
-                # a command holds the agent: store what waits instead of holding it in memory
-                saved, box.unsaved = box.unsaved, []
-                await self._keep(agent, saved)
-            arriving: list[recall.Message] = []
             try:
-                async with lock:
-                    batch, box.pending = box.pending, []
-                    arriving, box.unsaved = box.unsaved, []
-                    result = await self.run_turn(agent, arriving)
+                async with self.lock(agent.key):
+                    result = await self.run_turn(agent)
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("%s: turn failed", agent.key)
                 result = TurnResult(reply="Sorry, something went wrong on my side.", outcome="error", error=repr(exc))
-                await self._keep(agent, [m for m in arriving if not m.id])
-            # a message persisted just before the turn took its batch was answered by it too
-            answered = [p for p in box.pending if p[0].id and p[0].id <= result.admitted_through]
-            box.pending = [p for p in box.pending if p not in answered]
-            batch.extend(answered)
+            # the turn answered every message it admitted; all of them if it failed before admitting
+            through = result.admitted_through or max(m.id for m, _ in box.pending)
+            batch = [p for p in box.pending if p[0].id <= through]
+            box.pending = [p for p in box.pending if p[0].id > through]
             for _, future in batch[:-1]:
                 if not future.done():
                     future.set_result(TurnResult(reply=None, outcome="merged"))
-            if not batch[-1][1].done():
+            if batch and not batch[-1][1].done():
                 batch[-1][1].set_result(result)
-        if self._mailboxes.get(agent.key) is box and not box.pending:
+        if self._mailboxes.get(agent.key) is box:
             del self._mailboxes[agent.key]
 
-    async def run_turn(self, agent: Agent, arriving: list[recall.Message]) -> TurnResult:
-        """A turn that first stores `arriving` (messages not persisted yet) with the waiting ones."""
-        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, arriving, token_scale=self.token_scale)
+    async def run_turn(self, agent: Agent) -> TurnResult:
+        """A turn that answers every message waiting for this agent."""
+        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
         result = await turn.run()
         self.token_scale = turn.token_scale
         log.info(

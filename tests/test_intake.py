@@ -1,0 +1,86 @@
+"""The one way in: every message is stored when it arrives, in arrival order, before any model call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memory import recall
+from memory.config import EngineSettings
+from memory.engine import Engine
+from tests.fakeopenai import FakeOpenAI, reply
+
+
+def user(text: str) -> recall.Message:
+    return recall.Message(role="user", content=text, author="ann", author_id="1001")
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, fake: FakeOpenAI) -> AsyncIterator[Engine]:
+    settings = EngineSettings(  # type: ignore[call-arg]
+        _env_file=None, database_path=tmp_path / "intake.db", llm_base_url=fake.url, llm_model="fake-model",
+        llm_timeout=5, llm_max_retries=0, llm_retry_budget=5,
+    )
+    e = await Engine.open(settings)
+    yield e
+    await e.close()
+
+
+async def stored(engine: Engine, key: str) -> list[str]:
+    agent = await engine.agent(key)
+    rows = await engine.db.fetchall("SELECT content FROM messages WHERE agent_id = ? AND role = 'user' ORDER BY id", (agent.id,))
+    return [r[0] for r in rows]
+
+
+async def test_messages_for_a_new_agent_are_stored_in_the_order_they_arrive(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.default = reply("ok")
+    texts = [f"line {i}" for i in range(24)]
+    # the agent does not exist yet: every caller waits for its creation, and must resume in order
+    await asyncio.gather(*(
+        engine.send("channel:7", user(t)) if i % 6 == 5 else engine.record("channel:7", user(t)) for i, t in enumerate(texts)
+    ))
+    assert await stored(engine, "channel:7") == texts
+
+
+async def test_a_message_is_stored_before_the_model_sees_it_and_recorded_ones_at_once(engine: Engine, fake: FakeOpenAI) -> None:
+    seen_in_db: list[list[str]] = []
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        seen_in_db.append(await stored(engine, "dm:1"))
+        return reply("ok")
+
+    fake.default = answer
+    await engine.record("dm:1", user("recorded"))
+    assert await stored(engine, "dm:1") == ["recorded"]  # no turn ran, and it is on disk already
+    await engine.send("dm:1", user("answered"))
+    assert seen_in_db == [["recorded", "answered"]]
+    assert fake.chat_requests[0]["messages"][-1]["content"].endswith("answered")
+
+
+async def test_messages_arriving_mid_turn_are_answered_together_by_the_next_turn(engine: Engine, fake: FakeOpenAI) -> None:
+    first_turn_started, release = asyncio.Event(), asyncio.Event()
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        said = [m["content"] for m in body["messages"] if m["role"] == "user"]
+        if said[-1].endswith("first"):
+            first_turn_started.set()
+            await release.wait()
+        return reply("answer to " + said[-1].rsplit(": ", 1)[-1])
+
+    fake.default = answer
+    first = asyncio.create_task(engine.send("dm:1", user("first")))
+    await first_turn_started.wait()
+    second = asyncio.create_task(engine.send("dm:1", user("second")))
+    third = asyncio.create_task(engine.send("dm:1", user("third")))
+    # both are stored while the first turn still runs (wait on the database, not on time)
+    while await stored(engine, "dm:1") != ["first", "second", "third"]:
+        await asyncio.sleep(0.01)
+    release.set()
+    results = await asyncio.gather(first, second, third)
+    assert [r.reply for r in results] == ["answer to first", None, "answer to third"]
+    assert results[1].outcome == "merged"
+    assert len(fake.chat_requests) == 2
