@@ -25,6 +25,7 @@ from .config import EngineSettings
 from .db import Database
 from .embeddings import Embedder
 from .llm import LLMClient, LLMError
+from .text import valid
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class Engine:
 
         Raises StorageError when it cannot be stored: the caller must say so, nothing else will.
         """
+        message.content, message.author = valid(message.content), valid(message.author)
         agent = await self.agent(key)
         await recall.append(self.db, agent, [message], state=recall.WAITING)
         if not answer:

@@ -7,6 +7,7 @@ only clears that flag, so nothing leaves recall.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +42,9 @@ class Message:
         """The message as the model sees it: who and when, for user text and events."""
         when = minute(self.created_at)
         if self.role == "user":
-            who = f"{self.author} ({self.author_id})" if self.author_id else (self.author or "user")
-            return {"role": "user", "content": f"[{when}] {who}: {self.content}"}
+            name = _NOT_IN_NAMES.sub("", self.author) or "user"
+            who = f"{name} ({self.author_id})" if self.author_id else name
+            return {"role": "user", "content": f"[{when}] {who}: {quoted(self.content)}"}
         if self.role == "system":
             # mid-conversation system messages break many local chat templates
             return {"role": "user", "content": f"[{when} system event] {self.content}"}
@@ -72,6 +74,16 @@ class Message:
             return self.content
         replies = [t for t in self.index_text().split("\n") if t and t != self.content]
         return "\n".join(replies) or self.content
+
+
+# a name is shown as "name (id)": brackets, parentheses and colons in it could fake another header
+_NOT_IN_NAMES = re.compile(r"[\[\]():\n\r\t\v\f\x85\u2028\u2029]")
+
+
+def quoted(text: str) -> str:
+    """Every line after the first as a quote ("> "): a person's text cannot start a line of its
+    own, so it can never pass for another message's header or a system event."""
+    return "\n> ".join(text.splitlines())
 
 
 _COLUMNS = "id, role, content, author, author_id, tool_calls, tool_call_id, external_id, created_at, tokens"

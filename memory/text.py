@@ -1,0 +1,19 @@
+"""Text from outside made valid once, where it enters.
+
+Python strings can hold lone surrogates ("\\ud83d" from a JSON escape, bytes read
+with surrogateescape) that no UTF-8 encoder accepts: SQLite, orjson and
+Discord's API would each fail on them later, far from where they came in.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD and NUL bytes dropped."""
+    if text.isascii():
+        return text.replace("\x00", "")
+    return _SURROGATE.sub("\ufffd", text).replace("\x00", "")
