@@ -42,6 +42,13 @@ class BotSettings(EngineSettings):
             return frozenset(int(p) for p in parts)
         return value
 
+    @field_validator("allow_dms", mode="before")
+    @classmethod
+    def _dm_policy(cls, value: object) -> object:
+        if isinstance(value, str):  # `ALLOW_DMS=` as in .env.example means unset
+            return value.strip().lower() or None
+        return value
+
     @model_validator(mode="after")
     def _dms_need_guilds(self) -> BotSettings:
         if self.allow_dms == "members" and not (self.allowed_guilds or self.allowed_channels):

@@ -114,6 +114,12 @@ def test_allow_dms(monkeypatch: pytest.MonkeyPatch) -> None:
     assert make(allowed_channels="6").dm_policy == "members" and make(allowed_guilds="5").dm_policy == "members"
     assert make(allowed_guilds="5", allow_dms="everyone").dm_policy == "everyone"
     assert not allowed(make(allow_dms="nobody"), 1, None, None) and allowed(make(allow_dms="nobody"), 1, 5, 6)
+    monkeypatch.setenv("ALLOW_DMS", "")  # as .env.example has it
+    monkeypatch.setenv("ALLOWED_GUILDS", "5")
+    assert load_settings(BotSettings, _env_file=None).dm_policy == "members"
+    monkeypatch.delenv("ALLOWED_GUILDS")
+    monkeypatch.setenv("ALLOW_DMS", "Nobody")
+    assert load_settings(BotSettings, _env_file=None).dm_policy == "nobody"
     monkeypatch.setenv("ALLOW_DMS", "members")
     with pytest.raises(ConfigError, match="ALLOW_DMS=members needs ALLOWED_GUILDS or ALLOWED_CHANNELS"):
         load_settings(BotSettings, _env_file=None)
