@@ -75,18 +75,20 @@ class RateLimiter:
 
 
 class Members:
-    """Whether a user belongs to one of some guilds, asked over REST and remembered for `ttl` seconds.
+    """Whether a user belongs to one of some guilds, asked over REST and remembered a while.
 
-    REST (GET /guilds/{id}/members/{user}) needs no privileged members intent. At most
-    `max_users` answers are kept, the oldest dropped first.
+    REST (GET /guilds/{id}/members/{user}) needs no privileged members intent. A "no" is kept
+    for less time than a "yes": someone refused usually joins the server next and tries again.
+    At most `max_users` answers are kept, the oldest dropped first.
     """
 
     def __init__(
-        self, is_member: Callable[[int, int], Awaitable[bool]], *, ttl: float = 600.0, max_users: int = 10_000,
-        clock: Clock = time.monotonic,
+        self, is_member: Callable[[int, int], Awaitable[bool]], *, ttl: float = 600.0, refusal_ttl: float = 60.0,
+        max_users: int = 10_000, clock: Clock = time.monotonic,
     ) -> None:
         self._is_member = is_member
         self.ttl = ttl
+        self.refusal_ttl = refusal_ttl
         self.max_users = max_users
         self.clock = clock
         self._known: dict[int, tuple[bool, float]] = {}  # user -> (member, expires); oldest first
@@ -98,13 +100,16 @@ class Members:
         known = self._known.get(user_id)
         if known is not None and self.clock() < known[1]:
             return known[0]
+        guild_ids = sorted(guild_ids)
+        if not guild_ids:  # nothing to ask yet (the guilds of the allowed channels are not loaded): not an answer to keep
+            return False
         member = False
-        for guild_id in sorted(guild_ids):
+        for guild_id in guild_ids:
             if await self._is_member(guild_id, user_id):
                 member = True
                 break
         self._known.pop(user_id, None)
-        self._known[user_id] = (member, self.clock() + self.ttl)
+        self._known[user_id] = (member, self.clock() + (self.ttl if member else self.refusal_ttl))
         while len(self._known) > self.max_users:
             del self._known[next(iter(self._known))]
         return member
@@ -144,6 +149,11 @@ class Ticket:
         """Until every earlier message of the conversation was handed over (or dropped)."""
         if self._before is not None:
             await asyncio.shield(self._before)
+
+    async def handover(self) -> None:
+        """`wait`, then `release`: the caller calls the engine next, with no await in between."""
+        await self.wait()
+        self.release()
 
     def release(self) -> None:
         """Let the next message go; idempotent. A ticket released early still waits for those before it."""

@@ -119,24 +119,22 @@ class MnemoBot(discord.Client):
             external_id=str(message.id),
             created_at=clock.stamp(message.created_at),
         )
-        # the engine stores a message when called only for an agent it has loaded
+        # the engine stores a message at the call only for an agent it has loaded; loaded here, while
+        # earlier messages may still be in hand, the call below needs no await before storing
         await self.engine.agent(key)
         if not (is_addressed(message, me) or await self.is_listening(key)):
             if not (self.settings.store_unaddressed_messages and stored.content):
                 return "dropped"
-            await ticket.wait()
-            ticket.release()  # no await before the engine call: the next message cannot slip in
+            await ticket.handover()
             await self.engine.record(key, stored)
             return "recorded"
         if self.closing:  # shutting down: keep it; the first turn after the restart sees it
-            await ticket.wait()
-            ticket.release()
+            await ticket.handover()
             await self.engine.record(key, stored)
             return "recorded"
         wait = self.limiter.check(message.author.id)
         if wait:
-            await ticket.wait()
-            ticket.release()
+            await ticket.handover()
             await self.engine.record(key, stored)  # kept, just not answered
             if self.limiter.should_warn(message.author.id):
                 await self._send(message, f"You're sending messages faster than I can think. Try again in {wait:.0f} s.")

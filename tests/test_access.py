@@ -80,12 +80,16 @@ async def test_members_asked_once_remembered_for_a_while_and_bounded() -> None:
         asked.append((guild_id, user_id))
         return guild_id == 20 and user_id < 100
 
-    members = Members(is_member, ttl=600, max_users=3, clock=clock)
+    members = Members(is_member, ttl=600, refusal_ttl=60, max_users=3, clock=clock)
     assert await members.any_of(1, {10, 20}) and await members.any_of(1, {10, 20})
     assert asked == [(10, 1), (20, 1)]
-    assert not await members.any_of(500, {10, 20})
-    clock.now += 601
-    assert await members.any_of(1, {10, 20}) and len(asked) == 6  # asked again once expired
+    assert not await members.any_of(500, {10, 20}) and not await members.any_of(500, {10, 20})
+    assert len(asked) == 4
+    clock.now += 61  # a refusal is asked again sooner
+    assert not await members.any_of(500, {10, 20}) and await members.any_of(1, {10, 20}) and len(asked) == 6
+    clock.now += 540
+    assert await members.any_of(1, {10, 20}) and len(asked) == 8  # asked again once expired
+    assert not await members.any_of(7, set()) and len(asked) == 8 and len(members) == 2  # nothing asked, nothing kept
     for user in (2, 3, 4):
         await members.any_of(user, {20})
     assert len(members) == 3  # the oldest answers went first
