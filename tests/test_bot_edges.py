@@ -35,9 +35,11 @@ async def test_lone_surrogate_in_a_gateway_message_is_replaced_and_the_bot_keeps
     dm = fake_discord.dm_channel(alice["id"])
     fake.default = lambda body: reply("got: " + last_user_text(body)[-12:])
     async with running(settings, fake_discord) as bot:
-        # the fake writes frames with json.dumps, which escapes the lone surrogate as "\ud83d"
-        await fake_discord.send_dm(alice["id"], "broken emoji \ud83d here")
-        (answer,) = await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
+        # the fake writes frames and REST bodies with json.dumps, which escapes the lone surrogate as
+        # "\ud83d"; the answer's REST response quotes the message it replies to, so it holds one too
+        sent = lambda: fake_discord.send_dm(alice["id"], "broken emoji \ud83d here")  # noqa: E731
+        assert await outcome_of(bot, "broken emoji \ufffd here", sent) == "answered"
+        (answer,) = fake_discord.bot_messages(dm["id"])
         assert answer["content"] == "got: emoji \ufffd here"
         await fake_discord.send_dm(alice["id"], "still there?")
         await fake_discord.wait_for(lambda f: len(f.bot_messages(dm["id"])) == 2)
