@@ -100,11 +100,11 @@ class Members:
         known = self._known.get(user_id)
         if known is not None and self.clock() < known[1]:
             return known[0]
-        guild_ids = sorted(guild_ids)
-        if not guild_ids:  # nothing to ask yet (the guilds of the allowed channels are not loaded): not an answer to keep
+        asked = sorted(guild_ids)
+        if not asked:  # nothing to ask yet (the guilds of the allowed channels are not loaded): not an answer to keep
             return False
         member = False
-        for guild_id in guild_ids:
+        for guild_id in asked:
             if await self._is_member(guild_id, user_id):
                 member = True
                 break
