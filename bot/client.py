@@ -7,14 +7,15 @@ import hashlib
 import json
 import logging
 
+import aiohttp
 import discord
 from discord import app_commands
 
 from memory import agents, clock, recall
 from memory.engine import Engine
 
-from . import attachments, commands
-from .access import RateLimiter, allowed
+from . import attachments, commands, wire
+from .access import Arrivals, Members, RateLimiter, Ticket, allowed
 from .config import BotSettings
 from .format import split_message
 from .routing import agent_key, is_addressed, is_ignored
@@ -28,6 +29,7 @@ TYPING_AFTER = 1.0
 
 class MnemoBot(discord.Client):
     def __init__(self, settings: BotSettings, engine: Engine, *, sync_commands: bool = True) -> None:
+        wire.install()
         intents = discord.Intents.none()
         intents.guilds = True
         intents.guild_messages = True
@@ -45,6 +47,8 @@ class MnemoBot(discord.Client):
         self.engine = engine
         self.sync_commands = sync_commands
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.members = Members(self._is_member)
+        self.arrivals = Arrivals()
         self.tree = app_commands.CommandTree(self)
         commands.register(self.tree, self)
         self.closing = False
@@ -81,17 +85,32 @@ class MnemoBot(discord.Client):
         self.stopped = True  # no await since the loop: nothing can slip in before the engine closes
 
     async def on_message(self, message: discord.Message) -> None:
+        """Handles one message; dispatches `message_handled(message, outcome)` when done with it."""
         me = self.user
-        if self.stopped or me is None or is_ignored(message, me):
+        if self.stopped or me is None:
+            return
+        if is_ignored(message, me):
+            self.dispatch("message_handled", message, "ignored")
             return
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+        key = agent_key(message.channel, message.author)
+        ticket = self.arrivals.take(key)  # before any await: handlers start in gateway order
+        outcome = "failed"
+        try:
+            outcome = await self._handle(message, me, key, ticket)
+        finally:
+            ticket.release()
+            self.dispatch("message_handled", message, outcome)
+
+    async def _handle(self, message: discord.Message, me: discord.ClientUser, key: str, ticket: Ticket) -> str:
         channel_id = getattr(message.channel, "parent_id", None) or message.channel.id  # a thread counts as its channel
         if not allowed(self.settings, message.author.id, message.guild.id if message.guild else None, channel_id):
-            return
-        key = agent_key(message.channel, message.author)
+            return "refused"
+        if message.guild is None and not await self._dm_admitted(message.author.id):
+            return "refused"
         stored = recall.Message(
             role="user",
             content=message.clean_content,
@@ -100,33 +119,67 @@ class MnemoBot(discord.Client):
             external_id=str(message.id),
             created_at=clock.stamp(message.created_at),
         )
+        # the engine stores a message at the call only for an agent it has loaded; loaded here, while
+        # earlier messages may still be in hand, the call below needs no await before storing
+        await self.engine.agent(key)
         if not (is_addressed(message, me) or await self.is_listening(key)):
-            if self.settings.store_unaddressed_messages and stored.content:
-                await self.engine.record(key, stored)
-            return
-        if self.closing:  # shutting down: keep it; the first turn after the restart sees it
+            if not (self.settings.store_unaddressed_messages and stored.content):
+                return "dropped"
+            await ticket.handover()
             await self.engine.record(key, stored)
-            return
+            return "recorded"
+        if self.closing:  # shutting down: keep it; the first turn after the restart sees it
+            await ticket.handover()
+            await self.engine.record(key, stored)
+            return "recorded"
         wait = self.limiter.check(message.author.id)
         if wait:
+            await ticket.handover()
             await self.engine.record(key, stored)  # kept, just not answered
             if self.limiter.should_warn(message.author.id):
                 await self._send(message, f"You're sending messages faster than I can think. Try again in {wait:.0f} s.")
-            return
+            return "limited"
+        # documents are read before the message is handed over, as the message's note mentions them;
+        # later messages of this conversation wait for that
+        await ticket.wait()
         for attachment in message.attachments:
             note = await self._ingest(message, key, attachment)
             if note:
                 stored.content += ("\n" if stored.content else "") + note
         if not stored.content.strip():
-            return
+            return "dropped"
         # the indicator runs beside the turn: its REST calls must not delay the answer
         typing = asyncio.create_task(self._typing(message.channel))
+        ticket.release()
         try:
             result = await self.engine.send(key, stored)
         finally:
             typing.cancel()
         if result.reply:
             await self._send(message, result.reply)
+        return "answered"
+
+    async def _dm_admitted(self, user_id: int) -> bool:
+        if self.settings.dm_policy != "members":
+            return True
+        guild_ids = set(self.settings.allowed_guilds)
+        for channel_id in self.settings.allowed_channels:  # the servers an allowed channel is in
+            channel = self.get_channel(channel_id)
+            if isinstance(channel, discord.abc.GuildChannel):
+                guild_ids.add(channel.guild.id)
+        try:
+            return await self.members.any_of(user_id, guild_ids)
+        except (discord.HTTPException, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # not remembered: the next DM asks again
+            log.warning("could not check whether DM sender %s is a member (%s); not answering", user_id, exc)
+            return False
+
+    async def _is_member(self, guild_id: int, user_id: int) -> bool:
+        try:
+            await self.http.get_member(guild_id, user_id)
+        except (discord.NotFound, discord.Forbidden):  # not a member, or a guild the bot is not in
+            return False
+        return True
 
     async def _ingest(self, message: discord.Message, key: str, attachment: discord.Attachment) -> str:
         """Read an attachment into archival memory; returns the note for the agent."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from memory.config import ConfigError, EngineSettings
@@ -24,6 +24,10 @@ class BotSettings(EngineSettings):
     allowed_users: IdSet = frozenset()
     allowed_guilds: IdSet = frozenset()
     allowed_channels: IdSet = frozenset()
+    # Who may DM the bot. Unset: members of the allowed guilds (those of the allowed channels)
+    # when either list is set, else everyone; an operator who limits the bot to their server
+    # expects its DMs limited the same way.
+    allow_dms: Literal["members", "everyone", "nobody"] | None = None
     rate_limit_per_minute: int = Field(12, ge=1)
     max_attachment_bytes: int = Field(2_000_000, ge=1_000)
 
@@ -37,6 +41,25 @@ class BotSettings(EngineSettings):
                 raise ValueError(f"expected comma-separated numeric Discord ids, found {bad}")
             return frozenset(int(p) for p in parts)
         return value
+
+    @field_validator("allow_dms", mode="before")
+    @classmethod
+    def _dm_policy(cls, value: object) -> object:
+        if isinstance(value, str):  # `ALLOW_DMS=` as in .env.example means unset
+            return value.strip().lower() or None
+        return value
+
+    @model_validator(mode="after")
+    def _dms_need_guilds(self) -> BotSettings:
+        if self.allow_dms == "members" and not (self.allowed_guilds or self.allowed_channels):
+            raise ValueError("ALLOW_DMS=members needs ALLOWED_GUILDS or ALLOWED_CHANNELS: the servers whose members may DM the bot")
+        return self
+
+    @property
+    def dm_policy(self) -> Literal["members", "everyone", "nobody"]:
+        if self.allow_dms is not None:
+            return self.allow_dms
+        return "members" if self.allowed_guilds or self.allowed_channels else "everyone"
 
     def require_all(self) -> None:
         """What `mnemocord run` needs, every missing piece named at once."""

@@ -394,6 +394,13 @@ class FakeDiscord:
         conn = await self._connection(timeout)
         await self._send(conn, {"op": 0, "t": event, "d": data})
 
+    async def send_raw(self, text: str, *, timeout: float = 5.0) -> None:
+        """Write ``text`` as one gateway text frame, as is: a broken or hostile Discord's bytes."""
+        conn = await self._connection(timeout)
+        done = asyncio.get_running_loop().create_future()
+        conn.outbox.put_nowait(_Outgoing(text, done))
+        await done
+
     async def send_message(
         self,
         channel_id: Id,

@@ -19,7 +19,7 @@ from bot.main import open_engine, point_discord_at
 from memory import recall
 from memory.engine import Engine
 from tests.fakediscord import EPHEMERAL, FakeDiscord
-from tests.fakeopenai import Delay, FakeOpenAI, call, reply
+from tests.fakeopenai import FakeOpenAI, call, reply
 
 MANAGE_CHANNELS = 1 << 4
 
@@ -119,7 +119,12 @@ async def test_typing_shows_for_slow_turns(
 ) -> None:
     monkeypatch.setattr("bot.client.TYPING_AFTER", 0.05)
     dm = fake_discord.dm_channel(world["alice"]["id"])
-    fake.push(Delay(0.5, reply("Thought about it.")))
+
+    async def until_typing(body: dict[str, Any]) -> dict[str, Any]:
+        await fake_discord.wait_for(lambda f: f.typing)  # a turn that outlasts TYPING_AFTER
+        return reply("Thought about it.")
+
+    fake.default = until_typing
     async with running(settings, fake_discord):
         await fake_discord.send_dm(world["alice"]["id"], "a hard question")
         await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
@@ -135,10 +140,11 @@ async def test_mention_answered_unaddressed_stored_and_found(settings: BotSettin
         return call("conversation_search", {"query": "deploy password"})
 
     fake.default = model
-    async with running(settings, fake_discord):
+    async with running(settings, fake_discord) as bot:
+        kept = bot.wait_for("message_handled", check=lambda m, _: m.content == "lunch anyone?", timeout=5)
         await fake_discord.send_message(general["id"], bob["id"], "fyi the deploy password is octopus-42")
         await fake_discord.send_message(general["id"], alice["id"], "lunch anyone?")
-        await asyncio.sleep(0.2)
+        assert (await kept)[1] == "recorded"  # handed over after bob's, in arrival order
         assert fake.chat_requests == [] and fake_discord.bot_messages(general["id"]) == []
         question = await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> what was the deploy password?")
         (answer,) = await fake_discord.wait_for(lambda f: f.bot_messages(general["id"]))
@@ -308,11 +314,11 @@ async def test_rate_limit_replies_once_and_keeps_messages(settings: BotSettings,
     limited = settings.model_copy(update={"rate_limit_per_minute": 2})
     fake.default = lambda body: reply("ok")
     async with running(limited, fake_discord) as bot:
+        handled = [bot.wait_for("message_handled", check=lambda m, _, i=i: m.content == f"message {i}", timeout=5) for i in range(5)]
         for i in range(5):
             await fake_discord.send_dm(alice["id"], f"message {i}")
-        await fake_discord.wait_for(lambda f: any("faster than I can think" in m["content"] for m in f.bot_messages(dm["id"])))
-        await fake_discord.wait_for(lambda f: sum(m["content"] == "ok" for m in f.bot_messages(dm["id"])) >= 1)
-        await asyncio.sleep(0.2)
+        outcomes = [outcome for _, outcome in await asyncio.gather(*handled)]  # warnings sent by then
+        assert sorted(outcomes) == ["answered"] * 2 + ["limited"] * 3
         warnings = [m for m in fake_discord.bot_messages(dm["id"]) if "faster" in m["content"]]
         agent = await bot.engine.agent(f"dm:{alice['id']}")
         assert len(warnings) == 1
@@ -362,7 +368,13 @@ async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_d
 
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
-    fake.default = lambda body: Delay(0.8, call("send_message", {"message": "finished before stopping"}))
+    stopping = asyncio.Event()
+
+    async def finish_after_sigterm() -> dict[str, Any]:
+        await stopping.wait()  # the turn is still running when the process is told to stop
+        return call("send_message", {"message": "finished before stopping"})
+
+    fake.default = lambda body: finish_after_sigterm()
     env = {
         **os.environ, "DISCORD_TOKEN": "secret-token-value", "DISCORD_API_BASE": fake_discord.rest_base,
         "DISCORD_GATEWAY_URL": fake_discord.gateway_url, "LLM_BASE_URL": fake.url, "LLM_MODEL": "m",
@@ -377,11 +389,18 @@ async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_d
         await fake_discord.send_dm(alice["id"], "please finish this")
         await fake_discord.wait_for(lambda f: fake.chat_requests, timeout=10)  # the turn is in flight
         proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        before = b""
+        while b"shutting down" not in before:
+            line = await asyncio.wait_for(proc.stderr.readline(), 20)
+            assert line, before.decode()
+            before += line
+        stopping.set()
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:
         if proc.returncode is None:
             proc.kill()
-    log = err.decode()
+    log = before.decode() + err.decode()
     assert proc.returncode == 0, log
     assert [m["content"] for m in fake_discord.bot_messages(dm["id"])] == ["finished before stopping"]
     assert "turn agent=dm:" in log and "outcome=reply" in log and "stopped" in log
@@ -392,11 +411,11 @@ async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_d
 async def test_message_arriving_during_shutdown_is_kept(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
-    in_flight = asyncio.Event()
+    in_flight, release = asyncio.Event(), asyncio.Event()
 
     async def slow(body: dict[str, Any]) -> dict[str, Any]:
         in_flight.set()
-        await asyncio.sleep(0.5)
+        await release.wait()  # the turn runs until the second message was handled
         return reply("first answered")
 
     fake.default = slow
@@ -404,7 +423,10 @@ async def test_message_arriving_during_shutdown_is_kept(settings: BotSettings, f
         await fake_discord.send_dm(alice["id"], "first")
         await asyncio.wait_for(in_flight.wait(), 5)
         draining = asyncio.create_task(bot.drain())
+        kept = bot.wait_for("message_handled", check=lambda m, _: m.content == "second, sent while stopping", timeout=5)
         await fake_discord.send_dm(alice["id"], "second, sent while stopping")
+        assert (await kept)[1] == "recorded"
+        release.set()
         await draining
         agent = await bot.engine.agent(f"dm:{alice['id']}")
         kept = await recall.search_messages(bot.engine.db, agent, "stopping")

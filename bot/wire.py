@@ -1,0 +1,60 @@
+"""JSON to and from Discord, where every frame is untrusted input.
+
+discord.py decodes gateway frames and REST bodies with orjson when it is installed, and orjson
+refuses a lone surrogate escape ("\\ud83d") that Discord relays from a client: the error ends the
+gateway reader, and with it `mnemocord run`. These hooks replace discord.py's own, so one bad frame
+costs at most that frame and bad characters become U+FFFD where they enter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+import discord.utils
+
+log = logging.getLogger(__name__)
+
+_strict_loads = discord.utils._from_json
+_strict_dumps = discord.utils._to_json
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid(value: Any) -> Any:
+    """`value` with every lone surrogate in its strings and keys replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {valid(k): valid(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [valid(v) for v in value]
+    return value
+
+
+def loads(text: str | bytes) -> Any:
+    try:
+        return _strict_loads(text)
+    except ValueError:
+        pass
+    try:
+        # the standard decoder reads lone surrogate escapes as characters, which valid() then replaces
+        return valid(json.loads(text))
+    except ValueError:
+        # a gateway frame that is no JSON at all: the reader ignores an empty payload (no op code)
+        log.warning("ignored %d characters from Discord that are not JSON", len(text))
+        return {}
+
+
+def dumps(obj: Any) -> str:
+    try:
+        return _strict_dumps(obj)
+    except TypeError:  # orjson: "str is not valid UTF-8: surrogates not allowed"
+        return _strict_dumps(valid(obj))
+
+
+def install() -> None:
+    """Make discord.py use these hooks; it looks them up on each call, so this covers every client."""
+    discord.utils._from_json = loads
+    discord.utils._to_json = dumps
