@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 import discord.utils
+
+from memory.text import without_surrogates
 
 log = logging.getLogger(__name__)
 
 _strict_loads = discord.utils._from_json
 _strict_dumps = discord.utils._to_json
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def valid(value: Any) -> Any:
     """`value` with every lone surrogate in its strings and keys replaced by U+FFFD."""
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return without_surrogates(value)
     if isinstance(value, dict):
         return {valid(k): valid(v) for k, v in value.items()}
     if isinstance(value, list):

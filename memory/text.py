@@ -14,6 +14,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def valid(text: str) -> str:
     """`text` with lone surrogates replaced by U+FFFD and NUL bytes dropped."""
-    if text.isascii():
-        return text.replace("\x00", "")
-    return _SURROGATE.sub("\ufffd", text).replace("\x00", "")
+    return without_surrogates(text).replace("\x00", "")
+
+
+def without_surrogates(text: str) -> str:
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
