@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import agents, context, core, documents, portability, recall, search
 from .agents import Agent
-from .archival import MAX_INSERT_CHARS
 from .core import Block
 
 if TYPE_CHECKING:
@@ -199,7 +198,7 @@ class MemoryAPI:
         text = await documents.extract(name, data, content_type)
         agent = await self._agent(key)
         ids = await self._engine.archive.insert(
-            agent, text, tags=["document", name], source=source or name, max_chars=max(documents.MAX_DOCUMENT_CHARS, MAX_INSERT_CHARS),
+            agent, text, tags=["document", name], source=source or name, max_chars=documents.MAX_DOCUMENT_CHARS
         )
         return Ingested(name, len(text), len(ids))
 

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import archival, core, recall, search
 from .agents import Agent
-from .archival import chunk, clean_tags
 from .clock import now
 from .db import sqlite3
 
@@ -102,7 +101,7 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     # in-context messages go last and in order, so tool calls keep their results
     in_context = [m for m, kept in messages if kept]
     recall.prepare(evicted + in_context)
-    pieces = [(found, clean_tags(tags), source, created_at) for content, tags, source, created_at in passages if (found := chunk(content))]
+    pieces = [(found, archival.clean_tags(tags), source, created_at) for content, tags, source, created_at in passages if (found := archival.chunk(content))]
     stamp = now()
 
     def write(c: sqlite3.Connection) -> None:

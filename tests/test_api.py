@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from memory import archival, recall
-from memory.api import OPTION_CACHE, parse_ids
+from memory import api, archival, recall
+from memory.api import parse_ids
 from memory.config import EngineSettings
 from memory.documents import MAX_DOCUMENT_CHARS, Unreadable
 from memory.engine import Engine
@@ -112,14 +112,15 @@ async def test_ingest_refuses_what_it_cannot_read(engine: Engine) -> None:
     assert (await engine.memory.view("dm:1")).passages == 0
 
 
-async def test_listen_option_persists_and_its_cache_stays_bounded(engine: Engine, tmp_path: Path) -> None:
+async def test_listen_option_persists_and_its_cache_stays_bounded(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "OPTION_CACHE", 3)
     assert await engine.memory.listening("channel:1") is False
     await engine.memory.set_listening("channel:1", True)
     assert await engine.memory.listening("channel:1") is True
-    for i in range(OPTION_CACHE + 5):
-        engine.memory._remember(f"channel:{i + 100}", "listen", False)
-    assert len(engine.memory._options) == OPTION_CACHE
-    assert await engine.memory.listening("channel:1") is True  # evicted from the cache, read from the database
+    for i in range(2, 8):
+        assert await engine.memory.listening(f"channel:{i}") is False
+    assert len(engine.memory._options) == 3
+    assert await engine.memory.listening("channel:1") is True  # left the cache: read from the database
     await engine.memory.set_meta("discord_commands_hash", "abc")
     assert await engine.memory.meta("discord_commands_hash") == "abc"
     assert await engine.memory.meta("nothing") is None
