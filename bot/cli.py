@@ -74,7 +74,7 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
             if line.startswith("/file "):
                 # as the bot does with an attachment: stored, then the agent is told in this message
                 try:
-                    ingested = await _read_document(engine, key, Path(line[len("/file "):].strip()))
+                    ingested = await _read_document(engine, key, Path(line[len("/file "):].strip()).expanduser())
                 except DocumentError as exc:
                     print(f"     {exc}")
                     continue

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from . import archival, core, recall, search
 from .agents import Agent
 from .clock import now
-from .db import sqlite3
+from .db import StorageError, sqlite3
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -56,7 +56,7 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     Blocks and the summary are replaced; messages and passages are added, all in
     one transaction, after the whole file was checked: a malformed file or an error
     while writing leaves memory as it was. Vectors are computed after the commit.
-    Raises ValueError when `data` is not a valid export.
+    Raises ValueError when `data` is not a valid export, StorageError when writing failed.
     """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"missing \"format\": \"{FORMAT}\"")
@@ -118,7 +118,10 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
             archival.store(c, agent, found, tags, source, created_at)
 
     # one transaction: an error anywhere leaves memory as it was
-    await engine.db.transact(write)
+    try:
+        await engine.db.transact(write)
+    except sqlite3.Error as exc:
+        raise StorageError(f"the import failed and changed nothing: {exc}") from exc
     await engine.archive.embed_pending(agent)
     return {"agent": agent.key, "blocks": len(blocks), "messages": len(messages), "passages": len(passages)}
 

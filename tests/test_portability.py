@@ -10,6 +10,7 @@ import pytest
 
 from memory import core, recall
 from memory.config import EngineSettings
+from memory.db import StorageError
 from memory.engine import Engine
 from memory.portability import export_agent, import_agent
 from tests.fakeopenai import FakeOpenAI
@@ -75,7 +76,7 @@ async def test_an_import_failing_midway_leaves_nothing(engine: Engine) -> None:
     )
     target = await engine.agent("dm:3")
     before = await export_agent(engine, target)
-    with pytest.raises(Exception, match="injected failure"):
+    with pytest.raises(StorageError, match="changed nothing: injected failure"):
         await import_agent(engine, data, "dm:3")
     after = await export_agent(engine, target)
     assert {k: v for k, v in after.items() if k != "exported_at"} == {k: v for k, v in before.items() if k != "exported_at"}
