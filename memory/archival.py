@@ -12,6 +12,7 @@ bench/retrieval.py measures these choices on LoCoMo, bench/search.py their speed
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -197,7 +198,7 @@ class Archive:
         ids: list[int] = []
         for i in range(0, len(pieces), TRANSACTION_PIECES):
             part = pieces[i : i + TRANSACTION_PIECES]
-            ids += await self.db.transact(lambda c: store(c, agent, part, tag_list, source, stamp))
+            ids += await self.db.transact(functools.partial(store, agent=agent, pieces=part, tags=tag_list, source=source, stamp=stamp))
         await self.embed_pending(agent)
         return ids
 
