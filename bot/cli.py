@@ -1,4 +1,4 @@
-"""The `mnemocord` command: run the bot, chat in a terminal, sync commands, import memory."""
+"""The `mnemocord` command: run the bot, chat in a terminal, sync commands, ingest documents, import and export memory."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 from memory import recall
+from memory.api import Ingested
 from memory.config import ConfigError, EngineSettings, load_settings
 from memory.db import StorageError
+from memory.documents import Unreadable
 from memory.engine import Engine
 
 
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     exp = sub.add_parser("export", help="write an agent's whole memory as JSON")
     exp.add_argument("--agent", required=True)
     exp.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    ing = sub.add_parser("ingest", help="read a document (text or PDF) into an agent's archival memory")
+    ing.add_argument("file", type=Path)
+    ing.add_argument("--agent", required=True, help="agent key, e.g. dm:<user id> or local:terminal")
     args = parser.parse_args(argv)
 
     try:
@@ -43,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
                 asyncio.run(_chat(settings, args.agent, args.verbose))
             elif args.command == "import":
                 asyncio.run(_import(settings, args.file, args.agent))
+            elif args.command == "ingest":
+                asyncio.run(_ingest(settings, args.file, args.agent))
             else:
                 asyncio.run(_export(settings, args.agent, args.output))
     except (ConfigError, StorageError) as exc:
@@ -53,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
 
 async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
     engine = await Engine.open(settings)
-    agent = await engine.agent(key)
-    print(f"Chatting with agent {key} via {settings.llm_model} at {settings.llm_base_url}. Ctrl-D to quit.")
-    seen = await engine.db.fetchval("SELECT coalesce(max(id), 0) FROM messages WHERE agent_id = ?", (agent.id,), 0)
+    print(f"Chatting with agent {key} via {settings.llm_model} at {settings.llm_base_url}. `/file PATH` reads a document. Ctrl-D to quit.")
+    seen = await engine.memory.last_message_id(key)
     try:
         while True:
             try:
@@ -65,19 +71,54 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
                 break
             if not line.strip():
                 continue
+            if line.startswith("/file "):
+                # as the bot does with an attachment: stored, then the agent is told in this message
+                try:
+                    ingested = await _read_document(engine, key, Path(line[len("/file "):].strip()).expanduser())
+                except DocumentError as exc:
+                    print(f"     {exc}")
+                    continue
+                print(f"     Saved `{ingested.name}` to archival memory ({ingested.passages} passages).")
+                line = ingested.note
             result = await engine.send(key, recall.Message(role="user", content=line, author="you", author_id="terminal"))
             if verbose:
-                rows = await engine.db.fetchall(
-                    "SELECT id FROM messages WHERE agent_id = ? AND id > ? ORDER BY id", (agent.id, seen)
-                )
-                for m in await recall.get(engine.db, agent, [r[0] for r in rows]):
+                for m in await engine.memory.messages_since(key, seen):
                     _show(m)
-                seen = max([seen, *(r[0] for r in rows)])
+                    seen = max(seen, m.id)
             print(f"bot> {result.reply}")
             if verbose:
                 print(f"     ({result.steps} steps, {result.tokens_in} tokens in, {result.tokens_out} out, {result.model_seconds:.1f} s model)")
     finally:
         await engine.close()
+
+
+class DocumentError(Exception):
+    """A document could not be read or ingested; str() says why in one line."""
+
+
+async def _read_document(engine: Engine, key: str, path: Path) -> Ingested:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DocumentError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return await engine.memory.ingest(key, path.name, data, source=f"file {path.name}")
+    except (Unreadable, ValueError) as exc:
+        raise DocumentError(str(exc)) from None
+
+
+async def _ingest(settings: EngineSettings, path: Path, key: str) -> None:
+    engine = await Engine.open(settings)
+    try:
+        try:
+            ingested = await _read_document(engine, key, path)
+        except DocumentError as exc:
+            sys.exit(f"mnemocord: {exc}")
+        # the agent learns of it in its next turn, as the bot tells it of an attachment
+        await engine.record(key, recall.Message(role="system", content=ingested.note))
+    finally:
+        await engine.close()
+    print(f"Saved {path.name} to the archival memory of {key}: {ingested.passages} passages.")
 
 
 def _show(m: recall.Message) -> None:
@@ -93,15 +134,13 @@ def _show(m: recall.Message) -> None:
 
 
 async def _import(settings: EngineSettings, path: Path, key: str | None) -> None:
-    from memory import portability
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         sys.exit(f"mnemocord: cannot read {path}: {exc}")
     engine = await Engine.open(settings)
     try:
-        counts = await portability.import_agent(engine, data, key)
+        counts = await engine.memory.import_data(data, key)
     except ValueError as exc:
         sys.exit(f"mnemocord: {path} is not a mnemocord export: {exc}")
     finally:
@@ -110,16 +149,11 @@ async def _import(settings: EngineSettings, path: Path, key: str | None) -> None
 
 
 async def _export(settings: EngineSettings, key: str, output: Path | None) -> None:
-    from memory import portability
-
-    from memory import agents
-
     engine = await Engine.open(settings)
     try:
-        agent = await agents.find(engine.db, key)
-        if agent is None:
+        if not await engine.memory.exists(key):
             sys.exit(f"mnemocord: no agent {key!r} in {settings.database_path} (keys look like dm:<user id> or channel:<channel id>)")
-        data = await portability.export_agent(engine, agent)
+        data = await engine.memory.export(key)
     finally:
         await engine.close()
     text = json.dumps(data, ensure_ascii=False, indent=1)
@@ -127,5 +161,7 @@ async def _export(settings: EngineSettings, key: str, output: Path | None) -> No
         output.write_text(text, encoding="utf-8")
     else:
         print(text)
+
+
 if __name__ == "__main__":
     main()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 
 import aiohttp
 import discord
 from discord import app_commands
 
-from memory import agents, clock, recall
+from memory import clock, recall
+from memory.documents import Unreadable
 from memory.engine import Engine
 
 from . import attachments, commands, wire
@@ -50,32 +49,21 @@ class MnemoBot(discord.Client):
         self.members = Members(self._is_member)
         self.arrivals = Arrivals()
         self.tree = app_commands.CommandTree(self)
-        commands.register(self.tree, self)
+        commands.register(self.tree, engine, settings)
         self.closing = False
         self.stopped = False
-        self._listening: dict[str, bool] = {}
         self._handlers: set[asyncio.Task[object]] = set()
 
     async def setup_hook(self) -> None:
         if self.sync_commands:
             try:
-                await sync_if_changed(self.tree, self.engine, self.application_id)
+                await commands.sync_if_changed(self.tree, self.engine, self.application_id)
             except discord.HTTPException as exc:  # chat still works without slash commands
                 log.warning("could not register slash commands (%s); try `mnemocord sync` later", exc)
 
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("connected as %s (%s) to %d guilds", self.user, self.user.id, len(self.guilds))
-
-    async def is_listening(self, key: str) -> bool:
-        if key not in self._listening:
-            agent = await self.engine.agent(key)
-            self._listening[key] = bool((await agents.get_options(self.engine.db, agent)).get("listen"))
-        return self._listening[key]
-
-    async def set_listening(self, key: str, on: bool) -> None:
-        await agents.set_option(self.engine.db, await self.engine.agent(key), "listen", on)
-        self._listening[key] = on
 
     async def drain(self) -> None:
         """Stop answering, and wait until the messages being handled are answered or kept."""
@@ -122,7 +110,7 @@ class MnemoBot(discord.Client):
         # the engine stores a message at the call only for an agent it has loaded; loaded here, while
         # earlier messages may still be in hand, the call below needs no await before storing
         await self.engine.agent(key)
-        if not (is_addressed(message, me) or await self.is_listening(key)):
+        if not (is_addressed(message, me) or await self.engine.memory.listening(key)):
             if not (self.settings.store_unaddressed_messages and stored.content):
                 return "dropped"
             await ticket.handover()
@@ -186,13 +174,11 @@ class MnemoBot(discord.Client):
         try:
             attachments.check(attachment, self.settings.max_attachment_bytes)
             progress = await self._send(message, f"Reading `{attachment.filename}`…")
-            text = await attachments.extract_text(attachment, await attachment.read())
-            agent = await self.engine.agent(key)
-            ids = await self.engine.archive.insert(
-                agent, text, tags=["document", attachment.filename], source=f"discord attachment {attachment.id}",
-                max_chars=attachments.MAX_DOCUMENT_CHARS,
+            ingested = await self.engine.memory.ingest(
+                key, attachment.filename, await attachment.read(), content_type=attachment.content_type,
+                source=f"discord attachment {attachment.id}",
             )
-        except attachments.Unreadable as exc:
+        except Unreadable as exc:
             await self._send(message, str(exc))
             return f"[{message.author.display_name} attached `{attachment.filename}`, which could not be read: {exc}]"
         except discord.HTTPException as exc:
@@ -201,13 +187,10 @@ class MnemoBot(discord.Client):
             return ""
         if progress:
             try:
-                await progress.edit(content=f"Saved `{attachment.filename}` to my archival memory ({len(ids)} passages).")
+                await progress.edit(content=f"Saved `{attachment.filename}` to my archival memory ({ingested.passages} passages).")
             except discord.HTTPException:
                 pass
-        return (
-            f"[Document `{attachment.filename}` ({len(text)} characters) was saved to archival memory as "
-            f"{len(ids)} passages tagged \"document\"; search it with archival_memory_search.]"
-        )
+        return ingested.note
 
     async def _typing(self, channel: discord.abc.Messageable) -> None:
         await asyncio.sleep(TYPING_AFTER)
@@ -230,18 +213,3 @@ class MnemoBot(discord.Client):
             log.warning("could not send to channel %s: %s", message.channel.id, exc)
         return first
 
-
-def commands_hash(tree: app_commands.CommandTree) -> str:
-    payload = [c.to_dict(tree) for c in tree.get_commands()]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-async def sync_if_changed(tree: app_commands.CommandTree, engine: Engine, app_id: int | None, *, force: bool = False) -> bool:
-    """Discord rate-limits command creation: sync only when the definitions (or the application) changed."""
-    digest = f"{app_id}:{commands_hash(tree)}"
-    if not force and await engine.db.fetchval("SELECT value FROM meta WHERE key = 'discord_commands_hash'") == digest:
-        return False
-    await tree.sync()
-    await engine.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('discord_commands_hash', ?)", (digest,))
-    log.info("slash commands synced")
-    return True

@@ -9,31 +9,31 @@ In DMs the user owns their agent.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
-import re
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import discord
 from discord import app_commands
 
-from memory import context, core, portability, recall
-from memory.agents import Agent, default_blocks
+from memory.api import parse_ids
+from memory.engine import Engine
 
 from .access import allowed
+from .config import BotSettings
 from .routing import agent_key
 
-if TYPE_CHECKING:
-    from .client import MnemoBot
-
 EPHEMERAL_LIMIT = 1900
+# meta key of the synced definitions' hash
+COMMANDS_HASH = "discord_commands_hash"
 log = logging.getLogger(__name__)
 
 
-def register(tree: app_commands.CommandTree, bot: MnemoBot) -> None:
-    tree.add_command(MemoryCommands(bot))
-    tree.add_command(AdminCommands(bot))
+def register(tree: app_commands.CommandTree, engine: Engine, settings: BotSettings) -> None:
+    tree.add_command(MemoryCommands(engine, settings))
+    tree.add_command(AdminCommands(engine, settings))
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -53,10 +53,26 @@ def register(tree: app_commands.CommandTree, bot: MnemoBot) -> None:
             pass
 
 
-def _allowed(bot: MnemoBot, interaction: discord.Interaction) -> bool:
+def commands_hash(tree: app_commands.CommandTree) -> str:
+    payload = [c.to_dict(tree) for c in tree.get_commands()]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+async def sync_if_changed(tree: app_commands.CommandTree, engine: Engine, app_id: int | None, *, force: bool = False) -> bool:
+    """Discord rate-limits command creation: sync only when the definitions (or the application) changed."""
+    digest = f"{app_id}:{commands_hash(tree)}"
+    if not force and await engine.memory.meta(COMMANDS_HASH) == digest:
+        return False
+    await tree.sync()
+    await engine.memory.set_meta(COMMANDS_HASH, digest)
+    log.info("slash commands synced")
+    return True
+
+
+def _allowed(settings: BotSettings, interaction: discord.Interaction) -> bool:
     channel = interaction.channel
     return allowed(
-        bot.settings, interaction.user.id, interaction.guild_id,
+        settings, interaction.user.id, interaction.guild_id,
         getattr(channel, "parent_id", None) or interaction.channel_id,
     )
 
@@ -76,9 +92,8 @@ def _may_change(interaction: discord.Interaction) -> bool:
 manager_only = app_commands.check(_may_change)
 
 
-async def _agent(bot: MnemoBot, interaction: discord.Interaction) -> tuple[str, Agent]:
-    key = agent_key(interaction.channel, interaction.user)
-    return key, await bot.engine.agent(key)
+def _key(interaction: discord.Interaction) -> str:
+    return agent_key(interaction.channel, interaction.user)
 
 
 async def _answer(interaction: discord.Interaction, text: str, *, filename: str = "memory.md") -> None:
@@ -94,32 +109,26 @@ async def _answer(interaction: discord.Interaction, text: str, *, filename: str 
 
 
 class MemoryCommands(app_commands.Group):
-    def __init__(self, bot: MnemoBot) -> None:
+    def __init__(self, engine: Engine, settings: BotSettings) -> None:
         super().__init__(name="memory", description="Look into this conversation's long-term memory")
-        self.bot = bot
+        self.memory = engine.memory
+        self.settings = settings
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return _allowed(self.bot, interaction)
+        return _allowed(self.settings, interaction)
 
     @app_commands.command(description="Core memory, summary, counts and context usage")
     async def view(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        key, agent = await _agent(self.bot, interaction)
-        engine = self.bot.engine
-        db = engine.db
-        prompt = await context.build(db, agent, engine.settings.context_window)
-        row = await db.fetchone("SELECT summary, tokens_in, tokens_out, model_calls FROM agents WHERE id = ?", (agent.id,))
-        messages = await recall.count(db, agent)
-        passages = await engine.archive.count(agent)
-        window = engine.settings.context_window
-        lines = [f"**Memory of `{key}`**"]
-        for b in await core.blocks(db, agent):
+        v = await self.memory.view(_key(interaction))
+        lines = [f"**Memory of `{v.key}`**"]
+        for b in v.blocks:
             lines.append(f"__{b.label}__ ({len(b.value)}/{b.limit} characters)\n{b.value or '*(empty)*'}")
-        lines.append(f"__summary__\n{row['summary'] or '*(none yet)*'}")
+        lines.append(f"__summary__\n{v.summary or '*(none yet)*'}")
         lines.append(
-            f"Recall: {messages} messages ({len(prompt.history)} in context). Archival: {passages} passages.\n"
-            f"Context window: {prompt.tokens}/{window} tokens ({prompt.tokens / window:.0%}).\n"
-            f"Model usage: {row['model_calls']} calls, {row['tokens_in']} tokens in, {row['tokens_out']} out."
+            f"Recall: {v.messages} messages ({v.in_context} in context). Archival: {v.passages} passages.\n"
+            f"Context window: {v.context_tokens}/{v.context_window} tokens ({v.context_tokens / v.context_window:.0%}).\n"
+            f"Model usage: {v.model_calls} calls, {v.tokens_in} tokens in, {v.tokens_out} out."
         )
         await _answer(interaction, "\n\n".join(lines))
 
@@ -127,22 +136,19 @@ class MemoryCommands(app_commands.Group):
     @app_commands.describe(query="words to look for")
     async def search(self, interaction: discord.Interaction, query: app_commands.Range[str, 1, 500]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        _, agent = await _agent(self.bot, interaction)
-        found_messages = await recall.search_messages(self.bot.engine.db, agent, query)
-        found_passages = await self.bot.engine.archive.search(agent, query)
-        lines = [f"**Messages** ({found_messages.total} matches)"]
-        lines += [f"`m{h.id}` {h.created_at[:10]} {h.label}: {_clip(h.text)}" for h in found_messages.hits] or ["*(none)*"]
-        lines.append(f"**Archival passages** ({found_passages.total} {'matches' if not found_passages.note else 'best matches'})")
-        lines += [f"`p{h.id}` {h.created_at[:10]}: {_clip(h.text)}" for h in found_passages.hits] or ["*(none)*"]
+        found = await self.memory.search(_key(interaction), query)
+        lines = [f"**Messages** ({found.messages.total} matches)"]
+        lines += [f"`m{h.id}` {h.created_at[:10]} {h.label}: {_clip(h.text)}" for h in found.messages.hits] or ["*(none)*"]
+        lines.append(f"**Archival passages** ({found.passages.total} {'matches' if not found.passages.note else 'best matches'})")
+        lines += [f"`p{h.id}` {h.created_at[:10]}: {_clip(h.text)}" for h in found.passages.hits] or ["*(none)*"]
         lines.append("Use `/memory forget m123` or `p45` to delete one.")
         await _answer(interaction, "\n".join(lines))
 
     @app_commands.command(description="Download this conversation's whole memory as JSON")
     async def export(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        key, agent = await _agent(self.bot, interaction)
-        data = await portability.export_agent(self.bot.engine, agent)
-        payload = json.dumps(data, ensure_ascii=False, indent=1).encode()
+        key = _key(interaction)
+        payload = json.dumps(await self.memory.export(key), ensure_ascii=False, indent=1).encode()
         name = f"mnemocord-{key.replace(':', '-')}.json"
         await interaction.followup.send(
             f"The whole memory of `{key}` ({len(payload) / 1e3:.0f} kB). `mnemocord import {name}` loads it into another bot.",
@@ -154,36 +160,23 @@ class MemoryCommands(app_commands.Group):
     @app_commands.describe(target="m<id>, p<id> (several separated by spaces), or text the items contain")
     async def forget(self, interaction: discord.Interaction, target: app_commands.Range[str, 1, 500]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        key, agent = await _agent(self.bot, interaction)
-        engine = self.bot.engine
-        ids = re.findall(r"\b([mp])#?(\d{1,18})\b", target.lower())
-        if ids and re.fullmatch(r"(\s*[mp]#?\d{1,18}\s*,?)+", target.lower()):
-            async with engine.lock(key):
-                removed_m = await recall.delete(engine.db, agent, [int(n) for k, n in ids if k == "m"])
-                removed_p = await engine.archive.delete(agent, [int(n) for k, n in ids if k == "p"])
-                engine.forgotten(key)
+        key = _key(interaction)
+        ids = parse_ids(target)
+        if ids:
+            removed_m, removed_p = await self.memory.forget(key, *ids)
             await interaction.followup.send(f"Forgot {removed_m} messages and {removed_p} passages.", ephemeral=True)
             return
-        pattern = f"%{_escape_like(target)}%"
-        # replies live in the arguments of send_message calls, so tool_calls is searched too
-        message_ids = [r[0] for r in await engine.db.fetchall(
-            "SELECT id FROM messages WHERE agent_id = ?1 AND (content LIKE ?2 ESCAPE '\\' OR tool_calls LIKE ?2 ESCAPE '\\')",
-            (agent.id, pattern))]
-        passage_ids = [r[0] for r in await engine.db.fetchall(
-            "SELECT id FROM passages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern))]
-        if not message_ids and not passage_ids:
+        found = await self.memory.find(key, target)
+        if not found.message_ids and not found.passage_ids:
             await interaction.followup.send("Nothing in memory contains that text.", ephemeral=True)
             return
 
         async def forget_them() -> str:
-            async with engine.lock(key):
-                m = await recall.delete(engine.db, agent, message_ids)
-                p = await engine.archive.delete(agent, passage_ids)
-                engine.forgotten(key)
+            m, p = await self.memory.forget(key, found.message_ids, found.passage_ids)
             return f"Forgot {m} messages and {p} passages."
 
         await interaction.followup.send(
-            f"Forget {len(message_ids)} messages and {len(passage_ids)} passages containing “{_clip(target, 80)}”?",
+            f"Forget {len(found.message_ids)} messages and {len(found.passage_ids)} passages containing “{_clip(target, 80)}”?",
             view=Confirm(interaction.user.id, forget_them), ephemeral=True,
         )
 
@@ -193,23 +186,11 @@ class MemoryCommands(app_commands.Group):
     async def reset(
         self, interaction: discord.Interaction, scope: Literal["conversation", "core", "archival", "all"] = "all"
     ) -> None:
-        key, agent = await _agent(self.bot, interaction)
-        engine = self.bot.engine
+        key = _key(interaction)
 
         async def do_reset() -> str:
-            async with engine.lock(key):
-                await erase()
-                engine.forgotten(key)
+            await self.memory.reset(key, scope)
             return f"Done: {EXPLAIN[scope]} of `{key}` erased."
-
-        async def erase() -> None:
-            if scope in ("conversation", "all"):
-                await recall.clear(engine.db, agent)
-            if scope in ("core", "all"):
-                for label, value, _, _ in default_blocks(key, engine.settings):
-                    await core.set_value(engine.db, agent, label, value)
-            if scope in ("archival", "all"):
-                await engine.archive.clear(agent)
 
         await interaction.response.send_message(
             f"Erase {EXPLAIN[scope]} of `{key}`? This cannot be undone (`/memory export` first to keep a copy).",
@@ -227,24 +208,24 @@ EXPLAIN = {
 
 
 class AdminCommands(app_commands.Group):
-    def __init__(self, bot: MnemoBot) -> None:
+    def __init__(self, engine: Engine, settings: BotSettings) -> None:
         super().__init__(
             name="memory-admin",
             description="Change how the bot behaves in this conversation",
             default_permissions=discord.Permissions(manage_channels=True),
         )
-        self.bot = bot
+        self.memory = engine.memory
+        self.settings = settings
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return _allowed(self.bot, interaction)
+        return _allowed(self.settings, interaction)
 
     @manager_only
     @app_commands.command(description="Replace the bot's persona in this conversation")
     @app_commands.describe(text="who the bot is and how it speaks")
     async def persona(self, interaction: discord.Interaction, text: app_commands.Range[str, 1, 2000]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        _, agent = await _agent(self.bot, interaction)
-        await interaction.followup.send(await core.set_value(self.bot.engine.db, agent, "persona", text), ephemeral=True)
+        await interaction.followup.send(await self.memory.set_block(_key(interaction), "persona", text), ephemeral=True)
 
     @manager_only
     @app_commands.command(description="Answer every message in this channel, not only mentions and replies")
@@ -253,8 +234,7 @@ class AdminCommands(app_commands.Group):
         if interaction.guild is None:
             await interaction.response.send_message("In DMs I always answer.", ephemeral=True)
             return
-        key = agent_key(interaction.channel, interaction.user)
-        await self.bot.set_listening(key, enabled)
+        await self.memory.set_listening(_key(interaction), enabled)
         state = "every message here" if enabled else "only mentions and replies here"
         await interaction.response.send_message(f"Listen mode {'on' if enabled else 'off'}: I answer {state}.")
 
@@ -291,7 +271,3 @@ class Confirm(discord.ui.View):
 def _clip(text: str, n: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -14,7 +14,8 @@ from httpx_aiohttp import AiohttpTransport
 from memory.config import ConfigError, load_settings
 from memory.engine import Engine
 
-from .client import MnemoBot, sync_if_changed
+from .client import MnemoBot
+from .commands import sync_if_changed
 from .config import BotSettings
 
 log = logging.getLogger("mnemocord")

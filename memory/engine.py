@@ -10,9 +10,10 @@ client caps calls in flight for all of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -20,6 +21,7 @@ import httpx
 from . import agents, context, core, recall, tools
 from .agent import Turn, TurnResult
 from .agents import Agent
+from .api import MemoryAPI
 from .archival import Archive
 from .config import EngineSettings
 from .db import Database
@@ -64,6 +66,7 @@ class Engine:
         self._epochs: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._embedding: asyncio.Task[None] | None = None
+        self.memory = MemoryAPI(self)
 
     @classmethod
     async def open(
@@ -162,12 +165,18 @@ class Engine:
         return future
 
     def lock(self, key: str) -> asyncio.Lock:
-        """Held by each turn; commands that erase memory take it too, so they never cut into a turn."""
+        """Held by each turn (and by `exclusive`)."""
         return self._locks.setdefault(key, asyncio.Lock())
 
-    def forgotten(self, key: str) -> None:
-        """Memory was erased: a consolidation pass still running must not write back what it read."""
-        self._epochs[key] = self._epochs.get(key, 0) + 1
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: str) -> AsyncIterator[None]:
+        """For erasing memory: never cuts into a turn, and a consolidation pass still running
+        (it read the memory before) drops its notes instead of writing back what was erased."""
+        async with self.lock(key):
+            try:
+                yield
+            finally:
+                self._epochs[key] = self._epochs.get(key, 0) + 1
 
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
         """Turns until no stored message waits for an answer."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from . import core, recall, search
+from . import archival, core, recall, search
 from .agents import Agent
 from .clock import now
-from .archival import chunk
+from .db import StorageError, sqlite3
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -53,9 +53,10 @@ async def export_agent(engine: Engine, agent: Agent) -> dict[str, Any]:
 async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = None) -> dict[str, Any]:
     """Load an export into agent `key` (default: the exported key).
 
-    Blocks and the summary are replaced; messages and passages are added. The
-    whole file is checked before anything is written, so a malformed one leaves
-    memory as it was. Raises ValueError when `data` is not a valid export.
+    Blocks and the summary are replaced; messages and passages are added, all in
+    one transaction, after the whole file was checked: a malformed file or an error
+    while writing leaves memory as it was. Vectors are computed after the commit.
+    Raises ValueError when `data` is not a valid export, StorageError when writing failed.
     """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"missing \"format\": \"{FORMAT}\"")
@@ -96,20 +97,32 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
         if len(value) > current.get(label, limit):
             raise ValueError(f"block {label!r} holds {len(value)} characters, over its limit of {current.get(label, limit)}")
 
-    for label, value, limit, description in blocks:
-        if label not in current:
-            await engine.db.execute(
-                "INSERT INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, '', ?, ?, ?)",
-                (agent.id, label, limit, description, now()),
-            )
-        await core.set_value(engine.db, agent, label, value)
-    await engine.db.execute("UPDATE agents SET summary = ? WHERE id = ?", (summary, agent.id))
+    evicted = [m for m, kept in messages if not kept]
     # in-context messages go last and in order, so tool calls keep their results
-    await recall.append(engine.db, agent, [m for m, kept in messages if not kept], state=recall.EVICTED)
-    await recall.append(engine.db, agent, [m for m, kept in messages if kept], state=recall.IN_CONTEXT)
-    for content, tags, source, created_at in passages:
-        if chunk(content):  # text left after cleaning; an empty passage is skipped
-            await engine.archive.insert(agent, content, tags=tags, source=source, created_at=created_at, max_chars=10**7)
+    in_context = [m for m, kept in messages if kept]
+    recall.prepare(evicted + in_context)
+    pieces = [(found, archival.clean_tags(tags), source, created_at) for content, tags, source, created_at in passages if (found := archival.chunk(content))]
+    stamp = now()
+
+    def write(c: sqlite3.Connection) -> None:
+        for label, value, limit, description in blocks:
+            c.execute(
+                "INSERT INTO blocks(agent_id, label, value, char_limit, description, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(agent_id, label) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (agent.id, label, value, limit, description, stamp),
+            )
+        c.execute("UPDATE agents SET summary = ? WHERE id = ?", (summary, agent.id))
+        recall.insert(c, agent, evicted, recall.EVICTED)
+        recall.insert(c, agent, in_context, recall.IN_CONTEXT)
+        for found, tags, source, created_at in pieces:
+            archival.store(c, agent, found, tags, source, created_at)
+
+    # one transaction: an error anywhere leaves memory as it was
+    try:
+        await engine.db.transact(write)
+    except sqlite3.Error as exc:
+        raise StorageError(f"the import failed and changed nothing: {exc}") from exc
+    await engine.archive.embed_pending(agent)
     return {"agent": agent.key, "blocks": len(blocks), "messages": len(messages), "passages": len(passages)}
 
 

@@ -432,3 +432,129 @@ async def test_message_arriving_during_shutdown_is_kept(settings: BotSettings, f
         kept = await recall.search_messages(bot.engine.db, agent, "stopping")
         assert kept.total == 1
     assert [m["content"] for m in fake_discord.bot_messages(dm["id"])] == ["first answered"]
+
+
+def tiny_pdf(text: str) -> bytes:
+    """A one-page PDF showing `text` in Helvetica, written by hand (offsets and all)."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+async def test_pdf_attachment_ingested(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.default = lambda body: reply("got it")
+    async with running(settings, fake_discord) as bot:
+        pdf = tiny_pdf("The lease of flat 4B ends on 30 June 2031.")
+        await fake_discord.send_dm(alice["id"], "my lease", attachments=[("lease.pdf", pdf, "application/pdf")])
+        await fake_discord.wait_for(lambda f: any(m["content"] == "got it" for m in f.bot_messages(dm["id"])))
+        found = await bot.engine.memory.search(f"dm:{alice['id']}", "lease flat 4B")
+    assert [h.text for h in found.passages.hits] == ["The lease of flat 4B ends on 30 June 2031."]
+    assert any("Saved `lease.pdf` to my archival memory (1 passages)" in m["content"] for m in fake_discord.bot_messages(dm["id"]))
+    told = chat_requests(fake)[0]["messages"][-1]["content"]
+    assert "my lease" in told and "Document `lease.pdf` (42 characters)" in told
+
+
+async def test_forget_by_text_asks_first_then_forgets(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    key = f"dm:{alice['id']}"
+    fake.push(call("archival_memory_insert", {"content": "Alice's locker code is 4417."}), reply("noted"))
+    async with running(settings, fake_discord) as bot:
+        await fake_discord.send_dm(alice["id"], "my locker code is 4417")
+        await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
+        asked = await fake_discord.send_slash(dm["id"], alice["id"], "memory", "forget", {"target": "LOCKER code"})
+        await fake_discord.wait_for(lambda f: fake_discord.buttons(asked) if asked.get("original_message_id") in f.messages else False)
+        question = fake_discord.messages[asked["original_message_id"]]["content"]
+        # the message and the agent's insert call (its arguments hold the text), and the passage
+        assert question == "Forget 2 messages and 1 passages containing “LOCKER code”?"
+        before = await bot.engine.memory.find(key, "locker code")
+        assert (len(before.message_ids), len(before.passage_ids)) == (2, 1)  # nothing happens before the click
+        click = await fake_discord.click_button(asked, fake_discord.buttons(asked)[0]["custom_id"], alice["id"])
+        await fake_discord.wait_for(lambda f: len(click["responses"]) >= 2)
+        assert fake_discord.messages[asked["original_message_id"]]["content"].startswith("Forgot ")
+        after = await bot.engine.memory.find(key, "locker code")
+        assert after.message_ids == [] and after.passage_ids == []
+        nothing = await fake_discord.send_slash(dm["id"], alice["id"], "memory", "forget", {"target": "locker"})
+        await fake_discord.wait_for(lambda f: len(nothing["responses"]) >= 2)
+        assert fake_discord.messages[nothing["original_message_id"]]["content"] == "Nothing in memory contains that text."
+
+
+async def test_forget_reads_only_ascii_digits_as_ids(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    key = f"dm:{alice['id']}"
+    fake.default = lambda body: reply("ok")
+    async with running(settings, fake_discord) as bot:
+        await fake_discord.send_dm(alice["id"], "keep this message")
+        await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
+        (message_id,) = (await bot.engine.memory.find(key, "keep this")).message_ids
+        arabic = "m" + str(message_id).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+        forgot = await fake_discord.send_slash(dm["id"], alice["id"], "memory", "forget", {"target": arabic})
+        await fake_discord.wait_for(lambda f: len(forgot["responses"]) >= 2)
+        # text to look for, not the id m<n>: nothing contains it, and nothing was deleted
+        assert fake_discord.messages[forgot["original_message_id"]]["content"] == "Nothing in memory contains that text."
+        assert (await bot.engine.memory.find(key, "keep this")).message_ids == [message_id]
+
+
+async def test_persona_set_by_managers_only_and_used_next_turn(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+    general, alice, admin = world["general"], world["alice"], world["admin"]
+    fake.default = lambda body: reply("arr")
+    async with running(settings, fake_discord):
+        refused = await fake_discord.send_slash(general["id"], alice["id"], "memory-admin", "persona", {"text": "I am a cat."})
+        (r,) = await fake_discord.wait_for(lambda f: refused["responses"])
+        assert r["ephemeral"] and "Manage Channels" in r["data"]["content"]
+        changed = await fake_discord.send_slash(general["id"], admin["id"], "memory-admin", "persona", {"text": "I am a pirate."})
+        await fake_discord.wait_for(lambda f: len(changed["responses"]) >= 2)
+        assert fake_discord.messages[changed["original_message_id"]]["content"].startswith("Block 'persona' set")
+        await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> who are you?")
+        await fake_discord.wait_for(lambda f: any(m["content"] == "arr" for m in f.bot_messages(general["id"])))
+    (body,) = fake.chat_requests
+    assert "I am a pirate." in body["messages"][0]["content"] and "I am a cat." not in body["messages"][0]["content"]
+
+
+async def test_commands_synced_again_only_when_they_change(settings: BotSettings, fake_discord: FakeDiscord, world: dict[str, Any]) -> None:
+    def puts() -> int:
+        return len([r for r in fake_discord.requests if r[0] == "PUT" and r[1].endswith("/commands")])
+
+    async def start_and_stop(extra: bool) -> None:
+        point_discord_at(settings)
+        engine = await open_engine(settings)
+        bot = MnemoBot(settings, engine)
+        if extra:  # a new release that adds a command
+            async def ping(interaction: discord.Interaction) -> None:
+                await interaction.response.send_message("pong")
+
+            bot.tree.add_command(discord.app_commands.Command(name="ping", description="Check the bot is up", callback=ping))
+        ready = fake_discord.ready_count
+        task = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
+        try:
+            await fake_discord.wait_ready(count=ready + 1)
+            await asyncio.wait_for(bot.wait_until_ready(), 5)
+        finally:
+            await bot.drain()
+            await engine.close()
+            await bot.close()
+            await asyncio.wait_for(task, 5)
+
+    await start_and_stop(extra=False)
+    assert puts() == 1
+    await start_and_stop(extra=True)
+    assert puts() == 2 and "ping" in [c["name"] for c in fake_discord.registered_commands]
+    await start_and_stop(extra=True)
+    assert puts() == 2
+    await start_and_stop(extra=False)
+    assert puts() == 3 and "ping" not in [c["name"] for c in fake_discord.registered_commands]

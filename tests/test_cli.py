@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -52,3 +53,33 @@ async def test_missing_and_bad_settings_are_one_clear_line(tmp_path: Path, fake:
     (tmp_path / "junk.db").write_bytes(b"not a database" * 200)
     code, out, err = await run_cli("chat", env={**base_env(tmp_path, fake), "DATABASE_PATH": str(tmp_path / "junk.db")})
     assert code == 1 and "junk.db" in err and "Traceback" not in err
+
+
+async def test_documents_ingested_from_the_command_line_and_the_chat(tmp_path: Path, fake: FakeOpenAI) -> None:
+    from tests.test_bot import tiny_pdf
+
+    env = base_env(tmp_path, fake)
+    (tmp_path / "notes.md").write_text("# Garden\n\nThe quince tree was planted in March 2019.", encoding="utf-8")
+    (tmp_path / "lease.pdf").write_bytes(tiny_pdf("The lease of flat 4B ends on 30 June 2031."))
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG....")
+    code, out, err = await run_cli("ingest", "notes.md", "--agent", "local:terminal", env=env)
+    assert code == 0, err
+    assert out.strip() == "Saved notes.md to the archival memory of local:terminal: 1 passages."
+    code, out, err = await run_cli("ingest", "photo.png", "--agent", "local:terminal", env=env)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("mnemocord: I can't read `photo.png`: I take text files (")
+    assert "Traceback" not in err
+    code, out, err = await run_cli("ingest", "missing.txt", "--agent", "local:terminal", env=env)
+    assert code == 1 and "cannot read missing.txt" in err and "Traceback" not in err
+
+    fake.default = lambda body: reply("Noted.")
+    code, out, err = await run_cli("chat", env=env, stdin="/file lease.pdf\n/file nowhere.txt\nwhen does my lease end?\n")
+    assert code == 0, err
+    assert "Saved `lease.pdf` to archival memory (1 passages)." in out and "cannot read nowhere.txt" in out
+    first, second = fake.chat_requests
+    said = json.dumps(first["messages"])
+    # the agent was told of both documents: the one ingested before (an event) and the one sent in the chat
+    assert "Document `notes.md`" in said and "Document `lease.pdf` (42 characters)" in first["messages"][-1]["content"]
+    assert "when does my lease end?" in second["messages"][-1]["content"]
+    code, out, err = await run_cli("export", "--agent", "local:terminal", env=env)
+    passages = [p["content"] for p in json.loads(out)["passages"]]
+    assert passages == ["# Garden\n\nThe quince tree was planted in March 2019.", "The lease of flat 4B ends on 30 June 2031."]

@@ -10,6 +10,7 @@ import pytest
 
 from memory import core, recall
 from memory.config import EngineSettings
+from memory.db import StorageError
 from memory.engine import Engine
 from memory.portability import export_agent, import_agent
 from tests.fakeopenai import FakeOpenAI
@@ -63,3 +64,20 @@ async def test_a_malformed_export_changes_nothing(engine: Engine, damage: Any) -
         await import_agent(engine, data, "dm:3")
     after = await export_agent(engine, target)
     assert {k: v for k, v in after.items() if k != "exported_at"} == {k: v for k, v in before.items() if k != "exported_at"}
+
+
+async def test_an_import_failing_midway_leaves_nothing(engine: Engine) -> None:
+    data = await _exported(engine)
+    data["passages"].append({"content": "poison: its insert fails", "tags": [], "created_at": "2024-01-01T00:00:00Z"})
+    # a real failing statement, after the blocks, the summary and the messages were written
+    await engine.db.execute(
+        "CREATE TRIGGER poison BEFORE INSERT ON passages WHEN NEW.content LIKE 'poison%'"
+        " BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+    )
+    target = await engine.agent("dm:3")
+    before = await export_agent(engine, target)
+    with pytest.raises(StorageError, match="changed nothing: injected failure"):
+        await import_agent(engine, data, "dm:3")
+    after = await export_agent(engine, target)
+    assert {k: v for k, v in after.items() if k != "exported_at"} == {k: v for k, v in before.items() if k != "exported_at"}
+    assert after["passages"] == [] and after["messages"] == []
