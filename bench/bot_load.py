@@ -593,7 +593,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         floor = await measure(args, floor=True)
     except NotReady as exc:
-        print(f"the floor bot did not become ready ({exc})")
+        print(f"the floor bot did not become ready: {exc}")
         print(f"bot_load_floor users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan")
         raise SystemExit(1)
     report(args, floor)
@@ -604,7 +604,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         bot = await measure(args, floor=False)
     except NotReady as exc:
-        print(f"the bot did not become ready ({exc})")
+        print(f"the bot did not become ready: {exc}")
         print(f"bot_load users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan "
               f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50=nan")
         raise SystemExit(1)
