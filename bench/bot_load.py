@@ -1,9 +1,14 @@
-"""Load test: 100 users x 10 DMs through the fake Discord server, against the real bot process.
+"""Load test: 100 users x 10 DMs through the fake Discord server, against the real bot process and a floor.
 
     python bench/bot_load.py                         # the issue's run: 100 users x 10 DMs, 200-ms model
     python bench/bot_load.py --users 20 --messages 3 # a quick run
+    python bench/bot_load.py --floor-only            # the floor alone
 
-Three processes, so the bot's memory and CPU are the bot's alone:
+Absolute times differ about 2x between machines, so the run measures its own floor first: a bare
+discord.py bot under the same load, with the same fakes and the same process layout. Then the
+real bot. The figure that travels between machines is ratio_p50 = mnemocord's p50 / the floor's.
+
+Three processes per run, so the bot's memory and CPU are the bot's alone:
 
     this process   tests.fakediscord.FakeDiscord on 127.0.0.1 (REST + gateway) and the load
                    generator: every user writes a DM, waits for the bot's answer, then writes
@@ -14,8 +19,16 @@ Three processes, so the bot's memory and CPU are the bot's alone:
                    quotes the message's tag (#u<user>m<n>), so each reply is matched to its
                    message. It has no /models route: the bot's start-up check gets a 404, which
                    it accepts.
-    bot            `python -m bot.cli run` (the real entry point, what `mnemocord run` runs),
-                   configured only through the environment (cwd is a temp dir, so no .env).
+    bot            the floor: `bench/bot_load.py --floor-bot`, a plain discord.Client with no
+                   memory and no database (the same intents and client options as mnemocord's);
+                   per DM it receives MESSAGE_CREATE, makes one chat completion over aiohttp
+                   (a short system prompt, the user's message, mnemocord's tool schemas from
+                   memory.tools.SCHEMAS), takes the text of the send_message call or the plain
+                   content, and POSTs it as a reply -- nothing else.
+                   mnemocord: `python -m bot.cli run` (the real entry point, what `mnemocord run`
+                   runs), configured only through the environment (cwd is a temp dir, so no .env).
+
+Each run gets fresh fakes; the two runs never overlap.
 
 Reply latency = time from send_dm() returning (the MESSAGE_CREATE frame is written to the
 bot's websocket) to the fake receiving the bot's POST /channels/{id}/messages: the fake is
@@ -31,8 +44,10 @@ At the end the bot gets SIGTERM; its exit code and time to exit are reported.
 The harness (fake Discord + 100 users) shares the machine's cores with the bot and the model;
 its own event-loop lag is reported so a slow harness is not mistaken for a slow bot.
 
-Figures only, no asserts. The last line is:
-    bot_load users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<x> p95_reply_ms=<y> rss_mib=<r>
+Figures only, no asserts. The floor's lines start with "floor". The last line is:
+    bot_load users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<x> p95_reply_ms=<y> rss_mib=<r> floor_p50_reply_ms=<f> ratio_p50=<x/f>
+and with --floor-only:
+    bot_load_floor users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<f> p95_reply_ms=<y> rss_mib=<r>
 """
 
 from __future__ import annotations
@@ -48,6 +63,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +90,63 @@ finally:
     profiler.disable()
     profiler.dump_stats(out)
 """
+
+
+# the floor's system prompt: a plain assistant's, as short as a bare bot would send
+FLOOR_SYSTEM = "You are a helpful assistant talking with one person in Discord direct messages. Answer with send_message."
+
+
+# ============================================================== the floor bot (child process)
+
+
+def floor_bot() -> None:
+    """A bare discord.py bot: one model call per DM, one reply; no memory, no database.
+
+    Configured by the same environment as mnemocord (plus FLOOR_TOOLS, the tool schemas as
+    JSON, so this process imports nothing of mnemocord and its memory figures stay bare)."""
+    import aiohttp
+    import discord
+    import orjson
+    import yarl
+
+    discord.http.Route.BASE = os.environ["DISCORD_API_BASE"].rstrip("/")
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(os.environ["DISCORD_GATEWAY_URL"])
+    url = os.environ["LLM_BASE_URL"].rstrip("/") + "/chat/completions"
+    model = os.environ["LLM_MODEL"]
+    tools = json.loads(os.environ["FLOOR_TOOLS"])
+    headers = {"Content-Type": "application/json"}
+
+    class FloorBot(discord.Client):
+        def __init__(self, session: aiohttp.ClientSession) -> None:
+            intents = discord.Intents.none()
+            intents.guilds = intents.guild_messages = intents.dm_messages = intents.message_content = True
+            # mnemocord's client options, so both do the same Discord work per message
+            super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(), guild_ready_timeout=0.5, max_messages=None)
+            self.session = session
+
+        async def on_message(self, message: discord.Message) -> None:
+            if message.author.bot:  # its own replies come back as MESSAGE_CREATE too
+                return
+            body = {
+                "model": model,
+                "messages": [{"role": "system", "content": FLOOR_SYSTEM}, {"role": "user", "content": message.content}],
+                "tools": tools,
+            }
+            async with self.session.post(url, data=orjson.dumps(body), headers=headers) as response:
+                answer = orjson.loads(await response.read())["choices"][0]["message"]
+            text = answer.get("content") or ""
+            for call in answer.get("tool_calls") or []:
+                if call["function"]["name"] == "send_message":
+                    text = orjson.loads(call["function"]["arguments"])["message"]
+            await message.channel.send(text, reference=message.to_reference(fail_if_not_exists=False))
+
+    async def main() -> None:
+        # aiohttp's default pool (100 connections) is also what mnemocord's httpx-over-aiohttp transport gets
+        async with aiohttp.ClientSession() as session, FloorBot(session) as client:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(client.close()))
+            await client.start(os.environ["DISCORD_TOKEN"])  # returns once closed
+
+    asyncio.run(main())
 
 
 # ============================================================== the fake model (child process)
@@ -243,7 +316,59 @@ async def sample_rss(pid: int, samples: list[int], stop: asyncio.Event) -> None:
             pass
 
 
-async def run(args: argparse.Namespace) -> None:
+class NotReady(Exception):
+    """The bot under test never reached READY; str() holds its exit code and output."""
+
+
+@dataclass
+class Run:
+    """One bot's figures under the load."""
+
+    name: str
+    sent: int
+    replies: int
+    lat_ms: list[float]
+    late: int
+    wall: float  # the load
+    span: float  # the load plus any wait for stragglers
+    startup_s: float
+    idle: dict[str, int]  # /proc status after start-up
+    status: dict[str, int]  # ... and at the end of the load
+    rss_samples: list[int]
+    cpu_startup: float
+    cpu_total: float
+    cpu_load: float
+    cpu_loop: float
+    cpu_harness: float
+    cpu_model: float
+    busy: float  # the machine's CPU seconds during the load
+    foreign: float  # ... of processes outside this bench
+    lag_ms: list[float]
+    model_stats: dict[str, Any]
+    fake_requests: int
+    fake_messages: int
+    untagged: list[str]
+    fake_errors: list[Any]
+    db_bytes: int | None  # None: the bot has no database
+    exit_code: int | None
+    exit_s: float
+    log_text: str
+
+    @property
+    def p50(self) -> float:
+        return pct(self.lat_ms, 50)
+
+    @property
+    def p95(self) -> float:
+        return pct(self.lat_ms, 95)
+
+    @property
+    def hwm_mib(self) -> float:
+        return self.status.get("VmHWM", 0) / 1024
+
+
+async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
+    """Start fresh fakes and one bot (the floor or mnemocord), run the load, stop them all."""
     fake = make_fake_discord()
     await fake.start()
     model = ModelProcess()
@@ -270,10 +395,18 @@ async def run(args: argparse.Namespace) -> None:
         "LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(Path(args.bot_root).resolve() if args.bot_root else ROOT),
     }
+    if floor:
+        from memory.tools import SCHEMAS
+
+        env["FLOOR_TOOLS"] = json.dumps(SCHEMAS)
+        command = [str(Path(__file__).resolve()), "--floor-bot"]
+    elif args.profile:
+        command = ["-c", PROFILE_WRAPPER, str(Path(args.profile).resolve())]
+    else:
+        command = ["-m", "bot.cli", "run"]
     stderr_path = Path(tmp.name) / "bot.stderr"
     stderr_file = open(stderr_path, "wb")
     t_spawn = time.monotonic()
-    command = ["-c", PROFILE_WRAPPER, str(Path(args.profile).resolve())] if args.profile else ["-m", "bot.cli", "run"]
     bot = await asyncio.create_subprocess_exec(
         sys.executable, *command, cwd=tmp.name, env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=stderr_file, stderr=stderr_file,
@@ -292,11 +425,7 @@ async def run(args: argparse.Namespace) -> None:
         await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done() or ready.exception() is not None:
             ready.cancel()
-            print(f"the bot did not become ready (exit code {bot.returncode}); its output:")
-            print(stderr_path.read_text(errors="replace")[-3000:])
-            total = args.users * args.messages
-            print(f"bot_load users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan")
-            raise SystemExit(1)
+            raise NotReady(f"exit code {bot.returncode}; its output:\n{stderr_path.read_text(errors='replace')[-3000:]}")
         startup_s = time.monotonic() - t_spawn
         await asyncio.sleep(0.5)  # let on_ready and the command sync settle
         idle = proc_status(pid)
@@ -350,7 +479,7 @@ async def run(args: argparse.Namespace) -> None:
         busy = machine1[0] - machine0[0]
         foreign = busy - (cpu_total - cpu_bot0) - cpu_harness - cpu_model
         model_stats = await model.stats()
-        db_bytes = sum(p.stat().st_size for p in Path(tmp.name).glob("bot.db*"))
+        db_bytes = None if floor else sum(p.stat().st_size for p in Path(tmp.name).glob("bot.db*"))
 
         # shutdown: SIGTERM, then time to exit
         t_term = time.monotonic()
@@ -373,65 +502,127 @@ async def run(args: argparse.Namespace) -> None:
         stderr_file.close()
         await model.stop()
         await fake.stop()
+        log_text = stderr_path.read_text(errors="replace")
+        tmp.cleanup()
 
-    log_text = stderr_path.read_text(errors="replace")
-    tmp.cleanup()
+    return Run(
+        name="floor" if floor else "mnemocord",
+        sent=len(sent_at),
+        replies=sum(1 for t in sent_at if t in fake.reply_at),
+        lat_ms=[x * 1000 for x in latencies],
+        late=len(late),
+        wall=t_done - t_load,
+        span=t_end - t_load,
+        startup_s=startup_s,
+        idle=idle,
+        status=status,
+        rss_samples=rss_samples,
+        cpu_startup=cpu_startup,
+        cpu_total=cpu_total,
+        cpu_load=cpu_total - cpu_bot0,
+        cpu_loop=cpu_loop,
+        cpu_harness=cpu_harness,
+        cpu_model=cpu_model,
+        busy=busy,
+        foreign=foreign,
+        lag_ms=[x * 1000 for x in lags],
+        model_stats=model_stats,
+        fake_requests=len(fake.requests),
+        fake_messages=len(fake.sent_messages),
+        untagged=fake.untagged,
+        fake_errors=fake.errors,
+        db_bytes=db_bytes,
+        exit_code=exit_code,
+        exit_s=exit_s,
+        log_text=log_text,
+    )
 
+
+def report(args: argparse.Namespace, r: Run) -> None:
+    """mnemocord's lines as they always were; the floor's the same, prefixed with "floor"."""
+    prefix = "floor " if r.name == "floor" else ""
+    lat_ms, p50, span, replies = r.lat_ms, r.p50, r.span, r.replies
+
+    def out(line: str) -> None:
+        print(prefix + line)
+
+    out(f"load: {args.users} users x {args.messages} DMs, sequential per user, users concurrent; "
+        f"sent {r.sent}, wall {r.wall:.2f} s, throughput {replies / r.wall if r.wall else 0:.1f} replies/s")
+    out(f"reply latency ms: min {min(lat_ms, default=float('nan')):.1f} p50 {p50:.1f} p90 {pct(lat_ms, 90):.1f} "
+        f"p95 {r.p95:.1f} p99 {pct(lat_ms, 99):.1f} max {max(lat_ms, default=float('nan')):.1f} "
+        f"mean {statistics.fmean(lat_ms) if lat_ms else float('nan'):.1f} "
+        f"(minus the {args.model_ms:.0f} ms model: p50 overhead {p50 - args.model_ms:.1f} ms); late replies {r.late}")
+    model_stats = r.model_stats
+    out(f"model: {model_stats['chat_calls']} chat calls ({model_stats['chat_calls'] / max(1, replies):.2f} per reply), "
+        f"max in flight {model_stats['max_in_flight']}, mean prompt {model_stats['prompt_chars_mean']:.0f} chars")
+    out(f"bot memory: VmHWM {r.hwm_mib:.1f} MiB, VmRSS after start-up {r.idle.get('VmRSS', 0) / 1024:.1f} MiB, "
+        f"at end {r.status.get('VmRSS', 0) / 1024:.1f} MiB (sampled max {max(r.rss_samples, default=0) / 1024:.1f}), "
+        f"threads {r.status.get('Threads', 0)}" + ("" if r.db_bytes is None else f"; database {r.db_bytes / 2**20:.1f} MiB"))
+    threads = "the rest on SQLite's" if r.db_bytes is not None else "the rest on discord.py's heartbeat thread"
+    out(f"bot CPU: {r.cpu_total:.2f} s total, {r.cpu_startup:.2f} s start-up, {r.cpu_load:.2f} s under load "
+        f"= {r.cpu_load / max(1, replies) * 1000:.2f} ms per reply "
+        f"({r.cpu_loop / max(1, replies) * 1000:.2f} on the event loop's thread, {threads}), "
+        f"{r.cpu_load / span * 100 if span else 0:.0f}% of one core; start-up to READY {r.startup_s:.2f} s")
+    out(f"other processes under load: harness (fake Discord + users) {r.cpu_harness:.2f} s CPU "
+        f"({r.cpu_harness / span * 100 if span else 0:.0f}% of one core), fake model {r.cpu_model:.2f} s "
+        f"({r.cpu_model / span * 100 if span else 0:.0f}%)")
+    out(f"machine during the load ({span:.1f} s): {r.busy / span * 100 if span else 0:.0f}% busy of {os.cpu_count()} CPUs "
+        f"({r.busy / span / (os.cpu_count() or 1) * 100 if span else 0:.0f}% of capacity); processes outside this bench used "
+        f"{max(0.0, r.foreign) / span * 100 if span else 0:.0f}% of a core"
+        f"{'  <- other work competed for the CPUs: figures are pessimistic' if span and r.foreign / span > 0.1 else ''}")
+    out(f"harness: event-loop lag p50 {pct(r.lag_ms, 50):.1f} ms p99 {pct(r.lag_ms, 99):.1f} ms max {max(r.lag_ms, default=0):.1f} ms; "
+        f"fake Discord requests {r.fake_requests}, bot messages {r.fake_messages}, "
+        f"untagged {len(r.untagged)}{' e.g. ' + repr(r.untagged[0]) if r.untagged else ''}"
+        f"{'; FAKE ERRORS ' + repr(r.fake_errors[:3]) if r.fake_errors else ''}")
+    clean = r.exit_code == 0 and "Traceback" not in r.log_text
+    out(f"shutdown: SIGTERM -> exit code {r.exit_code} in {r.exit_s:.2f} s ({'clean' if clean else 'NOT clean'})")
+    # discord.py's start-up notes about optional voice libraries are not findings
+    interesting = [line for line in r.log_text.splitlines() if line.strip() and "voice will NOT be supported" not in line]
+    if interesting:
+        out(f"bot log ({len(interesting)} lines at WARNING+ besides voice-library notes), last ones:")
+        for line in interesting[-8:]:
+            out("  " + line[:300])
+
+
+async def run(args: argparse.Namespace) -> None:
     total = args.users * args.messages
-    sent = len(sent_at)
-    replies = sum(1 for t in sent_at if t in fake.reply_at)
-    lost = total - replies
-    wall = t_done - t_load
-    lat_ms = [x * 1000 for x in latencies]
-    p50, p95, p99 = pct(lat_ms, 50), pct(lat_ms, 95), pct(lat_ms, 99)
-    hwm_mib = status.get("VmHWM", 0) / 1024
-    lag_ms = [x * 1000 for x in lags]
-
     print(f"settings: RATE_LIMIT_PER_MINUTE={args.rate_limit} (high enough that the limiter never refuses), "
           f"MAX_CONCURRENT_LLM_CALLS={args.max_llm}, EMBEDDING_MODEL unset, LOG_LEVEL=WARNING, "
-          f"model {args.model_ms:.0f} ms per call, {os.cpu_count()} CPUs shared by bot, model and harness")
-    print(f"load: {args.users} users x {args.messages} DMs, sequential per user, users concurrent; "
-          f"sent {sent}, wall {wall:.2f} s, throughput {replies / wall if wall else 0:.1f} replies/s")
-    print(f"reply latency ms: min {min(lat_ms, default=float('nan')):.1f} p50 {p50:.1f} p90 {pct(lat_ms, 90):.1f} "
-          f"p95 {p95:.1f} p99 {p99:.1f} max {max(lat_ms, default=float('nan')):.1f} "
-          f"mean {statistics.fmean(lat_ms) if lat_ms else float('nan'):.1f} "
-          f"(minus the {args.model_ms:.0f} ms model: p50 overhead {p50 - args.model_ms:.1f} ms); late replies {len(late)}")
-    print(f"model: {model_stats['chat_calls']} chat calls ({model_stats['chat_calls'] / max(1, replies):.2f} per reply), "
-          f"max in flight {model_stats['max_in_flight']}, mean prompt {model_stats['prompt_chars_mean']:.0f} chars")
-    print(f"bot memory: VmHWM {hwm_mib:.1f} MiB, VmRSS after start-up {idle.get('VmRSS', 0) / 1024:.1f} MiB, "
-          f"at end {status.get('VmRSS', 0) / 1024:.1f} MiB (sampled max {max(rss_samples, default=0) / 1024:.1f}), "
-          f"threads {status.get('Threads', 0)}; database {db_bytes / 2**20:.1f} MiB")
-    span = t_end - t_load  # the load plus any wait for stragglers
-    bot_load_cpu = cpu_total - cpu_bot0
-    print(f"bot CPU: {cpu_total:.2f} s total, {cpu_startup:.2f} s start-up, {bot_load_cpu:.2f} s under load "
-          f"= {bot_load_cpu / max(1, replies) * 1000:.2f} ms per reply "
-          f"({cpu_loop / max(1, replies) * 1000:.2f} on the event loop's thread, the rest on SQLite's), "
-          f"{bot_load_cpu / span * 100 if span else 0:.0f}% of one core; start-up to READY {startup_s:.2f} s")
-    print(f"other processes under load: harness (fake Discord + users) {cpu_harness:.2f} s CPU "
-          f"({cpu_harness / span * 100 if span else 0:.0f}% of one core), fake model {cpu_model:.2f} s "
-          f"({cpu_model / span * 100 if span else 0:.0f}%)")
-    print(f"machine during the load ({span:.1f} s): {busy / span * 100 if span else 0:.0f}% busy of {os.cpu_count()} CPUs "
-          f"({busy / span / (os.cpu_count() or 1) * 100 if span else 0:.0f}% of capacity); processes outside this bench used "
-          f"{max(0.0, foreign) / span * 100 if span else 0:.0f}% of a core"
-          f"{'  <- other work competed for the CPUs: figures are pessimistic' if span and foreign / span > 0.1 else ''}")
-    print(f"harness: event-loop lag p50 {pct(lag_ms, 50):.1f} ms p99 {pct(lag_ms, 99):.1f} ms max {max(lag_ms, default=0):.1f} ms; "
-          f"fake Discord requests {len(fake.requests)}, bot messages {len(fake.sent_messages)}, "
-          f"untagged {len(fake.untagged)}{' e.g. ' + repr(fake.untagged[0]) if fake.untagged else ''}"
-          f"{'; FAKE ERRORS ' + repr(fake.errors[:3]) if fake.errors else ''}")
-    clean = exit_code == 0 and "Traceback" not in log_text
-    print(f"shutdown: SIGTERM -> exit code {exit_code} in {exit_s:.2f} s ({'clean' if clean else 'NOT clean'})")
-    # discord.py's start-up notes about optional voice libraries are not findings
-    interesting = [line for line in log_text.splitlines() if line.strip() and "voice will NOT be supported" not in line]
-    if interesting:
-        print(f"bot log ({len(interesting)} lines at WARNING+ besides voice-library notes), last ones:")
-        for line in interesting[-8:]:
-            print("  " + line[:300])
+          f"model {args.model_ms:.0f} ms per call, {os.cpu_count()} CPUs shared by bot, model and harness; "
+          f"the floor (a bare discord.py bot, one model call per DM) runs first, then mnemocord")
+    try:
+        floor = await measure(args, floor=True)
+    except NotReady as exc:
+        print(f"the floor bot did not become ready: {exc}")
+        print(f"bot_load_floor users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan")
+        raise SystemExit(1)
+    report(args, floor)
+    floor_line = f"users={args.users} messages={total} replies={floor.replies} lost={total - floor.replies}"
+    if args.floor_only:
+        print(f"bot_load_floor {floor_line} p50_reply_ms={floor.p50:.0f} p95_reply_ms={floor.p95:.0f} rss_mib={floor.hwm_mib:.0f}")
+        return
+    try:
+        bot = await measure(args, floor=False)
+    except NotReady as exc:
+        print(f"the bot did not become ready: {exc}")
+        print(f"bot_load users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan "
+              f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50=nan")
+        raise SystemExit(1)
+    report(args, bot)
+
+    lost = total - bot.replies
+    ratio = bot.p50 / floor.p50
     budget = args.model_ms + 50
-    print(f"goals: lost=0 {'met' if lost == 0 else 'MISSED'}; p50 <= {budget:.0f} ms {'met' if p50 <= budget else 'MISSED'} "
-          f"({p50:.0f}); peak RSS <= 100 MiB {'met' if hwm_mib <= 100 else 'MISSED'} ({hwm_mib:.1f})")
+    print(f"floor: p50 {floor.p50:.1f} ms, p95 {floor.p95:.1f} ms, lost {total - floor.replies}; "
+          f"mnemocord over the floor: p50 {ratio:.2f}x (+{bot.p50 - floor.p50:.1f} ms), p95 {bot.p95 / floor.p95:.2f}x, "
+          f"CPU per reply {bot.cpu_load / max(1, bot.replies) * 1000:.2f} vs {floor.cpu_load / max(1, floor.replies) * 1000:.2f} ms")
+    print(f"goals: lost=0 {'met' if lost == 0 else 'MISSED'}; ratio_p50 <= 1.15 {'met' if ratio <= 1.15 else 'MISSED'} ({ratio:.2f}); "
+          f"p50 <= {budget:.0f} ms {'met' if bot.p50 <= budget else 'MISSED'} ({bot.p50:.0f}); "
+          f"peak RSS <= 100 MiB {'met' if bot.hwm_mib <= 100 else 'MISSED'} ({bot.hwm_mib:.1f})")
     print(
-        f"bot_load users={args.users} messages={total} replies={replies} lost={lost} "
-        f"p50_reply_ms={p50:.0f} p95_reply_ms={p95:.0f} rss_mib={hwm_mib:.0f}"
+        f"bot_load users={args.users} messages={total} replies={bot.replies} lost={lost} "
+        f"p50_reply_ms={bot.p50:.0f} p95_reply_ms={bot.p95:.0f} rss_mib={bot.hwm_mib:.0f} "
+        f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50={ratio:.2f}"
     )
 
 
@@ -442,12 +633,16 @@ def main() -> None:
     parser.add_argument("--model-ms", type=float, default=200.0, help="the fake model's time per call")
     parser.add_argument("--rate-limit", type=int, default=1000, help="RATE_LIMIT_PER_MINUTE for the bot")
     parser.add_argument("--max-llm", type=int, default=128, help="MAX_CONCURRENT_LLM_CALLS for the bot")
+    parser.add_argument("--floor-only", action="store_true", help="measure only the floor (a bare discord.py bot): a quick check of the harness")
     parser.add_argument("--profile", metavar="FILE", help="run the bot under cProfile (main-thread CPU time), stats written to FILE at exit (slows it)")
     parser.add_argument("--bot-root", metavar="DIR", help="run the bot from another checkout (to measure a candidate fix)")
     parser.add_argument("--serve-model", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-bot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_model:
         serve_model(args.model_ms)
+    elif args.floor_bot:
+        floor_bot()
     else:
         asyncio.run(run(args))
 
