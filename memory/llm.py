@@ -285,7 +285,7 @@ class LLMClient:
         try:
             error = json.loads(text).get("error", text)
             message = error.get("message", error) if isinstance(error, dict) else error
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             message = text
         message = " ".join(self.redact(_clean(str(message))).split())
         if len(message) > ERROR_MESSAGE_CHARS:
@@ -342,16 +342,18 @@ def _clean_json(value: Any) -> Any:
 
 def _arguments(args: Any) -> str:
     """Tool arguments as valid text whose JSON, once decoded, is valid text too."""
-    if not isinstance(args, str):  # some servers send an object instead of a JSON string
-        return json.dumps(_clean_json(args), ensure_ascii=False)
-    args = _clean(args)
-    if _SURROGATE_ESCAPE.search(args):
-        try:
-            decoded = json.loads(args)
-        except (ValueError, RecursionError):
-            return args
-        return json.dumps(_clean_json(decoded), ensure_ascii=False)
-    return args
+    try:
+        if not isinstance(args, str):  # some servers send an object instead of a JSON string
+            return json.dumps(_clean_json(args), ensure_ascii=False)
+        args = _clean(args)
+        if _SURROGATE_ESCAPE.search(args):
+            try:
+                return json.dumps(_clean_json(json.loads(args)), ensure_ascii=False)
+            except ValueError:  # not JSON: the tool reports that to the model
+                pass
+        return args
+    except RecursionError:  # nested deeper than Python recurses: no tool takes such arguments
+        return "(arguments nested too deeply)"
 
 
 def _tokens(value: Any) -> int | None:

@@ -239,3 +239,15 @@ async def test_seconds_count_every_attempt(fake: FakeOpenAI) -> None:
         await client.chat("m", ASK)
     assert failed.value.seconds >= 0.3
     await client.aclose()
+
+
+async def test_bodies_nested_beyond_recursion_fail_as_llm_errors(fake: FakeOpenAI, client: LLMClient) -> None:
+    deep: Any = None
+    for _ in range(5000):
+        deep = {"a": deep}
+    parsed = parse_chat({"choices": [{"message": {"content": "", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]}}]})
+    assert parsed.tool_calls[0].arguments == "(arguments nested too deeply)"
+    fake.push(Error(400, "[" * 100_000 + "]" * 100_000))
+    with pytest.raises(LLMError, match=r"^HTTP 400 from the model endpoint: \[\[\[") as refused:
+        await client.chat("m", ASK)
+    assert len(str(refused.value)) < 300
