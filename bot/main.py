@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+import aiohttp
 import discord
 import httpx
 import yarl
@@ -13,12 +14,17 @@ from httpx_aiohttp import AiohttpTransport
 
 from memory.config import ConfigError, load_settings
 from memory.engine import Engine
+from memory.llm import LLMClient, Redactor, without_credentials
 
 from .client import MnemoBot
 from .commands import sync_if_changed
 from .config import BotSettings
 
 log = logging.getLogger("mnemocord")
+
+# how long a stop waits for running turns before it ends their model calls: an endpoint that
+# never finishes must not keep the process alive (systemd's default stop timeout is 90 s)
+TURN_GRACE_SECONDS = 5.0
 
 
 async def open_engine(settings: BotSettings) -> Engine:
@@ -43,16 +49,20 @@ def _settings() -> BotSettings:
 
 
 async def check_endpoint(settings: BotSettings) -> None:
-    """Fail at start, with one line, if the model endpoint can't be reached at all."""
-    url = settings.llm_base_url.rstrip("/") + "/models"
-    headers = {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"} if settings.llm_api_key.get_secret_value() else {}
+    """Fail at start, with one line, if the model endpoint can't be reached at all or refuses the key."""
+    key = settings.llm_api_key.get_secret_value()
+    redact = Redactor(key, settings.llm_base_url)
+    shown = without_credentials(settings.llm_base_url)
+    url = httpx.URL(settings.llm_base_url.rstrip("/") + "/models")
+    # httpx sends a URL's user:password@ as Basic auth, which would replace the key's header
+    headers = {"Authorization": f"Bearer {key}"} if key and not (url.username or url.password) else {}
     try:
         async with httpx.AsyncClient(timeout=10) as client:
             response = await client.get(url, headers=headers)
     except httpx.HTTPError as exc:
-        raise ConfigError(f"LLM_BASE_URL: cannot reach {settings.llm_base_url} ({type(exc).__name__}: {exc or 'no answer'})") from None
+        raise ConfigError(f"LLM_BASE_URL: cannot reach {shown} ({type(exc).__name__}: {redact(str(exc)) or 'no answer'})") from None
     if response.status_code in (401, 403):
-        raise ConfigError(f"LLM_API_KEY: {settings.llm_base_url} refused the key (HTTP {response.status_code})")
+        raise ConfigError(f"LLM_API_KEY: {shown} refused the key (HTTP {response.status_code})")
 
 
 async def run() -> None:
@@ -78,14 +88,34 @@ async def run() -> None:
         raise ConfigError(
             "Discord: enable the Message Content intent (Developer Portal → your app → Bot → Privileged Gateway Intents)"
         ) from None
+    except (aiohttp.ClientError, OSError, discord.DiscordServerError) as exc:
+        # discord.py retries the gateway by itself; what ends up here is the login's REST call
+        raise ConfigError(f"DISCORD_API_BASE: cannot reach Discord at {without_credentials(settings.discord_api_base)} ({exc})") from None
     finally:
         stopper.cancel()
-        await bot.drain()  # answers messages in flight
+        await _drain(bot, engine)
         await engine.close()
         await bot.close()
         if not runner.done():
             runner.cancel()
         log.info("stopped")
+
+
+async def _drain(bot: MnemoBot, engine: Engine) -> None:
+    """Answer the messages in flight, giving their turns TURN_GRACE_SECONDS before their model calls
+    are ended (the turns then fail as usual: the messages are already stored)."""
+    draining = asyncio.create_task(bot.drain())
+    done, _ = await asyncio.wait({draining}, timeout=TURN_GRACE_SECONDS)
+    if not done:
+        log.warning("turns still running after %.0f s: ending their model calls", TURN_GRACE_SECONDS)
+        for client in _model_clients(engine):
+            client.abort()
+    await draining
+
+
+def _model_clients(engine: Engine) -> set[LLMClient]:
+    embedder = engine.archive.embedder
+    return {engine.llm, *([embedder.client] if embedder else [])}
 
 
 async def sync() -> None:

@@ -1,14 +1,18 @@
 """The model client: OpenAI-compatible chat completions and embeddings over httpx.
 
 One long-lived `httpx.AsyncClient`; retries with backoff and jitter on timeouts,
-connection errors, 429 and 5xx, bounded in count and in total time.
+connection errors, 429 and 5xx, bounded in count and in total time. Everything the
+endpoint sends is untrusted: a body may drip forever, echo the API key, carry numbers
+SQLite cannot store or text that is not valid Unicode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -16,15 +20,36 @@ import uuid
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import orjson
 
 log = logging.getLogger(__name__)
+# httpx logs every request's full URL at INFO, user:password@ included; its warnings are enough
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+# what a provider may plausibly report as a token count; beyond it the count is not believed
+MAX_TOKEN_COUNT = 10**7
+# the part of an endpoint's error message kept in LLMError (it is stored in memory and shown to the model)
+ERROR_MESSAGE_CHARS = 200
+# the part of an endpoint's error body written to the log
+LOGGED_BODY_CHARS = 2000
+# shorter secrets would blank out ordinary words wherever they occur
+MIN_SECRET_CHARS = 4
+SHUTTING_DOWN = "shutting down"
 
 
 class LLMError(Exception):
-    """The endpoint failed in a way retrying did not fix; str() is short and readable."""
+    """The endpoint failed in a way retrying did not fix.
+
+    str() is one short sentence without secrets, fit to store in memory and to show the model;
+    `seconds` is the time the call spent, all attempts and pauses between them included.
+    """
+
+    def __init__(self, message: str, *, seconds: float = 0.0) -> None:
+        super().__init__(message)
+        self.seconds = seconds
 
 
 class ContextOverflowError(LLMError):
@@ -42,6 +67,38 @@ _OVERFLOW = re.compile(
 
 def is_context_overflow(status: int, body: str) -> bool:
     return status in (400, 413, 422, 500) and bool(_OVERFLOW.search(body))
+
+
+# scheme://user:password@ (up to the last @ before the host's end: passwords may hold an @)
+_URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
+REDACTED = "[redacted]"
+
+
+def without_credentials(url: str) -> str:
+    """The URL as it may be shown: user:password@ removed."""
+    return _URL_CREDENTIALS.sub(r"\1", url)
+
+
+class Redactor:
+    """Removes the API key and the credentials of the endpoint URLs from a text: error bodies can
+    echo the key, and transport errors can quote the URL."""
+
+    def __init__(self, api_key: str = "", *urls: str) -> None:
+        secrets = {api_key}
+        for url in urls:
+            parts = urlsplit(url)
+            for part in (parts.username, parts.password):
+                if part:
+                    secrets.update((part, unquote(part)))
+        # longest first: a secret containing another is removed whole
+        self._secrets = sorted((x for x in secrets if len(x) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        text = _URL_CREDENTIALS.sub(r"\1", text)
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
 
 
 @dataclass
@@ -65,7 +122,7 @@ class ChatResult:
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     usage: Usage | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call: waiting for a slot, every attempt and the pauses between them
 
 
 class LLMClient:
@@ -80,21 +137,41 @@ class LLMClient:
         max_concurrent: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/") + "/"
+        # credentials leave the URL, which is logged and quoted in errors, for the header: the
+        # aiohttp transport also refuses a URL with credentials beside an Authorization header
+        self.base_url = without_credentials(base_url.rstrip("/") + "/")
+        self.redact = Redactor(api_key, base_url)
         # parsed once: httpx parses a URL given as text on every request
         self._urls = {path: httpx.URL(self.base_url + path) for path in ("chat/completions", "embeddings")}
         self._headers = httpx.Headers({"Content-Type": "application/json"})
-        if api_key:
+        given = httpx.URL(base_url)
+        if given.username or given.password:  # as httpx itself does, they win over the key
+            pair = f"{given.username}:{given.password}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        elif api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # the limit of one attempt, from sending to the body's last byte: httpx's own timeouts are
+        # per read, and an endpoint sending a byte at a time never trips them
+        self.timeout = timeout
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
         self.max_retries = max_retries
         self.retry_budget = retry_budget
         # a global cap on model calls in flight, shared by all agents
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._aborting = asyncio.Event()
+        self._attempts: set[asyncio.Timeout] = set()
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def abort(self) -> None:
+        """End the calls in flight and refuse new ones: each raises LLMError("shutting down").
+        For shutdown, which must not wait on an endpoint that never finishes."""
+        self._aborting.set()
+        now = asyncio.get_running_loop().time()
+        for attempt in self._attempts:
+            attempt.reschedule(now)
 
     async def chat(
         self,
@@ -102,31 +179,36 @@ class LLMClient:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         *,
-        temperature: float | None = None,
         max_tokens: int | None = None,
     ) -> ChatResult:
         body: dict[str, Any] = {"model": model, "messages": messages}
         if tools:
             body["tools"] = tools
-        if temperature is not None:
-            body["temperature"] = temperature
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         started = time.perf_counter()
-        data = await self._post("chat/completions", body)
-        result = parse_chat(data)
+        try:
+            result = parse_chat(await self._post("chat/completions", body))
+        except LLMError as exc:
+            exc.seconds = time.perf_counter() - started
+            raise
         result.seconds = time.perf_counter() - started
         return result
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
-        data = await self._post("embeddings", {"model": model, "input": texts})
+        started = time.perf_counter()
         try:
-            items = sorted(data["data"], key=lambda d: d.get("index", 0))
-            vectors = [[float(x) for x in item["embedding"]] for item in items]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LLMError(f"embeddings endpoint returned an unexpected body ({exc!r})") from None
-        if len(vectors) != len(texts):
-            raise LLMError(f"embeddings endpoint returned {len(vectors)} vectors for {len(texts)} inputs")
+            data = await self._post("embeddings", {"model": model, "input": texts})
+            try:
+                items = sorted(data["data"], key=lambda d: d.get("index", 0))
+                vectors = [[float(x) for x in item["embedding"]] for item in items]
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise LLMError(f"the embeddings endpoint returned an unexpected body ({type(exc).__name__})") from None
+            if len(vectors) != len(texts):
+                raise LLMError(f"the embeddings endpoint returned {len(vectors)} vectors for {len(texts)} inputs")
+        except LLMError as exc:
+            exc.seconds = time.perf_counter() - started
+            raise
         return vectors
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -142,43 +224,86 @@ class LLMClient:
                     extensions={"timeout": self._timeout.as_dict()},
                 )
                 async with self._slots:
-                    response = await self._http.send(request)
+                    response = await self._attempt(request)
+            except TimeoutError:
+                problem, wait = f"timed out after {self.timeout:g} s", None
             except httpx.TimeoutException as exc:
                 cause = exc.__cause__
                 # the aiohttp transport reports a refused connection as a timeout
                 if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
-                    problem, wait = f"cannot reach {self.base_url} ({cause})", None
+                    problem, wait = f"cannot reach {self.base_url} ({self.redact(str(cause))})", None
                 else:
-                    problem, wait = f"timed out after {self._timeout.read:.0f} s", None
-            except httpx.TransportError as exc:
-                problem, wait = f"cannot reach {self.base_url} ({type(exc).__name__}: {exc})", None
+                    problem, wait = f"timed out after {self.timeout:g} s", None
+            except httpx.HTTPError as exc:
+                problem, wait = f"cannot reach {self.base_url} ({type(exc).__name__}: {self.redact(str(exc))})", None
             else:
                 if response.status_code < 300:
-                    try:
-                        return orjson.loads(response.content)
-                    except ValueError as exc:  # orjson also refuses lone surrogates, which some servers send
-                        raise LLMError(f"{path} returned a body that is not valid JSON ({exc}): {response.text[:200]!r}") from None
+                    return _json(response.content, path)
                 text = response.text
+                # the raw body only goes to the log: it may echo the request, key included
+                log.warning("%s: HTTP %d from %s: %s", path, response.status_code, self.base_url, self.redact(text[:LOGGED_BODY_CHARS]))
+                problem = self._status(response.status_code, text)
                 if is_context_overflow(response.status_code, text):
-                    raise ContextOverflowError(_short(response.status_code, text))
+                    raise ContextOverflowError(problem)
                 if response.status_code != 429 and response.status_code < 500:
-                    raise LLMError(_short(response.status_code, text))
-                problem, wait = _short(response.status_code, text), _retry_after(response)
+                    raise LLMError(problem)
+                wait = _retry_after(response)
             attempt += 1
             backoff = wait if wait is not None else random.uniform(0, min(8.0, 0.5 * 2**attempt))
             if attempt > self.max_retries or time.monotonic() + backoff > deadline:
                 raise LLMError(f"{path}: {problem} (gave up after {attempt} attempts)")
             log.warning("%s: %s; retrying in %.1f s", path, problem, backoff)
-            await asyncio.sleep(backoff)
+            await self._pause(backoff)
+
+    async def _attempt(self, request: httpx.Request) -> httpx.Response:
+        """One request within `timeout` in all; abort() ends it at once."""
+        if self._aborting.is_set():
+            raise LLMError(SHUTTING_DOWN)
+        try:
+            async with asyncio.timeout(self.timeout) as limit:
+                self._attempts.add(limit)
+                try:
+                    return await self._http.send(request)
+                finally:
+                    self._attempts.discard(limit)
+        except TimeoutError:
+            if self._aborting.is_set():
+                raise LLMError(SHUTTING_DOWN) from None
+            raise
+
+    async def _pause(self, seconds: float) -> None:
+        """The wait before a retry; abort() ends it at once."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._aborting.wait()
+        except TimeoutError:
+            return
+        raise LLMError(SHUTTING_DOWN)
+
+    def _status(self, status: int, text: str) -> str:
+        """An error status as a short sentence: the endpoint's message, redacted, on one line, clipped."""
+        try:
+            error = json.loads(text).get("error", text)
+            message = error.get("message", error) if isinstance(error, dict) else error
+        except (ValueError, AttributeError, RecursionError):
+            message = text
+        message = " ".join(self.redact(_clean(str(message))).split())
+        if len(message) > ERROR_MESSAGE_CHARS:
+            message = message[:ERROR_MESSAGE_CHARS] + "…"
+        return f"HTTP {status} from the model endpoint: {message}" if message else f"HTTP {status} from the model endpoint"
 
 
-def _short(status: int, text: str) -> str:
+def _json(content: bytes, path: str) -> Any:
     try:
-        error = json.loads(text).get("error", text)
-        message = error.get("message", error) if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
-        message = text
-    return f"HTTP {status}: {str(message).strip()[:300]}"
+        return orjson.loads(content)
+    except ValueError:
+        pass
+    # orjson refuses lone surrogate escapes ("\ud83d"), which some servers send; json accepts
+    # them and parse_chat replaces them
+    try:
+        return json.loads(content.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        raise LLMError(f"{path} returned a body that is not valid JSON") from None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -195,6 +320,51 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# a \uD800-\uDFFF escape inside a JSON text: decoding it may give a lone surrogate
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _clean(text: str) -> str:
+    """Valid Unicode: lone surrogates (which cannot be encoded, stored or sent) become U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _clean_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, list):
+        return [_clean_json(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(str(k)): _clean_json(v) for k, v in value.items()}
+    return value
+
+
+def _arguments(args: Any) -> str:
+    """Tool arguments as valid text whose JSON, once decoded, is valid text too."""
+    try:
+        if not isinstance(args, str):  # some servers send an object instead of a JSON string
+            return json.dumps(_clean_json(args), ensure_ascii=False)
+        args = _clean(args)
+        if _SURROGATE_ESCAPE.search(args):
+            try:
+                return json.dumps(_clean_json(json.loads(args)), ensure_ascii=False)
+            except ValueError:  # not JSON: the tool reports that to the model
+                pass
+        return args
+    except RecursionError:  # nested deeper than Python recurses: no tool takes such arguments
+        return "(arguments nested too deeply)"
+
+
+def _tokens(value: Any) -> int | None:
+    """A provider's token count, if believable: a whole number from 0 to MAX_TOKEN_COUNT."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return int(value) if 0 <= value <= MAX_TOKEN_COUNT else None
+
+
 def parse_chat(data: dict[str, Any]) -> ChatResult:
     """Read a chat completion, tolerating servers that bend the protocol."""
     try:
@@ -202,7 +372,7 @@ def parse_chat(data: dict[str, Any]) -> ChatResult:
         if not isinstance(message, dict):
             raise TypeError
     except (KeyError, IndexError, TypeError):
-        raise LLMError(f"chat completion without a message: {json.dumps(data)[:200]}") from None
+        raise LLMError("the model endpoint sent a chat completion without a message") from None
     calls: list[ToolCall] = []
     raw_calls = message.get("tool_calls") or []
     if not raw_calls and isinstance(message.get("function_call"), dict):  # the pre-tools protocol
@@ -211,17 +381,17 @@ def parse_chat(data: dict[str, Any]) -> ChatResult:
         fn = raw.get("function") if isinstance(raw, dict) else None
         if not isinstance(fn, dict):
             continue
-        args = fn.get("arguments", "")
-        if not isinstance(args, str):  # some servers send an object instead of a JSON string
-            args = json.dumps(args)
-        calls.append(ToolCall(id=str(raw.get("id") or f"call_{uuid.uuid4().hex[:12]}"), name=str(fn.get("name", "")), arguments=args))
+        calls.append(ToolCall(
+            id=_clean(str(raw.get("id") or f"call_{uuid.uuid4().hex[:12]}")),
+            name=_clean(str(fn.get("name", ""))),
+            arguments=_arguments(fn.get("arguments", "")),
+        ))
     usage = None
     if isinstance(data.get("usage"), dict):
-        try:
-            usage = Usage(int(data["usage"].get("prompt_tokens") or 0), int(data["usage"].get("completion_tokens") or 0))
-        except (TypeError, ValueError):
-            usage = None
-    return ChatResult(content=_text(message.get("content")), tool_calls=calls, usage=usage)
+        prompt, completion = _tokens(data["usage"].get("prompt_tokens")), _tokens(data["usage"].get("completion_tokens"))
+        if prompt is not None and completion is not None:
+            usage = Usage(prompt, completion)
+    return ChatResult(content=_clean(_text(message.get("content"))), tool_calls=calls, usage=usage)
 
 
 def _text(content: Any) -> str:
@@ -229,5 +399,5 @@ def _text(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+        return "".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
     return content if isinstance(content, str) else str(content)

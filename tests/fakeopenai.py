@@ -50,7 +50,15 @@ class Delay:
     then: Any
 
 
-Script = dict[str, Any] | Error | Delay | Callable[[dict[str, Any]], Any]
+@dataclass
+class Drip:
+    """The headers at once, then the answer's body one byte every `interval` seconds: a stalled
+    proxy or a slow-loris, which no per-read timeout ever ends."""
+    interval: float
+    then: dict[str, Any] = field(default_factory=lambda: reply("dripped"))
+
+
+Script = dict[str, Any] | Error | Delay | Drip | Callable[[dict[str, Any]], Any]
 
 
 _SKIP = frozenset("a an the is are was were do does did where what who when how to of in and or i you it".split())
@@ -75,6 +83,10 @@ class FakeOpenAI:
         self.script: list[Script] = []
         self.default: Script | None = None
         self.requests: list[dict[str, Any]] = []
+        self.request_headers: list[dict[str, str]] = []  # of every request, in order, to echo them back
+        self.fail_models: Error | None = None  # what GET /models answers instead of the model list
+        self.dripping = 0  # responses being dripped now
+        self.usage_body: Any = None  # sent as the usage instead of the counted one, when set
         self.embedding_inputs: list[str] = []
         self.fail_embeddings: Error | None = None
         self.in_flight = 0
@@ -86,6 +98,7 @@ class FakeOpenAI:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -105,20 +118,46 @@ class FakeOpenAI:
     def chat_requests(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if "messages" in r]
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def _models(self, request: web.Request) -> web.Response:
+        self.request_headers.append(dict(request.headers))
+        if self.fail_models:
+            e = self.fail_models
+            payload = e.body if isinstance(e.body, str) else json.dumps(e.body)
+            return web.Response(text=payload, status=e.status, headers=e.headers, content_type="application/json")
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.request_headers.append(dict(request.headers))
         item = self.script.pop(0) if self.script else self.default
         if item is None:
             return web.json_response({"error": {"message": "fake: no scripted response left"}}, status=500)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            return await self._answer(item, body)
+            return await self._answer(item, body, request)
         finally:
             self.in_flight -= 1
 
-    async def _answer(self, item: Script, body: dict[str, Any]) -> web.Response:
+    async def _drip(self, drip: Drip, body: dict[str, Any], request: web.Request) -> web.StreamResponse:
+        payload = (await self._answer(drip.then, body, request)).body
+        assert isinstance(payload, bytes)
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(payload))})
+        self.dripping += 1
+        try:
+            await response.prepare(request)
+            for i in range(len(payload)):
+                await response.write(payload[i:i + 1])
+                await asyncio.sleep(drip.interval)
+            await response.write_eof()
+        except ConnectionError:  # the client gave up: what the drip is for
+            pass
+        finally:
+            self.dripping -= 1
+        return response
+
+    async def _answer(self, item: Script, body: dict[str, Any], request: web.Request) -> web.StreamResponse:
         while True:
             if isinstance(item, Delay):
                 await asyncio.sleep(item.seconds)
@@ -129,6 +168,8 @@ class FakeOpenAI:
                 item = await item
             else:
                 break
+        if isinstance(item, Drip):
+            return await self._drip(item, body, request)
         if isinstance(item, Error):
             payload = item.body if isinstance(item.body, str) else json.dumps(item.body)
             return web.Response(text=payload, status=item.status, headers=item.headers, content_type="application/json")
@@ -137,6 +178,8 @@ class FakeOpenAI:
         if self.usage:
             prompt = sum(len(json.dumps(m)) for m in body["messages"]) // 4
             data["usage"] = {"prompt_tokens": prompt, "completion_tokens": 10, "total_tokens": prompt + 10}
+        if self.usage_body is not None:
+            data["usage"] = self.usage_body
         return web.json_response(data)
 
     async def _embeddings(self, request: web.Request) -> web.Response:

@@ -1,0 +1,119 @@
+"""`mnemocord run` as a real process: how it starts, how it refuses to start, how it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from memory.db import Database
+from tests.fakediscord import FakeDiscord
+from tests.fakeopenai import Drip, Error, FakeOpenAI
+
+ROOT = Path(__file__).parent.parent
+SECRET_KEY = "sk-live-0123456789abcdef"
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+
+
+@pytest.fixture
+async def fake_discord() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as server:
+        yield server
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: bound, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env(tmp_path: Path, fake: FakeOpenAI, fake_discord: FakeDiscord | None = None, **over: str) -> dict[str, str]:
+    env = {
+        **os.environ, "DISCORD_TOKEN": "secret-token-value", "LLM_BASE_URL": fake.url, "LLM_MODEL": "m",
+        "DATABASE_PATH": str(tmp_path / "run.db"), "PYTHONPATH": str(ROOT),
+    }
+    if fake_discord:
+        env |= {"DISCORD_API_BASE": fake_discord.rest_base, "DISCORD_GATEWAY_URL": fake_discord.gateway_url}
+    return env | over
+
+
+async def start(tmp_path: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "run", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def refused_start(tmp_path: Path, env: dict[str, str]) -> str:
+    """Run a start that must fail with one line besides the log; that line."""
+    proc = await start(tmp_path, env)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    text = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in text, text
+    assert SECRET_KEY not in text and "pa55-w0rd" not in text, text
+    (line,) = [line for line in text.splitlines() if not LOG_LINE.match(line)]
+    return line
+
+
+async def test_sigterm_ends_run_in_bounded_time_while_the_model_drips(fake_discord: FakeDiscord, fake: FakeOpenAI, tmp_path: Path) -> None:
+    alice = fake_discord.add_user("alice")
+    # a byte a second: LLM_TIMEOUT (120 s by default) bounds the call, shutdown must not wait for it
+    fake.default = lambda body: Drip(1.0)
+    proc = await start(tmp_path, run_env(tmp_path, fake, fake_discord))
+    try:
+        await fake_discord.wait_ready(timeout=20)
+        await fake_discord.send_dm(alice["id"], "a message worth keeping")
+        await fake_discord.wait_for(lambda f: fake.dripping, timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    log = err.decode()
+    assert proc.returncode == 0, log
+    assert "ending their model calls" in log and "stopped" in log and "Traceback" not in log
+    db = await Database.open(tmp_path / "run.db")
+    try:
+        stored = await db.fetchall("SELECT content FROM messages WHERE role = 'user'")
+    finally:
+        await db.close()
+    assert [r[0] for r in stored] == ["a message worth keeping"]
+
+
+async def test_unreachable_discord_stops_the_start_with_one_line(fake: FakeOpenAI, tmp_path: Path) -> None:
+    api = f"http://127.0.0.1:{closed_port()}/api/v10"
+    err = await refused_start(tmp_path, run_env(tmp_path, fake, DISCORD_API_BASE=api, DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{closed_port()}/"))
+    assert err.startswith(f"mnemocord: DISCORD_API_BASE: cannot reach Discord at {api} ("), err
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_refused_key_stops_the_start_with_one_line_without_secrets(fake: FakeOpenAI, tmp_path: Path, status: int) -> None:
+    fake.fail_models = Error(status, {"error": {"message": f"bad credentials alice:pa55-w0rd / {SECRET_KEY}"}})
+    url = fake.url.replace("http://", "http://alice:pa55-w0rd@")
+    err = await refused_start(tmp_path, run_env(tmp_path, fake, LLM_BASE_URL=url, LLM_API_KEY=SECRET_KEY))
+    assert err == f"mnemocord: LLM_API_KEY: {fake.url} refused the key (HTTP {status})"
+    assert fake.request_headers[-1]["Authorization"] == "Basic " + base64.b64encode(b"alice:pa55-w0rd").decode()
+    fake.fail_models = Error(status, {"error": {"message": f"Incorrect API key provided: {SECRET_KEY}"}})
+    err = await refused_start(tmp_path, run_env(tmp_path, fake, LLM_API_KEY=SECRET_KEY))
+    assert err == f"mnemocord: LLM_API_KEY: {fake.url} refused the key (HTTP {status})"
+    assert fake.request_headers[-1]["Authorization"] == f"Bearer {SECRET_KEY}"
+
+
+async def test_unreachable_endpoint_start_error_hides_url_credentials(fake: FakeOpenAI, tmp_path: Path) -> None:
+    port = closed_port()
+    err = await refused_start(tmp_path, run_env(tmp_path, fake, LLM_BASE_URL=f"http://alice:pa55-w0rd@127.0.0.1:{port}/v1"))
+    assert err.startswith(f"mnemocord: LLM_BASE_URL: cannot reach http://127.0.0.1:{port}/v1 ("), err
+    assert "pa55-w0rd" not in err and "alice" not in err
