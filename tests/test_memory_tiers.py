@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memory import agents, core, recall, search
+from memory import agents, core, fulltext, recall, search
 from memory.agents import Agent
 from memory.archival import MAX_INSERT_CHARS, Archive, chunk
 from memory.config import EngineSettings
@@ -220,16 +220,14 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
         await arch.insert(agent, t)
     doomed = [r[0] for r in await db.fetchall("SELECT id FROM passages WHERE agent_id = ? AND content LIKE '%pond 4'", (agent.id,))]
     assert await arch.delete(agent, doomed) == 1
-    query = search.match(agent.id, "zebra pond sleeps", "{content context date}")
+    query = fulltext.match(agent.id, "zebra pond sleeps", "{content context date}")
     scores = await db.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
     # the same final rows, indexed once each into a fresh table
     fresh = await Database.open(tmp_path / "fresh.db")
     rows = await db.fetchall("SELECT id, content, context, created_at FROM passages ORDER BY id")
-    from memory.archival import fts_row
-
     await fresh.transact(lambda c: c.executemany(
         "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
-        [(r[0], *fts_row(agent.id, r[1], r[2], r[3])) for r in rows],
+        [(r[0], *fulltext.passage_row(agent.id, r[1], r[2], r[3])) for r in rows],
     ))
     expected = await fresh.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
     await fresh.close()

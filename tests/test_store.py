@@ -10,7 +10,8 @@ import pytest
 
 from memory import agents, core, recall
 from memory.config import EngineSettings
-from memory.db import MIGRATIONS, Database, StorageError, sqlite3
+from memory.db import Database, StorageError, StorageFull, sqlite3
+from memory.migrations import MIGRATIONS
 
 
 async def test_sqlite_vec_and_fts5_available(db: Database) -> None:
@@ -164,10 +165,6 @@ async def test_float_vectors_of_an_older_database_move_to_passage_vectors(tmp_pa
 
 async def test_a_full_disk_fails_the_batch_with_its_own_error(db: Database) -> None:
     """SQLite rolls a whole transaction back when the file is full: every batched caller hears why."""
-    import asyncio
-
-    import sqlean
-
     pages = await db.fetchval("PRAGMA page_count")
     await db.transact(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 3}"))
     results = await asyncio.gather(
@@ -179,7 +176,7 @@ async def test_a_full_disk_fails_the_batch_with_its_own_error(db: Database) -> N
     )
     assert not isinstance(results[0], Exception)
     for r in results[1:]:
-        assert isinstance(r, sqlean.OperationalError) and "full" in str(r), r
+        assert isinstance(r, StorageFull) and str(r).startswith("storage is full: database "), r
     assert [r[0] for r in await db.fetchall("SELECT key FROM meta WHERE key != 'fts_unicode' ORDER BY key")] == ["first"]
     await db.transact(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
 
