@@ -55,8 +55,9 @@ T = TypeVar("T")
 READERS = 2
 # most transactions committed together (Database._flush)
 BATCH = 8
-# larger files get a bounded integrity check at open; Database.check() reads them whole
-FULL_CHECK_BYTES = 256 << 20
+# files up to this size get SQLite's quick_check whole at open: it reads every page, 15-40 s
+# per GB measured here; larger ones a bounded check, and Database.check() for the rest
+FULL_CHECK_BYTES = 32 << 20
 
 
 def marks(n: int) -> str:
@@ -150,10 +151,14 @@ class Database:
     async def check(self) -> list[str]:
         """SQLite's quick_check over the whole file: the problems found, [] if none.
 
-        Reads every page: seconds per GB (see FULL_CHECK_BYTES), so `open` does it only for small files.
+        It reads every page, about 15-40 s per GB here, so `open` runs it only on files
+        up to FULL_CHECK_BYTES; this is for `mnemocord doctor`.
         """
-        rows = await self.fetchall("PRAGMA quick_check")
-        return [] if [r[0] for r in rows] == ["ok"] else [r[0] for r in rows]
+        try:
+            rows = [r[0] for r in await self.fetchall("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as exc:  # damage that stops the check itself
+            return [str(exc)]
+        return [] if rows == ["ok"] else rows
 
     async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(connection)` as one transaction on the writer thread; rolled back if it raises.
@@ -271,14 +276,19 @@ def _check_writable(c: sqlite3.Connection, path: Path) -> None:
 def _check_pages(c: sqlite3.Connection, path: Path) -> None:
     """Damage in pages a start does not read would otherwise surface much later, as a failed turn."""
     if path.stat().st_size <= FULL_CHECK_BYTES:
-        problems = [r[0] for r in c.execute("PRAGMA quick_check")]
-    else:  # the schema and every table's first pages only; Database.check() reads the rest
-        problems = [r[0] for r in c.execute("PRAGMA quick_check(sqlite_schema)")]
-    if problems != ["ok"]:
-        raise StorageError(
-            f"database {path} is damaged (SQLite quick_check: {problems[0]}"
-            f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); restore it from a backup"
-        )
+        targets = [""]
+    else:  # the schema and the small tables every turn reads; Database.check() reads the rest
+        small = c.execute("SELECT name FROM sqlite_schema WHERE type = 'table' AND name IN ('agents', 'blocks', 'meta')")
+        targets = ["(sqlite_schema)", *(f"({name})" for (name,) in small.fetchall())]
+    problems: list[str] = []
+    for target in targets:
+        try:
+            problems += [r[0] for r in c.execute(f"PRAGMA quick_check{target}") if r[0] != "ok"]
+        except sqlite3.DatabaseError as exc:  # damage that stops the check itself
+            problems.append(str(exc))
+    if problems:
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise StorageError(f"database {path} is damaged (SQLite quick_check: {problems[0]}{more}); restore it from a backup")
 
 
 class _Lock:
@@ -332,7 +342,8 @@ def _describe(pid: str) -> str:
         return "pid unknown"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read(200).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            # arguments are separated by NULs and may hold newlines: one line of words
+            command = " ".join(f.read(200).replace(b"\0", b" ").decode("utf-8", "replace").split())
     except OSError:
         return f"pid {pid}"
     return f"pid {pid}: {command}" if command else f"pid {pid}"
