@@ -109,6 +109,7 @@ class Database:
         except OSError as exc:
             raise StorageError(f"cannot use database {path}: {exc}") from exc
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        writer: sqlite3.Connection | None = None
         readers: list[aiosqlite.Connection] = []
         try:
             writer = await loop.run_in_executor(thread, _open_writer, path, list(MIGRATIONS if migrations is None else migrations))
@@ -120,6 +121,8 @@ class Database:
         except BaseException as exc:
             for reader in readers:
                 await reader.close()
+            if writer is not None:
+                await loop.run_in_executor(thread, writer.close)
             thread.shutdown()
             lock.release()
             if isinstance(exc, (OSError, sqlite3.Error)):
