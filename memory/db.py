@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiosqlite
 
@@ -99,7 +99,7 @@ class Database:
         self._batch: asyncio.Future[list[tuple[bool, Any]]] | None = None
 
     @classmethod
-    async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> "Database":
+    async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> Database:
         """Lock, check and migrate the file. Raises StorageError with one line saying what is wrong."""
         path = Path(path)
         loop = asyncio.get_running_loop()
@@ -301,7 +301,7 @@ class _Lock:
     database within this process share the lock.
     """
 
-    _held: dict[str, "_Lock"] = {}
+    _held: ClassVar[dict[str, _Lock]] = {}
 
     def __init__(self, database: Path, key: str, fd: int) -> None:
         self.database = database
@@ -310,7 +310,7 @@ class _Lock:
         self._users = 1
 
     @classmethod
-    def take(cls, database: Path) -> "_Lock":
+    def take(cls, database: Path) -> _Lock:
         path = database.with_name(database.name + ".lock")
         key = os.path.realpath(path)
         if (held := cls._held.get(key)) is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -276,15 +275,22 @@ async def test_a_read_only_database_file_is_refused_at_open(tmp_path: Path, sett
     # root writes through permission bits: only the immutable attribute makes a file read-only for it
     immutable = os.geteuid() == 0
     if immutable:
-        subprocess.run(["chattr", "+i", str(path)], check=True)
+        assert await _run("chattr", "+i", str(path)) == (0, "")
     try:
         with pytest.raises(StorageError) as refused:
             await Database.open(path)
     finally:
         if immutable:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
+            assert await _run("chattr", "-i", str(path)) == (0, "")
         path.chmod(0o644)
     assert f"database {path} is read-only" in str(refused.value) and "\n" not in str(refused.value)
+
+
+async def _run(*command: str) -> tuple[int | None, str]:
+    """Exit code and standard error of a command."""
+    child = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    _, err = await child.communicate()
+    return child.returncode, err.decode()
 
 
 def _damage_a_page_of(path: Path, table: str) -> None:
@@ -377,11 +383,8 @@ async def test_one_process_opens_a_database_again_after_closing_it(tmp_path: Pat
         await db.close()
     lock = path.with_name("again.db.lock")
     # closed: another process may take it now
-    taker = subprocess.run(
-        [sys.executable, "-c", "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)", str(lock)],
-        capture_output=True,
-    )
-    assert taker.returncode == 0, taker.stderr
+    taker = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    assert await _run(sys.executable, "-c", taker, str(lock)) == (0, "")
 
 
 _FILL_THEN_CLOSE_ON_A_FULL_DISK = """
@@ -405,12 +408,13 @@ asyncio.run(main(sys.argv[1]))
 
 async def test_close_is_clean_when_the_final_checkpoint_fails(tmp_path: Path) -> None:
     path = tmp_path / "full.db"
-    run = subprocess.run(
-        [sys.executable, "-c", _FILL_THEN_CLOSE_ON_A_FULL_DISK, str(path)],
-        cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=120,
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FILL_THEN_CLOSE_ON_A_FULL_DISK, str(path), cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    assert run.returncode == 0 and run.stdout == "closed\n", run.stderr
-    assert "without folding its WAL back" in run.stderr
+    out, err = await child.communicate()
+    assert (child.returncode, out) == (0, b"closed\n"), err.decode()
+    assert b"without folding its WAL back" in err
     db = await Database.open(path)  # nothing committed was lost: the WAL is read back
     assert await db.fetchval("SELECT count(*) FROM meta WHERE key LIKE 'k%'") == 500
     await db.close()
