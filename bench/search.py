@@ -54,10 +54,11 @@ import sqlite_vec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memory import agents  # noqa: E402
-from memory.archival import CANDIDATES, CONTEXT_CHARS, Archive, fts_row  # noqa: E402
+from memory.archival import CANDIDATES, CONTEXT_CHARS, Archive  # noqa: E402
 from memory.config import EngineSettings  # noqa: E402
 from memory.db import Database  # noqa: E402
 from memory.embeddings import Embedder, pack, text_hash  # noqa: E402
+from memory.fulltext import passage_row  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 # bump when the generated data changes, so old cache files are not reused
@@ -73,7 +74,7 @@ SEED = 1234
 BASE_TIME = datetime(2024, 1, 1, tzinfo=UTC)
 SPAN_SECONDS = 730 * 86400  # the passages' dates spread over two years
 
-# Function words take the top ranks, as in real text; search.terms() drops most of them.
+# Function words take the top ranks, as in real text; fulltext.terms() drops most of them.
 COMMON = (
     "the of and to a in is it you that he was for on are with as i his they be at one have this from or had by "
     "not but what some we can out other were all there when up use your how said an each she which do their"
@@ -264,7 +265,7 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
             h = text_hash(content)
             vector = pack(random_vector(content))
             rows.append((pid, agent_id, content, context, "[]", "", stamp, h))
-            fts.append((pid, *fts_row(agent_id, content, context, stamp)))
+            fts.append((pid, *passage_row(agent_id, content, context, stamp)))
             vec.append((pid, agent_id, vector))
         conn.execute("BEGIN")
         conn.executemany(

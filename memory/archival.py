@@ -19,10 +19,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from datetime import datetime
 
-
-from . import search
+from . import fulltext, search
 from .agents import Agent
 from .clock import now
 from .db import Database, marks, sqlite3
@@ -88,24 +86,6 @@ def chunk(text: str, size: int = CHUNK_CHARS, overlap: int = OVERLAP_CHARS) -> l
     return chunks
 
 
-def spoken_date(stamp: str) -> str:
-    """"2023-05-08T13:56:00Z" -> "8 May 2023", the way people ask about dates."""
-    try:
-        day = datetime.strptime(stamp[:10], "%Y-%m-%d")
-    except ValueError:
-        return ""
-    return f"{day.day} {day:%B %Y}"
-
-
-def fts_row(agent_id: int, content: str, context: str, created_at: str) -> tuple[str, str, str]:
-    """The content, context and date columns of a passage's full-text row."""
-    return (
-        search.scoped(agent_id, content),
-        search.scoped(agent_id, context),
-        search.scoped(agent_id, spoken_date(created_at)),
-    )
-
-
 def clean_tags(tags: Iterable[str] | None) -> list[str]:
     out = []
     for t in tags or []:
@@ -146,10 +126,7 @@ def store(c: sqlite3.Connection, agent: Agent, pieces: list[str], tags: list[str
             (agent.id, piece, before, json.dumps(tags), source, stamp, text_hash(piece)),
         ).lastrowid
         ids.append(pid)
-        c.execute(
-            "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
-            (pid, *fts_row(agent.id, piece, before, stamp)),
-        )
+        fulltext.index_passages(c, agent.id, [(pid, piece, before, stamp)])
         c.executemany(
             "INSERT OR IGNORE INTO passage_tags(passage_id, agent_id, tag) VALUES (?, ?, ?)",
             [(pid, agent.id, t) for t in tags],
@@ -157,11 +134,8 @@ def store(c: sqlite3.Connection, agent: Agent, pieces: list[str], tags: list[str
         if previous:  # this passage is the previous one's "after" context
             context = f"{previous['context']} {piece[:CONTEXT_CHARS]}".strip()
             c.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
-            _unindex(c, agent.id, [previous])
-            c.execute(
-                "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
-                (previous["id"], *fts_row(agent.id, previous["content"], context, previous["created_at"])),
-            )
+            fulltext.unindex_passages(c, agent.id, [_passage(previous)])
+            fulltext.index_passages(c, agent.id, [(previous["id"], previous["content"], context, previous["created_at"])])
         previous = {"id": pid, "content": piece, "context": before, "created_at": stamp}
     return ids
 
@@ -272,7 +246,7 @@ class Archive:
         filtered = len(params) > 1
         wanted = max(CANDIDATES, number * page_size)
 
-        expression = search.match(agent.id, query, "{content context date}")
+        expression = fulltext.match(agent.id, query, "{content context date}")
         if not expression:
             if query.strip():
                 return search.Page([], 0, number, page_size)
@@ -385,12 +359,9 @@ class Archive:
 _ROW = "id, content, context, created_at"
 
 
-def _unindex(c: sqlite3.Connection, agent_id: int, rows: list) -> None:  # type: ignore[type-arg]
-    """Remove rows from the contentless FTS index: it needs the exact values they were indexed with."""
-    c.executemany(
-        "INSERT INTO passages_fts(passages_fts, rowid, content, context, date) VALUES ('delete', ?, ?, ?, ?)",
-        [(r["id"], *fts_row(agent_id, r["content"], r["context"], r["created_at"])) for r in rows],
-    )
+def _passage(row: Any) -> fulltext.PassageRow:
+    """A row of `SELECT {_ROW}` (or a dict with its keys) as fulltext takes it."""
+    return row["id"], row["content"], row["context"], row["created_at"]
 
 
 def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list) -> int:  # type: ignore[type-arg]
@@ -398,7 +369,7 @@ def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list) -> int:  # ty
         part = rows[i : i + 500]
         ids = [r["id"] for r in part]
         in_ids = marks(len(ids))
-        _unindex(c, agent_id, part)
+        fulltext.unindex_passages(c, agent_id, [_passage(r) for r in part])
         c.execute(f"DELETE FROM passage_bits WHERE agent_id = ? AND id IN ({in_ids})", (agent_id, *ids))
         c.execute(f"DELETE FROM passages WHERE id IN ({in_ids})", ids)  # passage_vectors rows go with them
     return len(rows)

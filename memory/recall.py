@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from . import search, tokens
+from . import fulltext, search, tokens
 from .agents import Agent
 from .clock import minute, now
 from .db import Database, marks, sqlite3
@@ -57,16 +57,7 @@ class Message:
 
     def index_text(self) -> str:
         """What full-text search sees: the words people and the agent said."""
-        if self.role == "tool":
-            return ""
-        said = [self.content]
-        for call in self.tool_calls or []:
-            if call.get("function", {}).get("name") == "send_message":
-                try:
-                    said.append(str(json.loads(call["function"].get("arguments") or "{}").get("message", "")))
-                except (ValueError, AttributeError):
-                    pass
-        return "\n".join(s for s in said if s)
+        return fulltext.said(self.role, self.content, self.tool_calls)
 
     def visible_text(self) -> str:
         """The text a person saw (the reply for assistant rows, inner monologue left out)."""
@@ -134,14 +125,7 @@ def insert(c: sqlite3.Connection, agent: Agent, messages: list[Message], state: 
             ),
         )
         m.id = cur.lastrowid or 0
-        if text := fts_text(agent.id, m):
-            c.execute("INSERT INTO messages_fts(rowid, content) VALUES (?, ?)", (m.id, text))
-
-
-def fts_text(agent_id: int, m: Message) -> str:
-    """The message's row in messages_fts ("" for none): a delete must give what the insert gave."""
-    text = m.index_text()
-    return search.scoped(agent_id, text) if text else ""
+    fulltext.index_messages(c, agent.id, [(m.id, m.role, m.content, m.tool_calls) for m in messages])
 
 
 _IN_CONTEXT = f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND in_context = 1 ORDER BY position"
@@ -240,11 +224,7 @@ def _follows_doomed(result: Any, doomed: dict[int, Any]) -> bool:
 
 def _delete(c: sqlite3.Connection, agent: Agent, rows: Iterable[Any]) -> int:
     messages = [_row(r) for r in rows]
-    # a contentless FTS index forgets a row only when told the exact text it indexed
-    c.executemany(
-        "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', ?, ?)",
-        [(m.id, text) for m in messages if (text := fts_text(agent.id, m))],
-    )
+    fulltext.unindex_messages(c, agent.id, [(m.id, m.role, m.content, m.tool_calls) for m in messages])
     for i in range(0, len(messages), 500):
         part = [m.id for m in messages[i : i + 500]]
         c.execute(f"DELETE FROM messages WHERE id IN ({marks(len(part))})", part)
@@ -285,7 +265,7 @@ async def search_messages(
         filters.append(f"m.role IN ({marks(len(roles))})")
         params.extend(roles)
     where = " AND ".join(filters)
-    expression = search.match(agent.id, query or "", "{content}")
+    expression = fulltext.match(agent.id, query or "", "{content}")
     if expression:
         source = "messages_fts f JOIN messages m ON m.id = f.rowid"
         where = f"messages_fts MATCH ? AND {where}"

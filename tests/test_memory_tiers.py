@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memory import agents, core, recall, search
+from memory import agents, core, fulltext, recall, search
 from memory.agents import Agent
 from memory.archival import MAX_INSERT_CHARS, Archive, chunk
 from memory.config import EngineSettings
@@ -78,23 +78,26 @@ async def test_conversation_search_dates_and_roles_filter(db: Database, agent: A
         await recall.search_messages(db, agent, "Lisbon", roles=["wizard"])
 
 
-HOSTILE = [
-    '"', '""', "*", "AND", "OR NOT", "NEAR(", "NEAR(a b", "-", "-foo", ":", "content:x", "agent:a1", "a1",
-    "{content}: x", "^start", "(((", "')--", "x' OR '1'='1", "\x00", "tea\x00cup", "", "   ", "🍵🐈",
-    "чай и кошки", "お茶と猫", "شاي", "a" * 5000, " ".join(["word"] * 2000), "AND OR NOT NEAR", "\"tea\" * -cats",
-]
+# query -> (messages it matches, passages it matches by keyword), for the message and passage below
+HOSTILE = {
+    '"': (0, 0), '""': (0, 0), "*": (0, 0), "AND": (1, 1), "OR NOT": (0, 0), "NEAR(": (0, 0), "NEAR(a b": (0, 0),
+    "-": (0, 0), "-foo": (0, 0), ":": (0, 0), "content:x": (0, 0), "agent:a1": (0, 0), "a1": (0, 0),
+    "{content}: x": (0, 0), "^start": (0, 0), "(((": (0, 0), "')--": (0, 0), "x' OR '1'='1": (0, 0), "\x00": (0, 0),
+    "tea\x00cup": (1, 1), "": (1, 1), "   ": (1, 1), "🍵🐈": (0, 0), "чай и кошки": (1, 1), "お茶と猫": (1, 0),
+    "شاي": (0, 0), "a" * 5000: (0, 0), " ".join(["word"] * 2000): (0, 0), "AND OR NOT NEAR": (0, 0),
+    "\"tea\" * -cats": (1, 1),
+}
 
 
 async def test_hostile_queries_never_raise(db: Database, agent: Agent, archive: Archive) -> None:
+    """Query syntax in the input is searched for as words, never parsed; an empty query lists the newest."""
     await _say(db, agent, "I like tea and cats 🍵🐈 чай и кошки お茶と猫")
     await archive.insert(agent, "Ann likes tea and cats. чай и кошки")
-    for q in HOSTILE:
-        r = await recall.search_messages(db, agent, q)
-        a = await archive.search(agent, q)
-        assert r.total >= 0 and a.total >= 0
-    assert (await recall.search_messages(db, agent, "чай")).total == 1
-    assert (await recall.search_messages(db, agent, "🍵🐈")).total == 0  # not words: an empty result, no error
-    assert (await recall.search_messages(db, agent, '"tea" * -cats')).total == 1
+    keyword_only = Archive(db, None)
+    for q, (messages, passages) in HOSTILE.items():
+        assert ((await recall.search_messages(db, agent, q)).total, (await keyword_only.search(agent, q)).total) == (messages, passages), q
+        hybrid = await archive.search(agent, q)  # meaning may add the passage, never anything else
+        assert [h.text for h in hybrid.hits] in ([], ["Ann likes tea and cats. чай и кошки"]), q
 
 
 async def test_odd_message_content_is_stored(db: Database, agent: Agent) -> None:
@@ -172,6 +175,24 @@ async def test_model_change_reembeds_instead_of_mixing(db: Database, client, age
     assert (await arch2.search(agent, "violins")).hits[0].text == "a passage about violins"
 
 
+async def test_the_query_cache_keeps_the_newest_vectors(
+    db: Database, client, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memory import embeddings
+
+    monkeypatch.setattr(embeddings, "CACHE_ROWS", 5)
+    embedder = embeddings.Embedder(db, client, "fake-embed")
+    await embedder.prepare()
+    queries = [f"where did query {n} go" for n in range(8)]
+    for q in queries:
+        await embedder.embed([q])
+    cached = {r[0] for r in await db.fetchall("SELECT text_hash FROM embedding_cache")}
+    assert cached == {embeddings.text_hash(q) for q in queries[3:]}
+    fake.embedding_inputs.clear()
+    await embedder.embed([queries[7], queries[0]])
+    assert fake.embedding_inputs == [queries[0]]  # the newest came from the cache, the oldest was trimmed
+
+
 async def test_keyword_only_without_embedder(db: Database, agent: Agent) -> None:
     arch = Archive(db, None)
     await arch.insert(agent, "The boat is called Seagull.")
@@ -220,16 +241,14 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
         await arch.insert(agent, t)
     doomed = [r[0] for r in await db.fetchall("SELECT id FROM passages WHERE agent_id = ? AND content LIKE '%pond 4'", (agent.id,))]
     assert await arch.delete(agent, doomed) == 1
-    query = search.match(agent.id, "zebra pond sleeps", "{content context date}")
+    query = fulltext.match(agent.id, "zebra pond sleeps", "{content context date}")
     scores = await db.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
     # the same final rows, indexed once each into a fresh table
     fresh = await Database.open(tmp_path / "fresh.db")
     rows = await db.fetchall("SELECT id, content, context, created_at FROM passages ORDER BY id")
-    from memory.archival import fts_row
-
     await fresh.transact(lambda c: c.executemany(
         "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
-        [(r[0], *fts_row(agent.id, r[1], r[2], r[3])) for r in rows],
+        [(r[0], *fulltext.passage_row(agent.id, r[1], r[2], r[3])) for r in rows],
     ))
     expected = await fresh.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
     await fresh.close()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +13,8 @@ import pytest
 
 from memory import agents, core, recall
 from memory.config import EngineSettings
-from memory.db import MIGRATIONS, Database, StorageError, sqlite3
+from memory.db import Database, StorageError, StorageFull, sqlite3
+from memory.migrations import MIGRATIONS
 
 
 async def test_sqlite_vec_and_fts5_available(db: Database) -> None:
@@ -164,10 +168,6 @@ async def test_float_vectors_of_an_older_database_move_to_passage_vectors(tmp_pa
 
 async def test_a_full_disk_fails_the_batch_with_its_own_error(db: Database) -> None:
     """SQLite rolls a whole transaction back when the file is full: every batched caller hears why."""
-    import asyncio
-
-    import sqlean
-
     pages = await db.fetchval("PRAGMA page_count")
     await db.transact(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 3}"))
     results = await asyncio.gather(
@@ -179,7 +179,7 @@ async def test_a_full_disk_fails_the_batch_with_its_own_error(db: Database) -> N
     )
     assert not isinstance(results[0], Exception)
     for r in results[1:]:
-        assert isinstance(r, sqlean.OperationalError) and "full" in str(r), r
+        assert isinstance(r, StorageFull) and str(r).startswith("storage is full: database "), r
     assert [r[0] for r in await db.fetchall("SELECT key FROM meta WHERE key != 'fts_unicode' ORDER BY key")] == ["first"]
     await db.transact(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
 
@@ -202,3 +202,219 @@ async def test_full_text_is_indexed_anew_when_pythons_unicode_tables_change(tmp_
 
     assert await again.fetchval("SELECT value FROM meta WHERE key = 'fts_unicode'") == unicodedata.unidata_version
     await again.close()
+
+
+# --- group commit ------------------------------------------------------------
+
+
+async def test_queued_transactions_commit_in_batches_of_at_most_batch_in_order(db: Database, settings: EngineSettings) -> None:
+    """Each transaction reports how many rows were committed when it ran, as another connection sees them."""
+    from memory.db import BATCH
+
+    probe = sqlite3.connect(settings.database_path, check_same_thread=False)
+    release, started = threading.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def blocker(c: sqlite3.Connection) -> int:
+        loop.call_soon_threadsafe(started.set)
+        release.wait()
+        return put("k00")(c)
+
+    def put(key: str) -> Callable[[sqlite3.Connection], int]:
+        def run(c: sqlite3.Connection) -> int:
+            committed = probe.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0]
+            c.execute("INSERT INTO meta(key, value) VALUES (?, 'v')", (key,))
+            return committed
+        return run
+
+    first = asyncio.create_task(db.transact(blocker))
+    await started.wait()  # the writer is busy: everything below queues
+    keys = [f"k{n:02}" for n in range(1, 2 * BATCH + 4)]
+    queued = [asyncio.create_task(db.transact(put(k))) for k in keys]
+    release.set()
+    seen = await asyncio.gather(first, *queued)
+    probe.close()
+    assert seen == [0] + [1] * BATCH + [1 + BATCH] * BATCH + [1 + 2 * BATCH] * 3
+    assert [r[0] for r in await db.fetchall("SELECT key FROM meta WHERE key LIKE 'k%' ORDER BY rowid")] == ["k00", *keys]
+
+
+async def test_close_during_a_batch_finishes_every_queued_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "closing.db"
+    db = await Database.open(path)
+    release, started = threading.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        loop.call_soon_threadsafe(started.set)
+        release.wait()
+        c.execute("INSERT INTO meta VALUES ('first', 'v')")
+
+    first = asyncio.create_task(db.transact(blocker))
+    await started.wait()
+    queued = [asyncio.create_task(db.execute("INSERT INTO meta VALUES (?, 'v')", (f"q{n}",))) for n in range(12)]
+    closing = asyncio.create_task(db.close())
+    await asyncio.sleep(0)  # close() is now waiting on the running batch
+    assert not closing.done()
+    release.set()
+    await closing
+    assert first.done() and all(q.result() == 1 for q in queued)
+    again = await Database.open(path)
+    assert await again.fetchval("SELECT count(*) FROM meta WHERE key = 'first' OR key LIKE 'q%'") == 13
+    await again.close()
+
+
+# --- a hostile file system (issue 13, items 10-12) ----------------------------
+
+
+async def test_a_read_only_database_file_is_refused_at_open(tmp_path: Path, settings: EngineSettings) -> None:
+    path = tmp_path / "ro.db"
+    db = await Database.open(path)
+    await agents.get_or_create(db, "dm:1", settings)
+    await db.close()
+    path.chmod(0o444)
+    # root writes through permission bits: only the immutable attribute makes a file read-only for it
+    immutable = os.geteuid() == 0
+    if immutable:
+        assert await _run("chattr", "+i", str(path)) == (0, "")
+    try:
+        with pytest.raises(StorageError) as refused:
+            await Database.open(path)
+    finally:
+        if immutable:
+            assert await _run("chattr", "-i", str(path)) == (0, "")
+        path.chmod(0o644)
+    assert f"database {path} is read-only" in str(refused.value) and "\n" not in str(refused.value)
+
+
+async def _run(*command: str) -> tuple[int | None, str]:
+    """Exit code and standard error of a command."""
+    child = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    _, err = await child.communicate()
+    return child.returncode, err.decode()
+
+
+def _damage_a_page_of(path: Path, table: str) -> None:
+    """Overwrite the header of one of `table`'s leaf pages, far from anything a start reads."""
+    conn = sqlite3.connect(path)
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    page = conn.execute("SELECT max(pageno) FROM dbstat WHERE name = ? AND pagetype = 'leaf'", (table,)).fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(b"\xff" * 64)
+
+
+async def _database_with_passages(path: Path, settings: EngineSettings) -> None:
+    from memory.archival import Archive
+
+    db = await Database.open(path)
+    agent = await agents.get_or_create(db, "dm:1", settings)
+    for n in range(40):
+        await Archive(db, None).insert(agent, f"passage {n}: " + "the heron nests by the weir " * 20)
+    await db.close()
+
+
+async def test_damaged_pages_are_found_at_open(tmp_path: Path, settings: EngineSettings) -> None:
+    path = tmp_path / "damaged.db"
+    await _database_with_passages(path, settings)
+    _damage_a_page_of(path, "passages")
+    with pytest.raises(StorageError) as refused:
+        await Database.open(path)
+    assert f"database {path} is damaged" in str(refused.value) and "\n" not in str(refused.value)
+
+
+async def test_a_large_file_gets_a_bounded_check_at_open_and_the_full_one_on_demand(
+    tmp_path: Path, settings: EngineSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memory import db as db_module
+
+    path = tmp_path / "large.db"
+    await _database_with_passages(path, settings)
+    healthy = await Database.open(path)
+    assert await healthy.check() == []
+    await healthy.close()
+    _damage_a_page_of(path, "passages")
+    monkeypatch.setattr(db_module, "FULL_CHECK_BYTES", path.stat().st_size - 1)
+    db = await Database.open(path)  # the damaged pages are not the ones a bounded check reads
+    problems = await db.check()
+    await db.close()
+    assert problems and all(isinstance(p, str) for p in problems)
+
+
+_HOLD = """
+import asyncio, sys
+from memory.db import Database
+
+async def main() -> None:
+    db = await Database.open(sys.argv[1])
+    print("open", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await db.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_second_process_is_refused_until_the_first_one_dies(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLD, str(path), cwd=Path(__file__).parent.parent,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"open\n"
+        with pytest.raises(StorageError) as refused:
+            await Database.open(path)
+        message = str(refused.value)
+        assert f"database {path} is in use by another process (pid {holder.pid}: " in message and "\n" not in message
+    finally:
+        holder.kill()
+        await holder.wait()
+    # the kernel dropped the lock with its holder
+    db = await Database.open(path)
+    await db.close()
+
+
+async def test_one_process_opens_a_database_again_after_closing_it(tmp_path: Path) -> None:
+    path = tmp_path / "again.db"
+    for _ in range(2):
+        db = await Database.open(path)
+        await db.close()
+    lock = path.with_name("again.db.lock")
+    # closed: another process may take it now
+    taker = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    assert await _run(sys.executable, "-c", taker, str(lock)) == (0, "")
+
+
+_FILL_THEN_CLOSE_ON_A_FULL_DISK = """
+import asyncio, os, resource, signal, sys
+from memory.db import Database
+
+async def main(path: str) -> None:
+    db = await Database.open(path)
+    # committed rows stay in the WAL until the checkpoint at close
+    await db.transact(lambda c: c.execute("PRAGMA wal_autocheckpoint = 0"))
+    await db.transact(lambda c: c.executemany("INSERT INTO meta VALUES (?, ?)", [(f"k{n}", "x" * 1000) for n in range(500)]))
+    # the database file cannot grow any more: the checkpoint's writes fail as on a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path), resource.RLIM_INFINITY))
+    await db.close()
+    print("closed", flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_close_is_clean_when_the_final_checkpoint_fails(tmp_path: Path) -> None:
+    path = tmp_path / "full.db"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FILL_THEN_CLOSE_ON_A_FULL_DISK, str(path), cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await child.communicate()
+    assert (child.returncode, out) == (0, b"closed\n"), err.decode()
+    assert b"without folding its WAL back" in err
+    db = await Database.open(path)  # nothing committed was lost: the WAL is read back
+    assert await db.fetchval("SELECT count(*) FROM meta WHERE key LIKE 'k%'") == 500
+    await db.close()
