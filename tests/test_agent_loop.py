@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from memory import core, recall
+from memory.agent import TurnOutcome
 from memory.config import EngineSettings
 from memory.db import Database
 from memory.engine import Engine
@@ -243,11 +244,22 @@ async def test_overflow_error_compacts_and_retries_once(engine: Engine, fake: Fa
     assert is_summarizer(fake.chat_requests[1])
     assert "SUMMARY: twenty old messages" in system_of(fake.chat_requests[2])
     assert len(fake.chat_requests[2]["messages"]) < len(fake.chat_requests[0]["messages"])
-    # a second overflow right after the retry is an error, not a loop
     await engine.wait_background()
-    fake.push(overflow, reply("SUMMARY again"), overflow)
+
+
+async def test_an_overflow_compaction_cannot_fix_is_reported_as_too_large(
+    engine: Engine, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(20):
+        await engine.record("dm:1", user(f"old message {i}"))
+    overflow = Error(400, {"error": {"message": "maximum context length is 8192 tokens", "code": "context_length_exceeded"}})
+    # a second overflow right after the compacted retry ends the turn, not a loop
+    fake.push(overflow, reply("SUMMARY: old messages"), overflow)
+    fake.default = lambda body: reply("done")  # consolidation
     result = await engine.send("dm:1", user("again"))
-    assert result.outcome == "error"
+    assert result.outcome == TurnOutcome.OVERFLOW and "can't reach" not in (result.reply or "")
+    assert "context window" in (result.reply or "")
+    assert "CONTEXT_WINDOW is 8192" in caplog.text and "raise the context size on the model server" in caplog.text
     await engine.wait_background()
 
 
@@ -309,6 +321,7 @@ async def test_messages_for_an_idle_agent_are_stored_in_order_by_one_turn(engine
 
 CRASH_SCRIPT = """
 import asyncio, sys
+from memory.agent import TurnOutcome
 from memory.config import EngineSettings
 from memory.engine import Engine
 from memory import recall
