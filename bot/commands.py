@@ -244,7 +244,7 @@ class AdminCommands(app_commands.Group):
     async def persona(self, interaction: discord.Interaction, text: app_commands.Range[str, 1, 2000]) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         _, agent = await _agent(self.bot, interaction)
-        await interaction.followup.send(await core.set_value(self.bot.engine.db, agent, "persona", text), ephemeral=True)
+        await interaction.followup.send((await core.set_value(self.bot.engine.db, agent, "persona", text)).text, ephemeral=True)
 
     @manager_only
     @app_commands.command(description="Answer every message in this channel, not only mentions and replies")

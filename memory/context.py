@@ -43,6 +43,8 @@ CLIP_SHARE = 4
 CHARS_PER_TOKEN = 3
 # each clipped function call keeps at least this many characters of its arguments
 MIN_ARGUMENT_CHARS = 200
+# a function name the model made up is shown cut to this length
+MAX_NAME_CHARS = 64
 # the summary may take 1/SUMMARY_SHARE of the window, the messages to fold in 1/PIECE_SHARE
 SUMMARY_SHARE = 10
 PIECE_SHARE = 2
@@ -160,8 +162,11 @@ def _clipped_call(call: dict[str, Any], limit: int) -> dict[str, Any]:
     """A function call with its arguments cut to about `limit` characters, still a JSON object for the provider."""
     fn = call.get("function") or {}
     raw = fn.get("arguments") or ""
+    name = str(fn.get("name") or "")
+    if len(name) > MAX_NAME_CHARS:  # no tool has such a name: what matters is that it was wrong
+        fn = {**fn, "name": name[:MAX_NAME_CHARS]}
     if len(raw) <= limit:
-        return call
+        return {**call, "function": fn}
     try:
         args: dict[str, Any] | None = tools.parse_arguments(raw)
     except tools.BadArguments:
