@@ -92,6 +92,7 @@ class FakeOpenAI:
         self.max_in_flight = 0
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self._arrived = asyncio.Event()  # set by every request, for `wait_until`
 
     async def start(self) -> "FakeOpenAI":
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -109,6 +110,12 @@ class FakeOpenAI:
         if self._runner:
             await self._runner.cleanup()
 
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait, request by request, until `condition` holds."""
+        while not condition():
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+
     def push(self, *items: Script) -> None:
         self.script.extend(items)
 
@@ -119,6 +126,7 @@ class FakeOpenAI:
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
+        self._arrived.set()
         item = self.script.pop(0) if self.script else self.default
         if item is None:
             return web.json_response({"error": {"message": "fake: no scripted response left"}}, status=500)
@@ -158,6 +166,7 @@ class FakeOpenAI:
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
+        self._arrived.set()
         if self.fail_embeddings:
             e = self.fail_embeddings
             return web.Response(text=json.dumps(e.body), status=e.status, content_type="application/json")

@@ -432,7 +432,11 @@ async def test_passages_left_without_vectors_are_embedded_when_the_endpoint_is_b
         fake.fail_embeddings = Error(503, {"error": {"message": "loading model"}})
         await e.archive.insert(agent, "the boiler code is 7731")
         assert await e.db.fetchval("SELECT count(*) FROM passages WHERE embedded = 0") == 1
-        await asyncio.sleep(0.2)  # a few failed retries: still keyword-only, nothing lost
+
+        def tries() -> int:
+            return sum("boiler" in json.dumps(r.get("input")) for r in fake.requests if "input" in r)
+
+        await fake.wait_until(lambda: tries() >= 3)  # the engine's own retries failed: still keyword-only, nothing lost
         assert await e.db.fetchval("SELECT count(*) FROM passages WHERE embedded = 0") == 1
         fake.fail_embeddings = None
         for _ in range(100):  # no insert and no restart: the engine's retry catches up
@@ -462,16 +466,26 @@ async def test_a_turn_that_fails_before_the_model_call_keeps_the_message(
     assert any("my flight is at 9" in s for s in said) and "did you get that?" in said[-1]
 
 
-async def test_messages_keep_their_order_while_a_command_holds_the_agent(engine: Engine, fake: FakeOpenAI) -> None:
+async def test_messages_keep_their_order_while_a_command_holds_the_agent(
+    engine: Engine, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await engine.agent("dm:1")
     fake.push(reply("ok"))
-    command_started = asyncio.Event()
+    command_started, second_stored = asyncio.Event(), asyncio.Event()
+    real = recall.append
+
+    async def noting(db: Any, agent: Any, messages: list[recall.Message], **kw: Any) -> Any:
+        stored = await real(db, agent, messages, **kw)
+        if any(m.content == "C: second" for m in messages):
+            second_stored.set()
+        return stored
 
     async def command() -> None:  # e.g. /memory reset, which takes the agent's lock
         async with engine.lock("dm:1"):
             command_started.set()
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(second_stored.wait(), 5)  # held until the second message has arrived
 
+    monkeypatch.setattr(recall, "append", noting)
     first = asyncio.create_task(engine.send("dm:1", user("A: first")))
     held = asyncio.create_task(command())
     await command_started.wait()
@@ -489,21 +503,36 @@ async def test_a_message_stored_as_the_turn_ends_is_answered_before_close(
 ) -> None:
     engine = await Engine.open(make_settings(tmp_path, fake))
     real = recall.append
+    a_asked, b_stored, a_answered, b_asked, release_b = (asyncio.Event() for _ in range(5))
 
-    async def slow(db: Any, agent: Any, messages: list[recall.Message], **kw: Any) -> Any:
+    async def noting(db: Any, agent: Any, messages: list[recall.Message], **kw: Any) -> Any:
         stored = await real(db, agent, messages, **kw)
         if messages and messages[0].content == "B":
-            await asyncio.sleep(0.4)  # the sender resumes only after A's turn has ended
+            b_stored.set()
+            await a_answered.wait()  # the sender resumes only after A's turn has ended
         return stored
 
-    monkeypatch.setattr(recall, "append", slow)
-    fake.push(Delay(0.2, reply("answer A")), Delay(0.5, reply("answer B")))
+    async def model(body: dict[str, Any]) -> dict[str, Any]:
+        if body["messages"][-1]["content"].endswith(": A"):
+            a_asked.set()
+            await b_stored.wait()
+            return reply("answer A")
+        b_asked.set()
+        await release_b.wait()
+        return reply("answer B")
+
+    monkeypatch.setattr(recall, "append", noting)
+    fake.default = model
     a = asyncio.create_task(engine.send("dm:1", user("A")))
-    await asyncio.sleep(0.05)
+    await a_asked.wait()
     b = asyncio.create_task(engine.send("dm:1", user("B")))
-    await asyncio.sleep(0.5)
-    await engine.close()  # must wait for B's turn, which needs its mailbox to be known
     assert (await a).reply == "answer A"
+    a_answered.set()
+    await b_asked.wait()
+    closing = asyncio.create_task(engine.close())  # must wait for B's turn, which needs its mailbox to be known
+    await asyncio.sleep(0)  # one pass of the loop: close() has taken its list of running turns
+    release_b.set()
+    await closing
     assert (await b).reply == "answer B"
 
 
