@@ -284,8 +284,8 @@ class _Consolidation:
     messages: list[dict[str, Any]]
 
     async def ask(self, schemas: list[dict[str, Any]] | None, note: str | None) -> ChatResult:
-        extra = [{"role": "user", "content": note}] if note else []
-        return await self.engine.llm.chat(self.engine.settings.llm_model, [*self.messages, *extra], schemas)
+        # no note comes: a pass that does not have to answer ends on an empty answer instead of being nudged
+        return await self.engine.llm.chat(self.engine.settings.llm_model, self.messages, schemas)
 
     async def keep(self, messages: list[recall.Message]) -> None:
         self.messages.extend(m.to_openai() for m in messages)
@@ -305,5 +305,7 @@ def _with_tag(arguments: str, tag: str) -> str:
         args = tools.parse_arguments(arguments)
     except tools.BadArguments:
         return arguments  # the call is refused with the reason
-    tags = args.get("tags") if isinstance(args.get("tags"), list) else []
-    return json.dumps({**args, "tags": [*tags, tag]})
+    tags = args.get("tags")
+    if isinstance(tags, str):  # models often send "a, b" for an array; tools read it so
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    return json.dumps({**args, "tags": [*(tags if isinstance(tags, list) else []), tag]})

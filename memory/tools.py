@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from enum import Enum
 from typing import Any
 
@@ -78,7 +79,7 @@ class Tool:
     edits_memory: bool = False
     consolidation: bool = False  # the background consolidation pass may use it
 
-    @property
+    @cached_property  # built once: a turn sends it on every step
     def schema(self) -> dict[str, Any]:
         return {
             "type": "function",
