@@ -42,7 +42,7 @@ CLIP_SHARE = 4
 # characters of text kept per token of budget when clipping (low: clipped text must fit)
 CHARS_PER_TOKEN = 3
 # each clipped function call keeps at least this many characters of its arguments
-MIN_ARGUMENT_CHARS = 200
+MIN_ARGUMENT_CHARS = 40
 # a function name the model made up is shown cut to this length
 MAX_NAME_CHARS = 64
 # the summary may take 1/SUMMARY_SHARE of the window, the messages to fold in 1/PIECE_SHARE
