@@ -1,38 +1,58 @@
 """One turn of an agent: steps of model call → function calls → results until a reply.
 
-The user's messages are in recall before the model is called: the engine
-stores each one as it arrives, and the turn's first transaction moves the
-waiting ones into the context window. Each step's
-assistant message and its function results are stored in one transaction, so
-a crash never leaves a call without its result.
+The steps are the tool loop (memory/loop.py) with the turn as its host. The
+user's messages are in recall before the model is called: the engine stores
+each one as it arrives, and the turn's first transaction moves the waiting
+ones into the context window. Each step's assistant message and its function
+results are stored in one transaction, so a crash never leaves a call without
+its result.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
 
 from . import context, recall, tools
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
 from .db import Database, sqlite3
-from .llm import ContextOverflowError, LLMClient, LLMError
+from .llm import ChatResult, ContextOverflowError, LLMClient, LLMError, ToolCall
+from .loop import Ending, Loop
 
 log = logging.getLogger(__name__)
 
 APOLOGY = "Sorry, I can't reach my language model right now. Your message is saved; please try again in a moment."
+TOO_LARGE = (
+    "Sorry, this conversation no longer fits my language model's context window, so I could not answer. "
+    "Your message is saved; the operator has been told how to fix it."
+)
 STUCK = "Sorry, I got stuck working on that and stopped. Could you rephrase or ask again?"
 # after eviction the prompt should be at most this share of the flush line
 COMPACT_TO = 0.6
+# when the provider says the prompt overflowed: compact to this share of the window...
+OVERFLOW_TARGET = 0.4
+# ...and trust our estimate at least this much less from then on
+OVERFLOW_SCALE = 1.25
+
+
+class TurnOutcome(StrEnum):
+    REPLY = "reply"
+    STEP_LIMIT = "step_limit"
+    LOOP = "loop"
+    ERROR = "error"  # the model call failed
+    OVERFLOW = "overflow"  # the request does not fit the model's window even after compaction
+    MERGED = "merged"  # a later message's turn answered this one too
 
 
 @dataclass
 class TurnResult:
     reply: str | None
-    outcome: str  # reply | step_limit | loop | error | merged
+    outcome: TurnOutcome
     steps: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
@@ -43,6 +63,8 @@ class TurnResult:
     evicted: list[recall.Message] = field(default_factory=list)
     admitted_through: int = 0  # the newest waiting message this turn took in
     request_tokens: list[int] = field(default_factory=list)
+    # the whole reply when `reply` was cut at MAX_REPLY_CHARS (the bot may attach it as a file)
+    full_reply: str | None = None
 
 
 @dataclass
@@ -52,14 +74,16 @@ class Turn:
     archive: Archive
     settings: EngineSettings
     agent: Agent
-    # provider count / our estimate, when the provider says more than we thought
-    token_scale: float = 1.0
+    # the provider's count / our estimate for this model, shared by every turn that calls it
+    token_scale: context.TokenScale = field(default_factory=context.TokenScale)
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
     _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
+    _result: TurnResult = field(init=False)
+    _first: context.Prompt | None = field(default=None, init=False)
 
     async def run(self) -> TurnResult:
         started = time.perf_counter()
-        result = TurnResult(reply=None, outcome="reply")
+        result = self._result = TurnResult(reply=None, outcome=TurnOutcome.REPLY)
         budget = self.settings.context_window // 4
 
         def start(c: sqlite3.Connection) -> tuple[tuple[int, int], context.Snapshot]:
@@ -78,61 +102,60 @@ class Turn:
         first = None if filed else context.assemble(snapshot, self.settings.context_window)
         try:
             await self._steps(result, first)
+        except ContextOverflowError as exc:
+            result.model_seconds += exc.seconds
+            s = self.settings
+            log.error(
+                "%s: the request is larger than the model's context window even after compacting (%s). "
+                "CONTEXT_WINDOW is %d: raise the context size on the model server (e.g. Ollama's num_ctx) "
+                "or lower CONTEXT_WINDOW here to what the server really gives the model.",
+                self.agent.key, exc, s.context_window,
+            )
+            result.outcome, result.error, result.reply = TurnOutcome.OVERFLOW, str(exc), TOO_LARGE
+            await self._event(result, f"The request was too large for the model's context window: {exc}")
         except LLMError as exc:
+            result.model_seconds += exc.seconds  # retries that failed are model time, not the engine's
             log.warning("%s: model call failed: %s", self.agent.key, exc)
-            result.outcome, result.error, result.reply = "error", str(exc), APOLOGY
-            await self._append(result, [recall.Message(role="system", content=f"The model call failed: {exc}")])
+            result.outcome, result.error, result.reply = TurnOutcome.ERROR, str(exc), APOLOGY
+            await self._event(result, f"The model call failed: {exc}")
         await self._append(result, [])  # the usage, if the turn's last messages did not carry it
         result.engine_seconds = time.perf_counter() - started - result.model_seconds
         return result
 
     async def _steps(self, result: TurnResult, first: context.Prompt | None) -> None:
-        max_steps = self.settings.max_steps_per_turn
-        seen: dict[tuple[str, str], int] = {}
-        for step in range(1, max_steps + 1):
-            last = step == max_steps and max_steps > 1
-            if last:
-                await self._event(result, f"Step limit reached ({max_steps} steps). Answer the user now in plain text.")
-            prompt = await self._prompt(result, first if step == 1 else None)
-            answer = await self._call(prompt, result, use_tools=not last)
-            result.steps = step
-            if not answer.tool_calls:
-                text = answer.content.strip()
-                if text:
-                    await self._append(result, [recall.Message(role="assistant", content=text)])
-                    result.reply = text
-                    if last:
-                        result.outcome = "step_limit"
-                    return
-                await self._event(result, "Your answer was empty. Reply to the user with send_message.")
-                continue
-            stored = [recall.Message(role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in answer.tool_calls])]
-            replies: list[str] = []
-            looping = False
-            for call in answer.tool_calls:
-                signature = (call.name, _normalized(call.arguments))
-                seen[signature] = seen.get(signature, 0) + 1
-                if seen[signature] > 1 and call.name != "send_message":
-                    looping = looping or seen[signature] > 2
-                    outcome = tools.Outcome(
-                        f"Error: you already called {call.name} with these arguments in this turn; its result is above. "
-                        "Do not repeat it: answer the user with send_message."
-                    )
-                else:
-                    outcome = await tools.execute(self.db, self.archive, self.agent, call.name, call.arguments)
-                if outcome.reply:
-                    replies.append(outcome.reply)
-                stored.append(recall.Message(role="tool", content=outcome.text, tool_call_id=call.id))
-            await self._append(result, stored)
-            if replies:
-                result.reply = "\n\n".join(replies)
-                return
-            if looping:
-                await self._event(result, "The turn was stopped: the same function call kept repeating.")
-                result.reply, result.outcome = STUCK, "loop"
-                return
-        await self._event(result, f"The turn was stopped after {max_steps} steps without an answer.")
-        result.reply, result.outcome = STUCK, "step_limit"
+        self._first = first
+        s = self.settings
+        end = await Loop(self, tools.TOOLS, s.max_steps_per_turn, s.max_tool_calls_per_answer, must_answer=True).run()
+        result.steps = end.steps
+        if end.how in (Ending.REPLY, Ending.TEXT, Ending.TEXT_AT_LIMIT):
+            self._reply(result, end.text)
+            if end.how is Ending.TEXT_AT_LIMIT:
+                result.outcome = TurnOutcome.STEP_LIMIT
+            return
+        if end.how is Ending.STEP_LIMIT:
+            await self._event(result, f"The turn was stopped after {end.steps} steps without an answer.")
+        result.reply, result.outcome = STUCK, TurnOutcome.LOOP if end.how is Ending.LOOP else TurnOutcome.STEP_LIMIT
+
+    def _reply(self, result: TurnResult, text: str) -> None:
+        """A reply for the person, cut at MAX_REPLY_CHARS; the whole text stays on the result."""
+        limit = self.settings.max_reply_chars
+        if len(text) <= limit:
+            result.reply = text
+            return
+        result.full_reply = text
+        result.reply = text[:limit] + f"\n[… cut: the reply has {len(text)} characters]"
+
+    # the loop's host: what a turn's steps ask, keep and run
+    async def ask(self, schemas: list[dict[str, Any]] | None, note: str | None) -> ChatResult:
+        first, self._first = self._first, None
+        prompt = await self._prompt(self._result, first)
+        return await self._call(prompt, self._result, schemas, note)
+
+    async def keep(self, messages: list[recall.Message]) -> None:
+        await self._append(self._result, messages)
+
+    async def execute(self, call: ToolCall, available: dict[str, tools.Tool]) -> tools.Outcome:
+        return await tools.execute(self.db, self.archive, self.agent, call.name, call.arguments, available)
 
     async def _prompt(self, result: TurnResult, ready: context.Prompt | None) -> context.Prompt:
         """The next request (`ready` if already read), compacted and with a pressure warning if needed."""
@@ -150,35 +173,34 @@ class Turn:
         return prompt
 
     def _scaled(self, prompt: context.Prompt) -> context.Prompt:
-        """The estimate, corrected by what the provider reported (when it counted more)."""
-        prompt.tokens = int(prompt.tokens * self.token_scale)
-        return prompt
+        """The estimate, corrected by what the provider reported for this model."""
+        return replace(prompt, tokens=self.token_scale.apply(prompt.estimate))
 
-    async def _call(self, prompt: context.Prompt, result: TurnResult, *, use_tools: bool = True):
-        schemas = tools.SCHEMAS if use_tools else None
+    async def _call(
+        self, prompt: context.Prompt, result: TurnResult, schemas: list[dict[str, Any]] | None, note: str | None
+    ) -> ChatResult:
         try:
-            answer = await self.llm.chat(self.settings.llm_model, prompt.messages, schemas)
+            answer = await self.llm.chat(self.settings.llm_model, _with_note(prompt.messages, note), schemas)
         except ContextOverflowError as exc:
             # our estimate was low for this model: compact hard, then one retry
             log.warning("%s: provider says the context overflowed (%s); compacting", self.agent.key, exc)
-            self.token_scale = max(self.token_scale, 1.25)
-            forced = context.Prompt(prompt.messages, prompt.history, max(prompt.tokens, self.settings.context_window + 1))
+            self.token_scale.at_least(OVERFLOW_SCALE)
             eviction = await context.compact(
-                self.db, self.llm, self.settings.llm_model, self.agent, forced, self.settings, target=0.4
+                self.db, self.llm, self.settings.llm_model, self.agent, prompt, self.settings, target=OVERFLOW_TARGET, force=True
             )
             if eviction is None:
                 raise
+            result.model_seconds += exc.seconds  # the refused call was model time
             self._count(eviction, result)
-            prompt = await context.build(self.db, self.agent, self.settings.context_window)
-            answer = await self.llm.chat(self.settings.llm_model, prompt.messages, schemas)
+            prompt = self._scaled(await context.build(self.db, self.agent, self.settings.context_window))
+            answer = await self.llm.chat(self.settings.llm_model, _with_note(prompt.messages, note), schemas)
         result.request_tokens.append(prompt.tokens)
         result.model_calls += 1
         result.model_seconds += answer.seconds
         if answer.usage:
             result.tokens_in += answer.usage.prompt_tokens
             result.tokens_out += answer.usage.completion_tokens
-            if prompt.tokens:
-                self.token_scale = max(1.0, min(3.0, self.token_scale * answer.usage.prompt_tokens / prompt.tokens))
+            self.token_scale.learn(prompt.estimate, answer.usage.prompt_tokens)
         return answer
 
     def _count(self, eviction: context.Eviction, result: TurnResult) -> None:
@@ -217,8 +239,6 @@ def _usage(result: TurnResult) -> tuple[int, int, int]:
     return result.tokens_in, result.tokens_out, result.model_calls
 
 
-def _normalized(arguments: str) -> str:
-    try:
-        return json.dumps(json.loads(arguments), sort_keys=True)
-    except ValueError:
-        return arguments.strip()
+def _with_note(messages: list[dict[str, Any]], note: str | None) -> list[dict[str, Any]]:
+    # as a user-role event, like stored system events: mid-conversation system messages break local chat templates
+    return messages if note is None else [*messages, {"role": "user", "content": f"[system event] {note}"}]

@@ -21,10 +21,6 @@ class Agent:
     id: int
     key: str
 
-    @property
-    def kind(self) -> str:
-        return self.key.split(":", 1)[0]
-
 
 def default_blocks(key: str, settings: EngineSettings) -> list[tuple[str, str, int, str]]:
     """(label, value, limit, description) for a new agent.

@@ -145,7 +145,7 @@ class MemoryAPI:
 
     async def set_block(self, key: str, label: str, value: str) -> str:
         """Overwrite a core block; returns the outcome as a sentence (refusals included)."""
-        return await core.set_value(self._engine.db, await self._agent(key), label, value)
+        return (await core.set_value(self._engine.db, await self._agent(key), label, value)).text
 
     async def option(self, key: str, name: str, default: Any = None) -> Any:
         cached = self._options.get((key, name), _MISSING)

@@ -43,6 +43,10 @@ class EngineSettings(BaseSettings):
     # Messages always kept in context when older ones are evicted.
     keep_last_messages: int = Field(4, ge=1)
     max_steps_per_turn: int = Field(8, ge=1, le=50)
+    # Function calls carried out per model answer; the rest are answered "not run".
+    max_tool_calls_per_answer: int = Field(8, ge=1, le=100)
+    # A longer reply is cut with a note (TurnResult.full_reply keeps the whole text).
+    max_reply_chars: int = Field(8000, ge=100)
 
     # the default persona (agents.DEFAULT_PERSONA) must fit, or creating and resetting an agent could not write it
     persona_limit: int = Field(2000, ge=200)

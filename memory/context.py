@@ -7,18 +7,18 @@ travels in the messages instead.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import core, recall, tokens
+from . import core, recall, tokens, tools
 from .agents import Agent
 from .clock import minute, now
 from .config import EngineSettings
 from .db import Database, marks, sqlite3
 from .llm import ChatResult, LLMClient, LLMError
-from .tools import SCHEMAS
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,49 @@ SUMMARY_INSTRUCTIONS = """\
 You keep the running summary of a long conversation for an assistant whose context window is limited.
 Fold the messages that are leaving the context into the previous summary. Keep names, facts about people, dates, decisions, promises and open questions; drop greetings and small talk. Write plain prose in the past tense, at most {words} words. Answer with the summary only."""
 
-TOOL_TOKENS = tokens.count_tools(SCHEMAS)
+TOOL_TOKENS = tokens.count_tools(tools.SCHEMAS)
+
+# one message may take at most 1/CLIP_SHARE of the window; a longer one is shown clipped
+CLIP_SHARE = 4
+# characters of text kept per token of budget when clipping (low: clipped text must fit)
+CHARS_PER_TOKEN = 3
+# each clipped function call keeps at least this many characters of its arguments
+MIN_ARGUMENT_CHARS = 40
+# a function name the model made up is shown cut to this length
+MAX_NAME_CHARS = 64
+# the summary may take 1/SUMMARY_SHARE of the window, the messages to fold in 1/PIECE_SHARE
+SUMMARY_SHARE = 10
+PIECE_SHARE = 2
+# words asked of the summarizer per token of its budget (English runs ~0.75 words a token)
+WORDS_PER_TOKEN = 0.7
+# the bounds of the provider's correction to our token estimate
+MIN_SCALE, MAX_SCALE = 0.5, 3.0
 
 
 @dataclass
+class TokenScale:
+    """The provider's token count / our estimate, for one model: learned from each reported usage, both ways."""
+
+    factor: float = 1.0
+
+    def apply(self, estimate: int) -> int:
+        return int(estimate * self.factor)
+
+    def learn(self, estimate: int, reported: int) -> None:
+        if estimate > 0 and reported > 0:
+            self.factor = min(MAX_SCALE, max(MIN_SCALE, reported / estimate))
+
+    def at_least(self, factor: float) -> None:
+        self.factor = min(MAX_SCALE, max(self.factor, factor))
+
+
+@dataclass(frozen=True)
 class Prompt:
     messages: list[dict[str, Any]]
     history: list[recall.Message]
-    tokens: int
+    tokens: int  # the estimate corrected by the model's TokenScale: what the window checks use
     pressure_warned: bool = False
+    estimate: int = 0  # our own count, before that correction
 
 
 @lru_cache(maxsize=256)
@@ -51,8 +85,16 @@ def _count_system(text: str) -> int:
     return tokens.count(text) + tokens.PER_MESSAGE
 
 
-# what a prompt is made of: core blocks, the agent's summary and counts, the in-context messages
-Snapshot = tuple[list[core.Block], Any, list[recall.Message]]
+class Snapshot(NamedTuple):
+    """What a prompt is made of, read in one transaction."""
+
+    blocks: list[core.Block]
+    summary: str
+    pressure_warned: bool
+    out_of_context: int  # messages in recall only
+    passages: int
+    core_changed: str | None  # when a core block last changed
+    history: list[recall.Message]  # the in-context messages
 
 
 async def build(db: Database, agent: Agent, window: int) -> Prompt:
@@ -70,39 +112,75 @@ def read(c: sqlite3.Connection, agent: Agent) -> Snapshot:
         " FROM agents a WHERE id = ?",
         (agent.id,),
     ).fetchone()
-    return core.read_blocks(c, agent), row, recall.read_in_context(c, agent)
+    summary, pressure_warned, out_of_context, passages, changed = row
+    return Snapshot(
+        core.read_blocks(c, agent), summary or "", bool(pressure_warned), out_of_context, passages, changed,
+        recall.read_in_context(c, agent),
+    )
 
 
 def assemble(snapshot: Snapshot, window: int) -> Prompt:
-    blocks, row, history = snapshot
-    summary, pressure_warned, out_of_context, passages, changed = row
+    changed = snapshot.core_changed
     parts = [
         INSTRUCTIONS,
         "### Core memory",
-        core.render(blocks),
+        core.render(snapshot.blocks),
         "### Memory status",
-        f"{out_of_context} older messages are in recall memory; {passages} passages in archival memory; "
+        f"{snapshot.out_of_context} older messages are in recall memory; {snapshot.passages} passages in archival memory; "
         f"core memory last changed {minute(changed) if changed else 'never'} UTC.",
     ]
-    if summary:
-        parts += ["### Summary of earlier conversation", summary]
+    if snapshot.summary:
+        parts += ["### Summary of earlier conversation", snapshot.summary]
     system = "\n".join(parts)
-    for m in history:
-        if m.tokens > window // 4:
-            _clip(m, window // 4)
+    history = [_clipped(m, window // CLIP_SHARE) for m in snapshot.history]
     messages = [{"role": "system", "content": system}] + [m.to_openai() for m in history]
     total = _count_system(system) + TOOL_TOKENS + sum(m.tokens for m in history)
-    return Prompt(messages, history, total, bool(pressure_warned))
+    return Prompt(messages, history, total, snapshot.pressure_warned, total)
 
 
-def _clip(message: recall.Message, max_tokens: int) -> None:
-    """Show the model the head of a huge message; the whole text stays in recall."""
-    full = len(message.content)
-    message.content = (
-        message.content[: max_tokens * 3]
-        + f"\n[… cut: this message has {full} characters; conversation_search finds the rest]"
-    )
-    message.tokens = tokens.count_message(message.to_openai())
+def _clipped(message: recall.Message, max_tokens: int) -> recall.Message:
+    """A huge message as the model is shown it: the head of its text and of its calls' arguments.
+
+    The whole message stays in recall; the stored one is never changed.
+    """
+    if message.tokens <= max_tokens:
+        return message
+    chars = max_tokens * CHARS_PER_TOKEN
+    calls = message.tool_calls or []
+    content = message.content
+    if calls:
+        share = max(MIN_ARGUMENT_CHARS, chars // (len(calls) + 1))
+        calls = [_clipped_call(call, share) for call in calls]
+        chars = share
+    if len(content) > chars:
+        content = content[:chars] + f"\n[… cut: this message has {len(content)} characters; conversation_search finds the rest]"
+    shown = replace(message, content=content, tool_calls=calls or message.tool_calls)
+    return replace(shown, tokens=tokens.count_message(shown.to_openai()))
+
+
+def _clipped_call(call: dict[str, Any], limit: int) -> dict[str, Any]:
+    """A function call with its arguments cut to about `limit` characters, still a JSON object for the provider."""
+    fn = call.get("function") or {}
+    raw = fn.get("arguments") or ""
+    name = str(fn.get("name") or "")
+    if len(name) > MAX_NAME_CHARS:  # no tool has such a name: what matters is that it was wrong
+        fn = {**fn, "name": name[:MAX_NAME_CHARS]}
+    if len(raw) <= limit:
+        return {**call, "function": fn}
+    try:
+        args: dict[str, Any] | None = tools.parse_arguments(raw)
+    except tools.BadArguments:
+        args = None
+    text = ""
+    if args:
+        each = max(1, limit // len(args))
+        text = json.dumps(
+            {k: v[:each] + f"[… cut: {len(v)} characters]" if isinstance(v, str) and len(v) > each else v for k, v in args.items()},
+            ensure_ascii=False,
+        )
+    if not text or len(text) > 2 * limit:  # not an object, or its bulk is not in strings
+        text = json.dumps({"arguments_cut": raw[:limit], "note": f"cut: the arguments had {len(raw)} characters"}, ensure_ascii=False)
+    return {**call, "function": {**fn, "arguments": text}}
 
 
 async def warn_if_pressured(db: Database, agent: Agent, prompt: Prompt, settings: EngineSettings) -> bool:
@@ -158,8 +236,9 @@ def transcript(messages: list[recall.Message], max_tool_chars: int = 300) -> str
         elif m.role == "tool":
             lines.append(f"[{when}] (function result) {m.content[:max_tool_chars]}")
         else:
-            if m.content:
-                lines.append(f"[{when}] assistant (thinking): {m.content}")
+            if m.content:  # text beside function calls is private thought; alone it is the reply
+                who = "assistant (thinking)" if m.tool_calls else "assistant"
+                lines.append(f"[{when}] {who}: {m.content}")
             for call in m.tool_calls or []:
                 fn = call.get("function", {})
                 lines.append(f"[{when}] assistant called {fn.get('name')}({fn.get('arguments', '')[:max_tool_chars]})")
@@ -174,8 +253,8 @@ async def summarize(
 
     Each model call's result is appended to `calls` (for time and token accounting).
     """
-    budget = settings.context_window // 10  # tokens for the summary itself
-    piece_budget = settings.context_window // 2
+    budget = settings.context_window // SUMMARY_SHARE  # tokens for the summary itself
+    piece_budget = settings.context_window // PIECE_SHARE
     pieces: list[list[recall.Message]] = [[]]
     size = 0
     for m in evicted:
@@ -188,11 +267,11 @@ async def summarize(
     for piece in pieces:
         text = transcript(piece)
         if tokens.count(text) > piece_budget:  # one huge message: its head is enough for a summary
-            text = text[: piece_budget * 3]
+            text = text[: piece_budget * CHARS_PER_TOKEN]
         result = await llm.chat(
             model,
             [
-                {"role": "system", "content": SUMMARY_INSTRUCTIONS.format(words=int(budget * 0.7))},
+                {"role": "system", "content": SUMMARY_INSTRUCTIONS.format(words=int(budget * WORDS_PER_TOKEN))},
                 {"role": "user", "content": f"Previous summary:\n{summary or '(none)'}\n\nMessages leaving the context:\n{text}"},
             ],
             max_tokens=budget,
@@ -212,15 +291,19 @@ class Eviction:
 
 
 async def compact(
-    db: Database, llm: LLMClient, model: str, agent: Agent, prompt: Prompt, settings: EngineSettings, *, target: float
+    db: Database, llm: LLMClient, model: str, agent: Agent, prompt: Prompt, settings: EngineSettings, *, target: float,
+    force: bool = False,
 ) -> Eviction | None:
     """Evict the oldest messages until the prompt is under `target` × window.
 
+    `force`: the provider said the prompt overflowed, whatever our estimate says.
     A summarizer failure keeps the messages in context unless the prompt no longer
     fits the window at all; then they leave without a summary (they stay in recall)
     and the summary says so.
     """
-    excess = prompt.tokens - int(target * settings.context_window)
+    overflowing = force or prompt.tokens > settings.context_window
+    size = max(prompt.tokens, settings.context_window + 1) if force else prompt.tokens
+    excess = size - int(target * settings.context_window)
     cut = _cut(prompt.history, excess, settings.keep_last_messages)
     if cut == 0:
         return None
@@ -230,7 +313,7 @@ async def compact(
     try:
         summary = await summarize(llm, model, previous, evicted, settings, calls)
     except LLMError as exc:
-        if prompt.tokens <= settings.context_window:
+        if not overflowing:
             log.warning("summarizer failed for %s, keeping messages in context for now: %s", agent.key, exc)
             return None
         log.warning("summarizer failed for %s and the window is full; evicting without a summary: %s", agent.key, exc)

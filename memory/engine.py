@@ -15,18 +15,20 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
 from . import agents, context, core, recall, tools
-from .agent import Turn, TurnResult
+from .agent import Turn, TurnOutcome, TurnResult
 from .agents import Agent
 from .api import MemoryAPI
 from .archival import Archive
 from .config import EngineSettings
 from .db import Database
 from .embeddings import Embedder
-from .llm import LLMClient, LLMError
+from .llm import ChatResult, LLMClient, LLMError, ToolCall
+from .loop import Loop
 from .text import valid
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 CONSOLIDATION_STEPS = 3
 # first pause before embedding again after the endpoint failed; it doubles up to 10 minutes
 EMBEDDING_RETRY_SECONDS = 30.0
-CONSOLIDATION_TOOLS = [s["function"]["name"] for s in tools.MEMORY_EDIT_SCHEMAS]
 CONSOLIDATION_INSTRUCTIONS = """\
 You maintain the long-term memory of an assistant. The conversation below is leaving its context window.
 1. Save what is worth remembering from it with archival_memory_insert: one passage of dated notes (who, what, when).
@@ -58,7 +59,8 @@ class Engine:
         self.db = db
         self.llm = llm
         self.archive = archive
-        self.token_scale = 1.0
+        # the provider's correction to our token estimate: one per model, and this engine calls one
+        self.token_scale = context.TokenScale()
         self._mailboxes: dict[str, _Mailbox] = {}
         # agents are never deleted: a key's id never changes
         self._agents: dict[str, asyncio.Future[Agent]] = {}
@@ -186,14 +188,14 @@ class Engine:
                     result = await self.run_turn(agent)
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("%s: turn failed", agent.key)
-                result = TurnResult(reply="Sorry, something went wrong on my side.", outcome="error", error=repr(exc))
+                result = TurnResult(reply="Sorry, something went wrong on my side.", outcome=TurnOutcome.ERROR, error=repr(exc))
             # the turn answered every message it admitted; all of them if it failed before admitting
             through = result.admitted_through or max(m.id for m, _ in box.pending)
             batch = [p for p in box.pending if p[0].id <= through]
             box.pending = [p for p in box.pending if p[0].id > through]
             for _, future in batch[:-1]:
                 if not future.done():
-                    future.set_result(TurnResult(reply=None, outcome="merged"))
+                    future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))
             if batch and not batch[-1][1].done():
                 batch[-1][1].set_result(result)
         if self._mailboxes.get(agent.key) is box:
@@ -203,7 +205,6 @@ class Engine:
         """A turn that answers every message waiting for this agent."""
         turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
         result = await turn.run()
-        self.token_scale = turn.token_scale
         log.info(
             "turn agent=%s steps=%d tokens_in=%d tokens_out=%d model_ms=%.0f engine_ms=%.1f outcome=%s",
             agent.key, result.steps, result.tokens_in, result.tokens_out,
@@ -247,48 +248,61 @@ class Engine:
         epoch = self._epochs.get(agent.key, 0)
         try:
             blocks = core.render(await core.blocks(self.db, agent))
-            messages = [
+            host = _Consolidation(self, agent, evicted, epoch, [
                 {"role": "system", "content": CONSOLIDATION_INSTRUCTIONS.format(core=blocks)},
                 {"role": "user", "content": context.transcript(evicted)},
-            ]
-            done: list[str] = []
-            for _ in range(CONSOLIDATION_STEPS):
-                answer = await self.llm.chat(self.settings.llm_model, messages, tools.MEMORY_EDIT_SCHEMAS)
-                if not answer.tool_calls:
-                    break
-                messages.append({"role": "assistant", "content": answer.content or None, "tool_calls": [c.as_openai() for c in answer.tool_calls]})
-                for call in answer.tool_calls:
-                    if self._epochs.get(agent.key, 0) != epoch:
-                        log.info("%s: memory was erased during consolidation; its notes are dropped", agent.key)
-                        return
-                    if call.name == "archival_memory_insert":
-                        # date the notes by the span they come from
-                        call.arguments = _with_tag(call.arguments, "conversation " + evicted[0].created_at[:10])
-                    if call.name in CONSOLIDATION_TOOLS:
-                        outcome = await tools.execute(self.db, self.archive, agent, call.name, call.arguments)
-                    else:
-                        outcome = tools.Outcome(f"Error: only {', '.join(CONSOLIDATION_TOOLS)} are available here.")
-                    messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.text})
-                    if outcome.changed_memory:
-                        done.append(f"{call.name}: {outcome.text}")
-            if done:
+            ])
+            end = await Loop(host, tools.CONSOLIDATION_TOOLS, CONSOLIDATION_STEPS, self.settings.max_tool_calls_per_answer).run()
+            if end.edits:
                 await recall.append(
-                    self.db, agent, [recall.Message(role="system", content="Memory consolidation: " + " ".join(done))],
+                    self.db, agent, [recall.Message(role="system", content="Memory consolidation: " + " ".join(end.edits))],
                     state=recall.EVICTED,
                 )
+        except _Erased:
+            log.info("%s: memory was erased during consolidation; its notes are dropped", agent.key)
         except LLMError as exc:
             log.warning("%s: consolidation skipped: %s", agent.key, exc)
         except Exception:
             log.exception("%s: consolidation failed", agent.key)
 
 
+class _Erased(Exception):
+    """Memory was erased while a consolidation pass ran: it must not write back what it read."""
+
+
+@dataclass
+class _Consolidation:
+    """The tool loop's host for a consolidation pass: its messages live in a list, never in recall."""
+
+    engine: Engine
+    agent: Agent
+    evicted: list[recall.Message]
+    epoch: int
+    messages: list[dict[str, Any]]
+
+    async def ask(self, schemas: list[dict[str, Any]] | None, note: str | None) -> ChatResult:
+        # no note comes: a pass that does not have to answer ends on an empty answer instead of being nudged
+        return await self.engine.llm.chat(self.engine.settings.llm_model, self.messages, schemas)
+
+    async def keep(self, messages: list[recall.Message]) -> None:
+        self.messages.extend(m.to_openai() for m in messages)
+
+    async def execute(self, call: ToolCall, available: dict[str, tools.Tool]) -> tools.Outcome:
+        if self.engine._epochs.get(self.agent.key, 0) != self.epoch:
+            raise _Erased
+        arguments = call.arguments
+        if call.name == "archival_memory_insert":  # date the notes by the span they come from
+            arguments = _with_tag(arguments, "conversation " + self.evicted[0].created_at[:10])
+        e = self.engine
+        return await tools.execute(e.db, e.archive, self.agent, call.name, arguments, available)
+
+
 def _with_tag(arguments: str, tag: str) -> str:
     try:
-        args = json.loads(arguments)
-    except ValueError:
-        return arguments
-    if isinstance(args, dict):
-        tags = args.get("tags") if isinstance(args.get("tags"), list) else []
-        args["tags"] = [*tags, tag]
-        return json.dumps(args)
-    return arguments
+        args = tools.parse_arguments(arguments)
+    except tools.BadArguments:
+        return arguments  # the call is refused with the reason
+    tags = args.get("tags")
+    if isinstance(tags, str):  # models often send "a, b" for an array; tools read it so
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    return json.dumps({**args, "tags": [*(tags if isinstance(tags, list) else []), tag]})

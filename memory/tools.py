@@ -1,78 +1,128 @@
-"""The functions the model calls, their schemas, and how a call is carried out.
+"""The functions the model calls: one registry entry per tool, and how a call is carried out.
 
-Every failure comes back as text the model can act on; nothing raises.
+Adding a tool is one `Tool(...)` in `TOOLS`: its schema, its handler, whether it
+edits memory and whether the background consolidation may use it. Every failure
+comes back as an `Outcome` the model can act on; nothing raises.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
+from enum import Enum
 from typing import Any
 
 from . import core, recall, search
 from .agents import Agent
 from .archival import Archive
+from .core import quote
 from .db import Database
 
 log = logging.getLogger(__name__)
 
-
-def _fn(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {"type": "object", "properties": properties, "required": required},
-        },
-    }
+# an error result's length, whatever went into it
+MAX_ERROR_CHARS = 1000
+# deeper arguments are no real call (json and everything after it would recurse without bound)
+MAX_ARGUMENT_DEPTH = 32
+# a search page shows whole chunks: the answer may be at a chunk's end
+SEARCH_RESULT_CHARS = 1200
 
 
-_STR = {"type": "string"}
-_DATE = {"type": "string", "description": "YYYY-MM-DD"}
-_PAGE = {"type": "integer", "description": "1-based"}
-_TAGS = {"type": "array", "items": _STR}
-
-SCHEMAS: list[dict[str, Any]] = [
-    _fn("send_message", "Send a message to the user. This ends your turn.", {"message": _STR}, ["message"]),
-    _fn(
-        "core_memory_append",
-        "Add a line to a core memory block.",
-        {"label": _STR, "content": _STR},
-        ["label", "content"],
-    ),
-    _fn(
-        "core_memory_replace",
-        "Replace exact text in a core memory block (empty new_content deletes it).",
-        {"label": _STR, "old_content": _STR, "new_content": _STR},
-        ["label", "old_content", "new_content"],
-    ),
-    _fn(
-        "conversation_search",
-        "Search all past messages of this conversation.",
-        {"query": _STR, "start_date": _DATE, "end_date": _DATE, "roles": {"type": "array", "items": {"enum": ["user", "assistant", "system"]}}, "page": _PAGE},
-        ["query"],
-    ),
-    _fn("archival_memory_insert", "Save text to long-term archival memory.", {"content": _STR, "tags": _TAGS}, ["content"]),
-    _fn(
-        "archival_memory_search",
-        "Search archival memory by keywords and meaning.",
-        {"query": _STR, "tags": _TAGS, "start_date": _DATE, "end_date": _DATE, "page": _PAGE},
-        ["query"],
-    ),
-]
-
-NAMES = [s["function"]["name"] for s in SCHEMAS]
-# what the background consolidation pass may use
-MEMORY_EDIT_SCHEMAS = [s for s in SCHEMAS if s["function"]["name"] in ("core_memory_append", "core_memory_replace", "archival_memory_insert")]
+class Status(Enum):
+    OK = "ok"
+    REFUSED = "refused"  # the model can correct the call and try again
+    FAILED = "failed"  # something broke on our side
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
+    status: Status
     text: str  # the tool result the model reads
     reply: str | None = None  # set by send_message
-    changed_memory: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+def ok(text: str, reply: str | None = None) -> Outcome:
+    return Outcome(Status.OK, text, reply)
+
+
+def refused(text: str) -> Outcome:
+    return Outcome(Status.REFUSED, text)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler works with."""
+
+    db: Database
+    archive: Archive
+    agent: Agent
+    args: dict[str, Any]
+
+
+Handler = Callable[[Call], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema properties
+    required: tuple[str, ...]
+    handler: Handler
+    edits_memory: bool = False
+    consolidation: bool = False  # the background consolidation pass may use it
+
+    @cached_property  # built once: a turn sends it on every step
+    def schema(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": {"type": "object", "properties": self.parameters, "required": list(self.required)},
+            },
+        }
+
+
+class BadArguments(ValueError):
+    """The arguments are not a usable JSON object; str() is the result for the model."""
+
+
+def parse_arguments(raw: str) -> dict[str, Any]:
+    """The arguments of a call as a dict, or BadArguments saying why not."""
+    try:
+        args = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise BadArguments(f"the arguments are not valid JSON ({exc}): {quote(raw)}") from None
+    except RecursionError:
+        raise BadArguments(f"the arguments are nested too deeply (more than {MAX_ARGUMENT_DEPTH} levels)") from None
+    if not isinstance(args, dict):
+        raise BadArguments(f"the arguments must be a JSON object, got {quote(raw)}")
+    if _depth(args) > MAX_ARGUMENT_DEPTH:
+        raise BadArguments(f"the arguments are nested too deeply (more than {MAX_ARGUMENT_DEPTH} levels)")
+    return args
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_ARGUMENT_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
 
 
 def _str(args: dict[str, Any], name: str, default: str | None = None) -> str:
@@ -93,55 +143,116 @@ def _list(args: dict[str, Any], name: str) -> list[str] | None:
     raise search.BadArgument(f"{name} must be a list of strings")
 
 
-async def execute(db: Database, archive: Archive, agent: Agent, name: str, raw_arguments: str) -> Outcome:
-    if name not in NAMES:
-        return Outcome(f"Error: there is no function {name!r}. Valid functions: {', '.join(NAMES)}.")
+def _edited(edit: core.Edit) -> Outcome:
+    return Outcome(Status.OK if edit.ok else Status.REFUSED, edit.text)
+
+
+async def _send_message(c: Call) -> Outcome:
+    message = _str(c.args, "message").strip()
+    if not message:
+        return refused("Error: the message is empty. Call send_message with the text for the user.")
+    return ok("Sent.", reply=message)
+
+
+async def _core_memory_append(c: Call) -> Outcome:
+    return _edited(await core.append(c.db, c.agent, _str(c.args, "label"), _str(c.args, "content")))
+
+
+async def _core_memory_replace(c: Call) -> Outcome:
+    args = c.args
+    return _edited(await core.replace(c.db, c.agent, _str(args, "label"), _str(args, "old_content"), _str(args, "new_content", "")))
+
+
+async def _conversation_search(c: Call) -> Outcome:
+    args = c.args
+    page = await recall.search_messages(
+        c.db, c.agent, _str(args, "query", ""),
+        start_date=args.get("start_date"), end_date=args.get("end_date"),
+        roles=_list(args, "roles"), page=args.get("page", 1),
+    )
+    return ok(page.render("messages"))
+
+
+async def _archival_memory_insert(c: Call) -> Outcome:
     try:
-        args = json.loads(raw_arguments) if raw_arguments.strip() else {}
+        ids = await c.archive.insert(c.agent, _str(c.args, "content"), tags=_list(c.args, "tags"))
     except ValueError as exc:
-        return Outcome(
-            f"Error: the arguments are not valid JSON ({exc.msg} at position {exc.pos}): {raw_arguments[:500]!r}. "
-            f"Call {name} again with a JSON object."
-        )
-    if not isinstance(args, dict):
-        return Outcome(f"Error: the arguments must be a JSON object, got {raw_arguments[:200]!r}.")
-    try:
-        return await _run(db, archive, agent, name, args)
-    except search.BadArgument as exc:
-        return Outcome(f"Error: {exc}. Call {name} again with corrected arguments.")
-    except Exception as exc:  # a bug or an input nobody foresaw must not end the turn
-        log.exception("%s: %s failed", agent.key, name)
-        return Outcome(f"Error: {name} failed ({type(exc).__name__}). Try other arguments or another function.")
+        return refused(f"Error: {exc}.")
+    return ok(f"Saved to archival memory as {len(ids)} passage(s) (#{ids[0]}).")
 
 
-async def _run(db: Database, archive: Archive, agent: Agent, name: str, args: dict[str, Any]) -> Outcome:
-    if name == "send_message":
-        message = _str(args, "message").strip()
-        if not message:
-            return Outcome("Error: the message is empty. Call send_message with the text for the user.")
-        return Outcome("Sent.", reply=message)
-    if name == "core_memory_append":
-        text = await core.append(db, agent, _str(args, "label"), _str(args, "content"))
-        return Outcome(text, changed_memory=not text.startswith("Error"))
-    if name == "core_memory_replace":
-        text = await core.replace(db, agent, _str(args, "label"), _str(args, "old_content"), _str(args, "new_content", ""))
-        return Outcome(text, changed_memory=not text.startswith("Error"))
-    if name == "conversation_search":
-        page = await recall.search_messages(
-            db, agent, _str(args, "query", ""),
-            start_date=args.get("start_date"), end_date=args.get("end_date"),
-            roles=_list(args, "roles"), page=args.get("page", 1),
-        )
-        return Outcome(page.render("messages"))
-    if name == "archival_memory_insert":
-        try:
-            ids = await archive.insert(agent, _str(args, "content"), tags=_list(args, "tags"))
-        except ValueError as exc:
-            return Outcome(f"Error: {exc}.")
-        return Outcome(f"Saved to archival memory as {len(ids)} passage(s) (#{ids[0]}).", changed_memory=True)
-    # archival_memory_search
-    page = await archive.search(
-        agent, _str(args, "query", ""), tags=_list(args, "tags"),
+async def _archival_memory_search(c: Call) -> Outcome:
+    args = c.args
+    page = await c.archive.search(
+        c.agent, _str(args, "query", ""), tags=_list(args, "tags"),
         start_date=args.get("start_date"), end_date=args.get("end_date"), page=args.get("page", 1),
     )
-    return Outcome(page.render("passages", max_chars=1200))  # a whole chunk: the answer may be at its end
+    return ok(page.render("passages", max_chars=SEARCH_RESULT_CHARS))
+
+
+_STR = {"type": "string"}
+_DATE = {"type": "string", "description": "YYYY-MM-DD"}
+_PAGE = {"type": "integer", "description": "1-based"}
+_TAGS = {"type": "array", "items": _STR}
+
+TOOLS: dict[str, Tool] = {
+    t.name: t
+    for t in [
+        Tool("send_message", "Send a message to the user. This ends your turn.", {"message": _STR}, ("message",), _send_message),
+        Tool(
+            "core_memory_append", "Add a line to a core memory block.",
+            {"label": _STR, "content": _STR}, ("label", "content"),
+            _core_memory_append, edits_memory=True, consolidation=True,
+        ),
+        Tool(
+            "core_memory_replace", "Replace exact text in a core memory block (empty new_content deletes it).",
+            {"label": _STR, "old_content": _STR, "new_content": _STR}, ("label", "old_content", "new_content"),
+            _core_memory_replace, edits_memory=True, consolidation=True,
+        ),
+        Tool(
+            "conversation_search", "Search all past messages of this conversation.",
+            {"query": _STR, "start_date": _DATE, "end_date": _DATE, "roles": {"type": "array", "items": {"enum": ["user", "assistant", "system"]}}, "page": _PAGE},
+            ("query",), _conversation_search,
+        ),
+        Tool(
+            "archival_memory_insert", "Save text to long-term archival memory.",
+            {"content": _STR, "tags": _TAGS}, ("content",),
+            _archival_memory_insert, edits_memory=True, consolidation=True,
+        ),
+        Tool(
+            "archival_memory_search", "Search archival memory by keywords and meaning.",
+            {"query": _STR, "tags": _TAGS, "start_date": _DATE, "end_date": _DATE, "page": _PAGE},
+            ("query",), _archival_memory_search,
+        ),
+    ]
+}
+
+SCHEMAS: list[dict[str, Any]] = [t.schema for t in TOOLS.values()]
+CONSOLIDATION_TOOLS: dict[str, Tool] = {name: t for name, t in TOOLS.items() if t.consolidation}
+
+
+async def execute(
+    db: Database, archive: Archive, agent: Agent, name: str, raw_arguments: str, available: dict[str, Tool] = TOOLS
+) -> Outcome:
+    """Run one call of the model against the tools `available` to it."""
+    outcome = await _execute(db, archive, agent, name, raw_arguments, available)
+    if not outcome.ok and len(outcome.text) > MAX_ERROR_CHARS:
+        outcome = Outcome(outcome.status, outcome.text[:MAX_ERROR_CHARS] + "…")
+    return outcome
+
+
+async def _execute(db: Database, archive: Archive, agent: Agent, name: str, raw_arguments: str, available: dict[str, Tool]) -> Outcome:
+    tool = available.get(name)
+    if tool is None:
+        return refused(f"Error: there is no function {quote(name)} here. Valid functions: {', '.join(available)}.")
+    try:
+        args = parse_arguments(raw_arguments)
+    except BadArguments as exc:
+        return refused(f"Error: {exc}. Call {name} again with a JSON object.")
+    try:
+        return await tool.handler(Call(db, archive, agent, args))
+    except search.BadArgument as exc:
+        return refused(f"Error: {exc}. Call {name} again with corrected arguments.")
+    except Exception as exc:  # a bug or an input nobody foresaw must not end the turn
+        log.exception("%s: %s failed", agent.key, name)
+        return Outcome(Status.FAILED, f"Error: {name} failed ({type(exc).__name__}). Try other arguments or another function.")

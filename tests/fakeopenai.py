@@ -37,6 +37,17 @@ def calls(*items: tuple[str, dict[str, Any] | str | None, str | None], content: 
     return {"message": {"role": "assistant", "content": content or None, "tool_calls": tool_calls}}
 
 
+def with_usage(answer: dict[str, Any], prompt_tokens: int | None) -> dict[str, Any]:
+    """`answer` reporting `prompt_tokens` as the provider's count (None: no usage at all)."""
+    usage = None if prompt_tokens is None else {"prompt_tokens": prompt_tokens, "completion_tokens": 10, "total_tokens": prompt_tokens + 10}
+    return {**answer, "usage": usage}
+
+
+def flood(name: str, args: Callable[[int], dict[str, Any]], count: int) -> dict[str, Any]:
+    """One assistant answer with `count` calls of the same function, the n-th with `args(n)`."""
+    return calls(*((name, args(n), f"call_flood_{n}") for n in range(count)))
+
+
 @dataclass
 class Error:
     status: int
@@ -93,6 +104,7 @@ class FakeOpenAI:
         self.max_in_flight = 0
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self._arrived = asyncio.Event()  # set by every request, for `wait_until`
 
     async def start(self) -> "FakeOpenAI":
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -110,6 +122,12 @@ class FakeOpenAI:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait, request by request, until `condition` holds."""
+        while not condition():
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), timeout)
 
     def push(self, *items: Script) -> None:
         self.script.extend(items)
@@ -130,6 +148,7 @@ class FakeOpenAI:
         body = await request.json()
         self.requests.append(body)
         self.request_headers.append(dict(request.headers))
+        self._arrived.set()
         item = self.script.pop(0) if self.script else self.default
         if item is None:
             return web.json_response({"error": {"message": "fake: no scripted response left"}}, status=500)
@@ -173,9 +192,14 @@ class FakeOpenAI:
         if isinstance(item, Error):
             payload = item.body if isinstance(item.body, str) else json.dumps(item.body)
             return web.Response(text=payload, status=item.status, headers=item.headers, content_type="application/json")
-        choice = {"index": 0, "finish_reason": "tool_calls" if item["message"].get("tool_calls") else "stop", **item}
+        # an answer may carry its own "usage" (None: none at all) instead of the estimate below
+        answer = {k: v for k, v in item.items() if k != "usage"}
+        choice = {"index": 0, "finish_reason": "tool_calls" if item["message"].get("tool_calls") else "stop", **answer}
         data: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"), "choices": [choice]}
-        if self.usage:
+        if "usage" in item:
+            if item["usage"] is not None:
+                data["usage"] = item["usage"]
+        elif self.usage:
             prompt = sum(len(json.dumps(m)) for m in body["messages"]) // 4
             data["usage"] = {"prompt_tokens": prompt, "completion_tokens": 10, "total_tokens": prompt + 10}
         if self.usage_body is not None:
@@ -185,6 +209,7 @@ class FakeOpenAI:
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
+        self._arrived.set()
         if self.fail_embeddings:
             e = self.fail_embeddings
             return web.Response(text=json.dumps(e.body), status=e.status, content_type="application/json")

@@ -44,5 +44,5 @@ async def test_default_persona_fits_the_smallest_persona_limit(tmp_path, monkeyp
     (persona, _) = await core.blocks(db, agent)
     assert persona.value == agents.DEFAULT_PERSONA and len(persona.value) <= persona.limit
     # what /memory reset core does
-    assert (await core.set_value(db, agent, "persona", agents.DEFAULT_PERSONA)).startswith("Block 'persona' set")
+    assert (await core.set_value(db, agent, "persona", agents.DEFAULT_PERSONA)).text.startswith("Block 'persona' set")
     await db.close()

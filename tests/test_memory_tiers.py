@@ -15,9 +15,9 @@ from tests.fakeopenai import Error, FakeOpenAI
 # --- core memory -------------------------------------------------------------
 
 async def test_core_append_and_replace(db: Database, agent: Agent) -> None:
-    assert "Appended" in await core.append(db, agent, "human", "Name: Ann.")
-    assert "Appended" in await core.append(db, agent, "human", "Likes tea.")
-    assert "Replaced" in await core.replace(db, agent, "human", "Likes tea.", "Likes green tea.")
+    assert "Appended" in (await core.append(db, agent, "human", "Name: Ann.")).text
+    assert (await core.append(db, agent, "human", "Likes tea.")).ok
+    assert "Replaced" in (await core.replace(db, agent, "human", "Likes tea.", "Likes green tea.")).text
     block = {b.label: b for b in await core.blocks(db, agent)}["human"]
     assert block.value == "Name: Ann.\nLikes green tea."
     assert '<human chars="27/2000"' in core.render(await core.blocks(db, agent))
@@ -25,13 +25,16 @@ async def test_core_append_and_replace(db: Database, agent: Agent) -> None:
 
 async def test_core_refusals_tell_the_model_what_to_do(db: Database, agent: Agent) -> None:
     await core.append(db, agent, "human", "likes cats. likes cats.")
-    assert "occurs 2 times" in await core.replace(db, agent, "human", "likes cats.", "x")
-    assert "does not occur" in await core.replace(db, agent, "human", "dogs", "x")
-    assert "core_memory_append" in await core.replace(db, agent, "human", "", "x")
-    assert "Use one of: persona, human" in await core.append(db, agent, "nope", "x")
-    refusal = await core.append(db, agent, "human", "y" * 3000)
-    assert "limit is 2000" in refusal and "archival_memory_insert" in refusal
-    assert "limit is 2000" in await core.replace(db, agent, "human", "likes cats. likes", "z" * 2500)
+    refusals = {
+        "occurs 2 times": await core.replace(db, agent, "human", "likes cats.", "x"),
+        "does not occur": await core.replace(db, agent, "human", "dogs", "x"),
+        "core_memory_append": await core.replace(db, agent, "human", "", "x"),
+        "Use one of: persona, human": await core.append(db, agent, "nope", "x"),
+        "archival_memory_insert": await core.append(db, agent, "human", "y" * 3000),
+        "limit is 2000": await core.replace(db, agent, "human", "likes cats. likes", "z" * 2500),
+    }
+    for expected, edit in refusals.items():
+        assert not edit.ok and expected in edit.text, (expected, edit)
     value = {b.label: b.value for b in await core.blocks(db, agent)}["human"]
     assert value == "likes cats. likes cats."  # every refusal left the block untouched
 
