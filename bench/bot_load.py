@@ -121,7 +121,9 @@ def floor_bot() -> None:
             intents = discord.Intents.none()
             intents.guilds = intents.guild_messages = intents.dm_messages = intents.message_content = True
             # mnemocord's client options, so both do the same Discord work per message
-            super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(), guild_ready_timeout=0.5, max_messages=None)
+            super().__init__(
+                intents=intents, allowed_mentions=discord.AllowedMentions.none(), guild_ready_timeout=0.5, max_messages=None
+            )
             self.session = session
 
         async def on_message(self, message: discord.Message) -> None:
@@ -186,8 +188,14 @@ def serve_model(model_ms: float) -> None:
 class ModelProcess:
     async def start(self, model_ms: float) -> str:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).resolve()), "--serve-model", "--model-ms", str(model_ms),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(ROOT),
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve-model",
+            "--model-ms",
+            str(model_ms),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(ROOT),
         )
         assert self.proc.stdout is not None
         line = (await asyncio.wait_for(self.proc.stdout.readline(), 30)).decode()
@@ -207,7 +215,7 @@ class ModelProcess:
             self.proc.stdin.close()
             try:
                 await asyncio.wait_for(self.proc.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
 
@@ -312,7 +320,7 @@ async def sample_rss(pid: int, samples: list[int], stop: asyncio.Event) -> None:
             samples.append(rss)
         try:
             await asyncio.wait_for(stop.wait(), 0.1)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -408,8 +416,13 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
     stderr_file = open(stderr_path, "wb")
     t_spawn = time.monotonic()
     bot = await asyncio.create_subprocess_exec(
-        sys.executable, *command, cwd=tmp.name, env=env,
-        stdin=asyncio.subprocess.DEVNULL, stdout=stderr_file, stderr=stderr_file,
+        sys.executable,
+        *command,
+        cwd=tmp.name,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stderr_file,
+        stderr=stderr_file,
     )
     pid = bot.pid
 
@@ -447,7 +460,7 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
                 try:
                     at = await asyncio.wait_for(asyncio.shield(waiter), LOST_AFTER)
                     latencies.append(at - t0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass  # lost, unless it turns up before the end (matched by tag below)
 
         cpu_model0 = cpu_seconds(model.proc.pid)
@@ -488,7 +501,7 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
             bot.send_signal(signal.SIGTERM)
             try:
                 exit_code = await asyncio.wait_for(asyncio.shield(exited), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 bot.kill()
                 await bot.wait()
                 exit_code = None
@@ -546,34 +559,50 @@ def report(args: argparse.Namespace, r: Run) -> None:
     def out(line: str) -> None:
         print(prefix + line)
 
-    out(f"load: {args.users} users x {args.messages} DMs, sequential per user, users concurrent; "
-        f"sent {r.sent}, wall {r.wall:.2f} s, throughput {replies / r.wall if r.wall else 0:.1f} replies/s")
-    out(f"reply latency ms: min {min(lat_ms, default=float('nan')):.1f} p50 {p50:.1f} p90 {pct(lat_ms, 90):.1f} "
+    out(
+        f"load: {args.users} users x {args.messages} DMs, sequential per user, users concurrent; "
+        f"sent {r.sent}, wall {r.wall:.2f} s, throughput {replies / r.wall if r.wall else 0:.1f} replies/s"
+    )
+    out(
+        f"reply latency ms: min {min(lat_ms, default=float('nan')):.1f} p50 {p50:.1f} p90 {pct(lat_ms, 90):.1f} "
         f"p95 {r.p95:.1f} p99 {pct(lat_ms, 99):.1f} max {max(lat_ms, default=float('nan')):.1f} "
         f"mean {statistics.fmean(lat_ms) if lat_ms else float('nan'):.1f} "
-        f"(minus the {args.model_ms:.0f} ms model: p50 overhead {p50 - args.model_ms:.1f} ms); late replies {r.late}")
+        f"(minus the {args.model_ms:.0f} ms model: p50 overhead {p50 - args.model_ms:.1f} ms); late replies {r.late}"
+    )
     model_stats = r.model_stats
-    out(f"model: {model_stats['chat_calls']} chat calls ({model_stats['chat_calls'] / max(1, replies):.2f} per reply), "
-        f"max in flight {model_stats['max_in_flight']}, mean prompt {model_stats['prompt_chars_mean']:.0f} chars")
-    out(f"bot memory: VmHWM {r.hwm_mib:.1f} MiB, VmRSS after start-up {r.idle.get('VmRSS', 0) / 1024:.1f} MiB, "
+    out(
+        f"model: {model_stats['chat_calls']} chat calls ({model_stats['chat_calls'] / max(1, replies):.2f} per reply), "
+        f"max in flight {model_stats['max_in_flight']}, mean prompt {model_stats['prompt_chars_mean']:.0f} chars"
+    )
+    out(
+        f"bot memory: VmHWM {r.hwm_mib:.1f} MiB, VmRSS after start-up {r.idle.get('VmRSS', 0) / 1024:.1f} MiB, "
         f"at end {r.status.get('VmRSS', 0) / 1024:.1f} MiB (sampled max {max(r.rss_samples, default=0) / 1024:.1f}), "
-        f"threads {r.status.get('Threads', 0)}" + ("" if r.db_bytes is None else f"; database {r.db_bytes / 2**20:.1f} MiB"))
+        f"threads {r.status.get('Threads', 0)}" + ("" if r.db_bytes is None else f"; database {r.db_bytes / 2**20:.1f} MiB")
+    )
     threads = "the rest on SQLite's" if r.db_bytes is not None else "the rest on discord.py's heartbeat thread"
-    out(f"bot CPU: {r.cpu_total:.2f} s total, {r.cpu_startup:.2f} s start-up, {r.cpu_load:.2f} s under load "
+    out(
+        f"bot CPU: {r.cpu_total:.2f} s total, {r.cpu_startup:.2f} s start-up, {r.cpu_load:.2f} s under load "
         f"= {r.cpu_load / max(1, replies) * 1000:.2f} ms per reply "
         f"({r.cpu_loop / max(1, replies) * 1000:.2f} on the event loop's thread, {threads}), "
-        f"{r.cpu_load / span * 100 if span else 0:.0f}% of one core; start-up to READY {r.startup_s:.2f} s")
-    out(f"other processes under load: harness (fake Discord + users) {r.cpu_harness:.2f} s CPU "
+        f"{r.cpu_load / span * 100 if span else 0:.0f}% of one core; start-up to READY {r.startup_s:.2f} s"
+    )
+    out(
+        f"other processes under load: harness (fake Discord + users) {r.cpu_harness:.2f} s CPU "
         f"({r.cpu_harness / span * 100 if span else 0:.0f}% of one core), fake model {r.cpu_model:.2f} s "
-        f"({r.cpu_model / span * 100 if span else 0:.0f}%)")
-    out(f"machine during the load ({span:.1f} s): {r.busy / span * 100 if span else 0:.0f}% busy of {os.cpu_count()} CPUs "
+        f"({r.cpu_model / span * 100 if span else 0:.0f}%)"
+    )
+    out(
+        f"machine during the load ({span:.1f} s): {r.busy / span * 100 if span else 0:.0f}% busy of {os.cpu_count()} CPUs "
         f"({r.busy / span / (os.cpu_count() or 1) * 100 if span else 0:.0f}% of capacity); processes outside this bench used "
         f"{max(0.0, r.foreign) / span * 100 if span else 0:.0f}% of a core"
-        f"{'  <- other work competed for the CPUs: figures are pessimistic' if span and r.foreign / span > 0.1 else ''}")
-    out(f"harness: event-loop lag p50 {pct(r.lag_ms, 50):.1f} ms p99 {pct(r.lag_ms, 99):.1f} ms max {max(r.lag_ms, default=0):.1f} ms; "
+        f"{'  <- other work competed for the CPUs: figures are pessimistic' if span and r.foreign / span > 0.1 else ''}"
+    )
+    out(
+        f"harness: event-loop lag p50 {pct(r.lag_ms, 50):.1f} ms p99 {pct(r.lag_ms, 99):.1f} ms max {max(r.lag_ms, default=0):.1f} ms; "
         f"fake Discord requests {r.fake_requests}, bot messages {r.fake_messages}, "
         f"untagged {len(r.untagged)}{' e.g. ' + repr(r.untagged[0]) if r.untagged else ''}"
-        f"{'; FAKE ERRORS ' + repr(r.fake_errors[:3]) if r.fake_errors else ''}")
+        f"{'; FAKE ERRORS ' + repr(r.fake_errors[:3]) if r.fake_errors else ''}"
+    )
     clean = r.exit_code == 0 and "Traceback" not in r.log_text
     out(f"shutdown: SIGTERM -> exit code {r.exit_code} in {r.exit_s:.2f} s ({'clean' if clean else 'NOT clean'})")
     # discord.py's start-up notes about optional voice libraries are not findings
@@ -586,39 +615,51 @@ def report(args: argparse.Namespace, r: Run) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     total = args.users * args.messages
-    print(f"settings: RATE_LIMIT_PER_MINUTE={args.rate_limit} (high enough that the limiter never refuses), "
-          f"MAX_CONCURRENT_LLM_CALLS={args.max_llm}, EMBEDDING_MODEL unset, LOG_LEVEL=WARNING, "
-          f"model {args.model_ms:.0f} ms per call, {os.cpu_count()} CPUs shared by bot, model and harness; "
-          f"the floor (a bare discord.py bot, one model call per DM) runs first, then mnemocord")
+    print(
+        f"settings: RATE_LIMIT_PER_MINUTE={args.rate_limit} (high enough that the limiter never refuses), "
+        f"MAX_CONCURRENT_LLM_CALLS={args.max_llm}, EMBEDDING_MODEL unset, LOG_LEVEL=WARNING, "
+        f"model {args.model_ms:.0f} ms per call, {os.cpu_count()} CPUs shared by bot, model and harness; "
+        f"the floor (a bare discord.py bot, one model call per DM) runs first, then mnemocord"
+    )
     try:
         floor = await measure(args, floor=True)
     except NotReady as exc:
         print(f"the floor bot did not become ready: {exc}")
-        print(f"bot_load_floor users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan")
-        raise SystemExit(1)
+        print(
+            f"bot_load_floor users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan"
+        )
+        raise SystemExit(1) from None
     report(args, floor)
     floor_line = f"users={args.users} messages={total} replies={floor.replies} lost={total - floor.replies}"
     if args.floor_only:
-        print(f"bot_load_floor {floor_line} p50_reply_ms={floor.p50:.0f} p95_reply_ms={floor.p95:.0f} rss_mib={floor.hwm_mib:.0f}")
+        print(
+            f"bot_load_floor {floor_line} p50_reply_ms={floor.p50:.0f} p95_reply_ms={floor.p95:.0f} rss_mib={floor.hwm_mib:.0f}"
+        )
         return
     try:
         bot = await measure(args, floor=False)
     except NotReady as exc:
         print(f"the bot did not become ready: {exc}")
-        print(f"bot_load users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan "
-              f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50=nan")
-        raise SystemExit(1)
+        print(
+            f"bot_load users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan "
+            f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50=nan"
+        )
+        raise SystemExit(1) from None
     report(args, bot)
 
     lost = total - bot.replies
     ratio = bot.p50 / floor.p50
     budget = args.model_ms + 50
-    print(f"floor: p50 {floor.p50:.1f} ms, p95 {floor.p95:.1f} ms, lost {total - floor.replies}; "
-          f"mnemocord over the floor: p50 {ratio:.2f}x (+{bot.p50 - floor.p50:.1f} ms), p95 {bot.p95 / floor.p95:.2f}x, "
-          f"CPU per reply {bot.cpu_load / max(1, bot.replies) * 1000:.2f} vs {floor.cpu_load / max(1, floor.replies) * 1000:.2f} ms")
-    print(f"goals: lost=0 {'met' if lost == 0 else 'MISSED'}; ratio_p50 <= 1.15 {'met' if ratio <= 1.15 else 'MISSED'} ({ratio:.2f}); "
-          f"p50 <= {budget:.0f} ms {'met' if bot.p50 <= budget else 'MISSED'} ({bot.p50:.0f}); "
-          f"peak RSS <= 100 MiB {'met' if bot.hwm_mib <= 100 else 'MISSED'} ({bot.hwm_mib:.1f})")
+    print(
+        f"floor: p50 {floor.p50:.1f} ms, p95 {floor.p95:.1f} ms, lost {total - floor.replies}; "
+        f"mnemocord over the floor: p50 {ratio:.2f}x (+{bot.p50 - floor.p50:.1f} ms), p95 {bot.p95 / floor.p95:.2f}x, "
+        f"CPU per reply {bot.cpu_load / max(1, bot.replies) * 1000:.2f} vs {floor.cpu_load / max(1, floor.replies) * 1000:.2f} ms"
+    )
+    print(
+        f"goals: lost=0 {'met' if lost == 0 else 'MISSED'}; ratio_p50 <= 1.15 {'met' if ratio <= 1.15 else 'MISSED'} ({ratio:.2f}); "
+        f"p50 <= {budget:.0f} ms {'met' if bot.p50 <= budget else 'MISSED'} ({bot.p50:.0f}); "
+        f"peak RSS <= 100 MiB {'met' if bot.hwm_mib <= 100 else 'MISSED'} ({bot.hwm_mib:.1f})"
+    )
     print(
         f"bot_load users={args.users} messages={total} replies={bot.replies} lost={lost} "
         f"p50_reply_ms={bot.p50:.0f} p95_reply_ms={bot.p95:.0f} rss_mib={bot.hwm_mib:.0f} "
@@ -633,8 +674,14 @@ def main() -> None:
     parser.add_argument("--model-ms", type=float, default=200.0, help="the fake model's time per call")
     parser.add_argument("--rate-limit", type=int, default=1000, help="RATE_LIMIT_PER_MINUTE for the bot")
     parser.add_argument("--max-llm", type=int, default=128, help="MAX_CONCURRENT_LLM_CALLS for the bot")
-    parser.add_argument("--floor-only", action="store_true", help="measure only the floor (a bare discord.py bot): a quick check of the harness")
-    parser.add_argument("--profile", metavar="FILE", help="run the bot under cProfile (main-thread CPU time), stats written to FILE at exit (slows it)")
+    parser.add_argument(
+        "--floor-only", action="store_true", help="measure only the floor (a bare discord.py bot): a quick check of the harness"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the bot under cProfile (main-thread CPU time), stats written to FILE at exit (slows it)",
+    )
     parser.add_argument("--bot-root", metavar="DIR", help="run the bot from another checkout (to measure a candidate fix)")
     parser.add_argument("--serve-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--floor-bot", action="store_true", help=argparse.SUPPRESS)

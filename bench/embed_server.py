@@ -95,7 +95,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path in ("/health", "/healthz"):
             self._send(200, {"status": "ok", "model": MODEL_NAME})
         elif self.path.rstrip("/") in ("/v1/models", "/models"):
-            self._send(200, {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "local"}]})
+            self._send(
+                200, {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "local"}]}
+            )
         else:
             self._error(404, f"no route {self.path}")
 
@@ -136,12 +138,15 @@ class Handler(BaseHTTPRequestHandler):
             return
         started = time.perf_counter()
         vectors, tokens = encode(texts)
-        self._send(200, {
-            "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-            "model": request.get("model") or MODEL_NAME,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+        self._send(
+            200,
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "model": request.get("model") or MODEL_NAME,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
         if getattr(self.server, "verbose", False):
             sys.stderr.write(f"{len(texts)} inputs in {1000 * (time.perf_counter() - started):.1f} ms\n")
 

@@ -66,7 +66,7 @@ CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 
 
 def session_time(text: str) -> str:
-    """"1:56 pm on 8 May, 2023" -> "2023-05-08T13:56:00Z" (the dataset has no time zone; taken as UTC)."""
+    """ "1:56 pm on 8 May, 2023" -> "2023-05-08T13:56:00Z" (the dataset has no time zone; taken as UTC)."""
     cleaned = re.sub(r"\s+", " ", text.replace(",", "")).strip()
     try:
         moment = datetime.strptime(cleaned, "%I:%M %p on %d %B %Y")
@@ -216,8 +216,9 @@ async def run(args: argparse.Namespace, db_path: Path) -> int:
                     found = set(await archive.nearest(agent, q.text, k=CANDIDATES))
                     agreement.append(len(found & {r[0] for r in exact}) / max(1, len(exact)))
         if failures.count:
-            print(f"{failures.count} warnings from the engine (embedding failures?); figures are not pure {mode}",
-                  file=sys.stderr)
+            print(
+                f"{failures.count} warnings from the engine (embedding failures?); figures are not pure {mode}", file=sys.stderr
+            )
             return 2
     finally:
         if client is not None:
@@ -225,11 +226,18 @@ async def run(args: argparse.Namespace, db_path: Path) -> int:
         await db.close()
 
     turns = sum(len(c.turns) for c in conversations)
-    print(f"LoCoMo {args.dataset.name}: {len(conversations)} conversations, {turns} turns, "
-          f"{len(results)} questions (categories 1-4; {unresolved} without resolvable evidence left out)")
-    print(f"mode {mode}" + (f", embeddings {MODEL} at {args.embeddings}"
-                            f" ({'batched after ingest' if args.embed_after else 'one call per insert'})"
-                            if embedder else ""))
+    print(
+        f"LoCoMo {args.dataset.name}: {len(conversations)} conversations, {turns} turns, "
+        f"{len(results)} questions (categories 1-4; {unresolved} without resolvable evidence left out)"
+    )
+    print(
+        f"mode {mode}"
+        + (
+            f", embeddings {MODEL} at {args.embeddings} ({'batched after ingest' if args.embed_after else 'one call per insert'})"
+            if embedder
+            else ""
+        )
+    )
     print()
     print(f"{'category':<16} {'n':>5} {'MRR':>7} {'any@5':>7} {'any@10':>7} {'all@10':>7}")
     groups = [(f"{c} {name}", [r for r in results if r.category == c]) for c, name in CATEGORIES.items()]
@@ -242,11 +250,15 @@ async def run(args: argparse.Namespace, db_path: Path) -> int:
     print(f"ingest {passages} passages in {ingest_s:.1f} s: {passages / ingest_s:.0f} passages/s")
     print(f"search {len(ms)} queries: p50 {statistics.median(ms):.2f} ms, p95 {p95:.2f} ms")
     if agreement:
-        print(f"vector candidates (sign bits, {OVERSAMPLE}x oversampled, rescored): {statistics.fmean(agreement):.3f}"
-              f" of an exact scan's top {CANDIDATES}, agents of ~{passages // len(conversations)} passages")
+        print(
+            f"vector candidates (sign bits, {OVERSAMPLE}x oversampled, rescored): {statistics.fmean(agreement):.3f}"
+            f" of an exact scan's top {CANDIDATES}, agents of ~{passages // len(conversations)} passages"
+        )
     s = scores(results)
-    print(f"retrieval mode={mode} n={s['n']} recall_any@5={s['any5']:.3f} recall_any@10={s['any10']:.3f} "
-          f"recall_all@10={s['all10']:.3f} mrr={s['mrr']:.3f}")
+    print(
+        f"retrieval mode={mode} n={s['n']} recall_any@5={s['any5']:.3f} recall_any@10={s['any10']:.3f} "
+        f"recall_all@10={s['all10']:.3f} mrr={s['mrr']:.3f}"
+    )
     return 0
 
 
@@ -254,8 +266,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help=f"LoCoMo JSON (default {DEFAULT_DATASET})")
     parser.add_argument("--embeddings", metavar="URL", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8089/v1")
-    parser.add_argument("--embed-after", action="store_true",
-                        help="insert every turn first, then embed them all at once (Archive.embed_pending)")
+    parser.add_argument(
+        "--embed-after", action="store_true", help="insert every turn first, then embed them all at once (Archive.embed_pending)"
+    )
     parser.add_argument("--db", type=Path, help="database file to use (default: a fresh temporary one)")
     args = parser.parse_args()
     if not args.dataset.is_file():

@@ -79,8 +79,36 @@ COMMON = (
     "the of and to a in is it you that he was for on are with as i his they be at one have this from or had by "
     "not but what some we can out other were all there when up use your how said an each she which do their"
 ).split()
-_ONSETS = ["", "b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "pl", "r", "s",
-           "sh", "st", "t", "th", "tr", "v", "w", "z"]
+_ONSETS = [
+    "",
+    "b",
+    "br",
+    "c",
+    "ch",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pl",
+    "r",
+    "s",
+    "sh",
+    "st",
+    "t",
+    "th",
+    "tr",
+    "v",
+    "w",
+    "z",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
 _CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "x"]
 
@@ -275,7 +303,10 @@ def bulk_insert(path: Path, agent_ids: list[int], corpus: Corpus, progress: bool
         )
         conn.executemany("INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)", fts)
         conn.executemany("INSERT INTO passage_vectors(id, vector) VALUES (?, ?)", [(v[0], v[2]) for v in vec])
-        conn.executemany("INSERT INTO passage_bits(agent_id, id, bits) VALUES (?, ?, vec_quantize_binary(?))", [(v[1], v[0], v[2]) for v in vec])
+        conn.executemany(
+            "INSERT INTO passage_bits(agent_id, id, bits) VALUES (?, ?, vec_quantize_binary(?))",
+            [(v[1], v[0], v[2]) for v in vec],
+        )
         conn.execute("COMMIT")
         done += len(rows)
         if progress:

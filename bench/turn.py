@@ -114,7 +114,7 @@ NAMES = ["Ann", "Mira", "Tom", "Jonas", "Keiko", "Ravi", "Lena", "Omar"]
 
 def sentence(rng: random.Random, n: int) -> str:
     words = []
-    for i in range(n):
+    for _ in range(n):
         words.append(rng.choice(WORDS) if rng.random() < 0.55 else rng.choice(FILLER))
         if rng.random() < 0.06:
             words.append(rng.choice(NAMES))
@@ -156,14 +156,22 @@ def _decide(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     reply = reply_text(h)
     if last.get("role") == "tool" or h % 10 not in (0, 1):
         thought = reply_text(h + 1)[:120] if h % 10 in (2, 3, 4) else None
-        call = {"id": f"call_{h:08x}_{len(messages)}", "type": "function",
-                "function": {"name": "send_message", "arguments": json.dumps({"message": reply})}}
+        call = {
+            "id": f"call_{h:08x}_{len(messages)}",
+            "type": "function",
+            "function": {"name": "send_message", "arguments": json.dumps({"message": reply})},
+        }
         return "turn", {"role": "assistant", "content": thought, "tool_calls": [call]}
     if h % 10 == 0:
         return "turn", {"role": "assistant", "content": reply}
-    words = sorted({w.strip(".?!,").lower() for w in user.split() if w.strip(".?!,").lower() in WORDS}, key=lambda w: (len(w), w))[-2:]
-    call = {"id": f"call_{h:08x}_s", "type": "function",
-            "function": {"name": "conversation_search", "arguments": json.dumps({"query": " ".join(words) or "plan"})}}
+    words = sorted(
+        {w.strip(".?!,").lower() for w in user.split() if w.strip(".?!,").lower() in WORDS}, key=lambda w: (len(w), w)
+    )[-2:]
+    call = {
+        "id": f"call_{h:08x}_s",
+        "type": "function",
+        "function": {"name": "conversation_search", "arguments": json.dumps({"query": " ".join(words) or "plan"})},
+    }
     return "turn", {"role": "assistant", "content": "Let me check what we said before.", "tool_calls": [call]}
 
 
@@ -180,10 +188,15 @@ def serve() -> None:
         body = json.loads(data)
         kind, message = _decide(body)
         finish = "tool_calls" if message.get("tool_calls") else "stop"
-        out = json.dumps({
-            "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": body.get("model"),
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        })
+        out = json.dumps(
+            {
+                "id": "chatcmpl-bench",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            }
+        )
         raw.append(data)
         log.append({"kind": kind, "seconds": time.perf_counter() - started, "messages": len(body.get("messages") or [])})
         return web.Response(body=out.encode(), content_type="application/json")
@@ -197,12 +210,19 @@ def serve() -> None:
         for entry, data in zip(log, raw):
             body = json.loads(data)
             n_chat = sum(
-                4 + len(enc.encode(m.get("content") or "", disallowed_special=()))
+                4
+                + len(enc.encode(m.get("content") or "", disallowed_special=()))
                 + (len(enc.encode(json.dumps(m["tool_calls"]), disallowed_special=())) if m.get("tool_calls") else 0)
                 for m in body["messages"]
             ) + (len(enc.encode(json.dumps(body["tools"]), disallowed_special=())) if body.get("tools") else 0)
-            out.append({**entry, "bytes": len(data), "json_tokens": len(enc.encode(data.decode(), disallowed_special=())),
-                        "chat_tokens": n_chat})
+            out.append(
+                {
+                    **entry,
+                    "bytes": len(data),
+                    "json_tokens": len(enc.encode(data.decode(), disallowed_special=())),
+                    "chat_tokens": n_chat,
+                }
+            )
         log.clear()
         raw.clear()
         return web.json_response(out)
@@ -228,7 +248,10 @@ class FakeModel:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(ROOT), text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=str(ROOT),
+            text=True,
         )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("port "):
@@ -281,8 +304,10 @@ def machine_load(before: list[int], after: list[int]) -> str:
     d = [b - a for a, b in zip(before, after)]
     total = sum(d) or 1
     busy = total - d[3] - d[4]
-    return (f"machine during the runs: {100 * busy / total:.0f}% of {os.cpu_count()} CPUs busy (this bench, its fake model "
-            f"and any other process), {100 * d[7] / total:.1f}% stolen by the hypervisor; load average {os.getloadavg()[0]:.2f}")
+    return (
+        f"machine during the runs: {100 * busy / total:.0f}% of {os.cpu_count()} CPUs busy (this bench, its fake model "
+        f"and any other process), {100 * d[7] / total:.1f}% stolen by the hypervisor; load average {os.getloadavg()[0]:.2f}"
+    )
 
 
 def rss_peak_mib() -> float:
@@ -388,17 +413,20 @@ async def populate(engine: Any, n: int, seed: int) -> None:
     await engine.db.execute("UPDATE agents SET summary = ? WHERE id = ?", (summary, agent.id))
 
 
-async def run_size(
-    fake: FakeModel, history: int, turns: int, window: int, *, trace: bool = False, profiler: Any = None
-) -> Run:
+async def run_size(fake: FakeModel, history: int, turns: int, window: int, *, trace: bool = False, profiler: Any = None) -> Run:
     from memory import recall
     from memory.config import EngineSettings
     from memory.engine import Engine
 
     with tempfile.TemporaryDirectory(prefix="turnbench-") as tmp:
         settings = EngineSettings(  # type: ignore[call-arg]
-            _env_file=None, database_path=Path(tmp) / "bench.db", llm_base_url=fake.url + "/v1",
-            llm_model="fake-model", context_window=window, llm_timeout=30, llm_max_retries=2,
+            _env_file=None,
+            database_path=Path(tmp) / "bench.db",
+            llm_base_url=fake.url + "/v1",
+            llm_model="fake-model",
+            context_window=window,
+            llm_timeout=30,
+            llm_max_retries=2,
         )
         engine = await Engine.open(settings)
         try:
@@ -411,7 +439,13 @@ async def run_size(
             async def timed_chat(model: str, messages: list[dict[str, Any]], tools: Any = None, **kw: Any) -> Any:
                 result = await chat(model, messages, tools, **kw)
                 system = messages[0].get("content") or ""
-                kind = "summary" if system.startswith(SUMMARY_PREFIX) else "consolidation" if system.startswith(CONSOLIDATION_PREFIX) else "turn"
+                kind = (
+                    "summary"
+                    if system.startswith(SUMMARY_PREFIX)
+                    else "consolidation"
+                    if system.startswith(CONSOLIDATION_PREFIX)
+                    else "turn"
+                )
                 calls.append((kind, result.seconds))
                 return result
 
@@ -419,6 +453,7 @@ async def run_size(
 
             statements: Counter[str] = Counter()
             if trace:  # count SQL statements and thread hops (writer thread, aiosqlite reader); private attributes
+
                 def traced(sql: str) -> None:  # "-- " marks statements SQLite runs inside others (FTS5)
                     statements[" ".join(sql.split())[:90]] += 1
 
@@ -433,6 +468,7 @@ async def run_size(
 
                 engine.db._thread.submit = counted_submit  # type: ignore[method-assign]
                 for reader in engine.db._readers:
+
                     async def counted(fn: Any, *a: Any, _run: Any = reader._execute, **k: Any) -> Any:
                         statements["hops:reader"] += 1
                         return await _run(fn, *a, **k)
@@ -453,12 +489,20 @@ async def run_size(
                 result = await engine.send(KEY, message)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 mine = [(k, s) for k, s in calls[mark:] if k != "consolidation"]
-                rows.append(TurnRow(
-                    wall=wall, cpu=cpu, model=sum(s for _, s in mine), model_reported=result.model_seconds,
-                    engine_reported=result.engine_seconds, steps=result.steps, outcome=result.outcome,
-                    request_tokens=list(result.request_tokens), evicted=len(result.evicted),
-                    summarizer_calls=sum(1 for k, _ in mine if k == "summary"),
-                ))
+                rows.append(
+                    TurnRow(
+                        wall=wall,
+                        cpu=cpu,
+                        model=sum(s for _, s in mine),
+                        model_reported=result.model_seconds,
+                        engine_reported=result.engine_seconds,
+                        steps=result.steps,
+                        outcome=result.outcome,
+                        request_tokens=list(result.request_tokens),
+                        evicted=len(result.evicted),
+                        summarizer_calls=sum(1 for k, _ in mine if k == "summary"),
+                    )
+                )
                 if result.outcome != "reply":
                     print(f"  turn {len(rows)}: outcome {result.outcome} {result.error}", flush=True)
             await engine.wait_background()
@@ -483,8 +527,18 @@ async def run_size(
                 if ordered[k]["kind"] == "turn":
                     row.sent_tokens.append(ordered[k]["chat_tokens"])
                 k += 1
-    return Run(history, rows, cpu_total, cpu_loop, seconds_total, sum(1 for e in fake_log if e["kind"] == "consolidation"),
-               fake_log, rss_ready, rss_now_mib(), statements if trace else None)
+    return Run(
+        history,
+        rows,
+        cpu_total,
+        cpu_loop,
+        seconds_total,
+        sum(1 for e in fake_log if e["kind"] == "consolidation"),
+        fake_log,
+        rss_ready,
+        rss_now_mib(),
+        statements if trace else None,
+    )
 
 
 def report_run(run: Run, window: int) -> None:
@@ -498,31 +552,51 @@ def report_run(run: Run, window: int) -> None:
     summ = [e for e in run.fake_log if e["kind"] == "summary"]
     evict_turns = [r for r in rows if r.evicted]
     plain = [r for r in rows if not r.evicted]
-    print(f"\nhistory {run.history:,} prior messages, {len(rows)} turns "
-          f"({sum(r.steps for r in rows)} model calls in turns; steps {dict(sorted(steps.items()))}; "
-          f"{len(evict_turns)} evicting turns with {sum(r.summarizer_calls for r in rows)} summarizer calls; "
-          f"{run.consolidations} consolidation calls in the background)")
-    print(f"  wall/turn        p50 {pct(ms([r.wall for r in rows]), 50):7.2f}  p95 {pct(ms([r.wall for r in rows]), 95):7.2f}  ms")
-    print(f"  model/turn       p50 {pct(ms([r.model for r in rows]), 50):7.2f}  p95 {pct(ms([r.model for r in rows]), 95):7.2f}  ms  (client round trips)")
+    print(
+        f"\nhistory {run.history:,} prior messages, {len(rows)} turns "
+        f"({sum(r.steps for r in rows)} model calls in turns; steps {dict(sorted(steps.items()))}; "
+        f"{len(evict_turns)} evicting turns with {sum(r.summarizer_calls for r in rows)} summarizer calls; "
+        f"{run.consolidations} consolidation calls in the background)"
+    )
+    print(
+        f"  wall/turn        p50 {pct(ms([r.wall for r in rows]), 50):7.2f}  p95 {pct(ms([r.wall for r in rows]), 95):7.2f}  ms"
+    )
+    print(
+        f"  model/turn       p50 {pct(ms([r.model for r in rows]), 50):7.2f}  p95 {pct(ms([r.model for r in rows]), 95):7.2f}  ms  (client round trips)"
+    )
     print(f"  overhead         p50 {pct(over, 50):7.2f}  p95 {pct(over, 95):7.2f}  max {max(over):7.2f} ms  (wall - model)")
     if plain and evict_turns:
-        print(f"    without eviction p50 {pct(ms([r.overhead for r in plain]), 50):7.2f}  "
-              f"evicting turns p50 {pct(ms([r.overhead for r in evict_turns]), 50):7.2f} ms")
-    print(f"  overhead_srv     p50 {pct(ms([r.overhead_srv for r in rows]), 50):7.2f}  p95 {pct(ms([r.overhead_srv for r in rows]), 95):7.2f}  ms  (wall - fake handling; includes loopback HTTP)")
-    print(f"  engine_seconds   p50 {pct(ms([r.engine_reported for r in rows]), 50):7.2f}  p95 {pct(ms([r.engine_reported for r in rows]), 95):7.2f}  ms  (TurnResult; its model_seconds omits summarizer calls)")
-    print(f"  cpu/turn         p50 {pct(ms([r.cpu for r in rows]), 50):7.2f}  mean {sum(ms([r.cpu for r in rows])) / len(rows):7.2f}  "
-          f"all-in {run.cpu_total * 1000 / len(rows):7.2f} ms  (all-in: process CPU of the run incl. background / turns;"
-          f" {run.cpu_loop * 1000 / len(rows):.2f} on the event loop's thread, the rest on aiosqlite's threads)")
+        print(
+            f"    without eviction p50 {pct(ms([r.overhead for r in plain]), 50):7.2f}  "
+            f"evicting turns p50 {pct(ms([r.overhead for r in evict_turns]), 50):7.2f} ms"
+        )
+    print(
+        f"  overhead_srv     p50 {pct(ms([r.overhead_srv for r in rows]), 50):7.2f}  p95 {pct(ms([r.overhead_srv for r in rows]), 95):7.2f}  ms  (wall - fake handling; includes loopback HTTP)"
+    )
+    print(
+        f"  engine_seconds   p50 {pct(ms([r.engine_reported for r in rows]), 50):7.2f}  p95 {pct(ms([r.engine_reported for r in rows]), 95):7.2f}  ms  (TurnResult; its model_seconds omits summarizer calls)"
+    )
+    print(
+        f"  cpu/turn         p50 {pct(ms([r.cpu for r in rows]), 50):7.2f}  mean {sum(ms([r.cpu for r in rows])) / len(rows):7.2f}  "
+        f"all-in {run.cpu_total * 1000 / len(rows):7.2f} ms  (all-in: process CPU of the run incl. background / turns;"
+        f" {run.cpu_loop * 1000 / len(rows):.2f} on the event loop's thread, the rest on aiosqlite's threads)"
+    )
     missed = [r.model - r.model_reported for r in rows if r.summarizer_calls]
     if missed:
-        print(f"  TurnResult.engine_seconds also counts the summarizer's round trip on evicting turns: "
-              f"{sum(missed) * 1000 / len(missed):.2f} ms per evicting turn")
-    print(f"  request tokens   first {req[0]:,}  median {pct(req, 50):,.0f}  max {max(req):,} (window {window:,})  "
-          f"| as sent (cl100k, no margin): first {sent[0] if sent else 0:,} max {max(sent, default=0):,}; "
-          f"whole JSON body max {json_max:,}")
+        print(
+            f"  TurnResult.engine_seconds also counts the summarizer's round trip on evicting turns: "
+            f"{sum(missed) * 1000 / len(missed):.2f} ms per evicting turn"
+        )
+    print(
+        f"  request tokens   first {req[0]:,}  median {pct(req, 50):,.0f}  max {max(req):,} (window {window:,})  "
+        f"| as sent (cl100k, no margin): first {sent[0] if sent else 0:,} max {max(sent, default=0):,}; "
+        f"whole JSON body max {json_max:,}"
+    )
     if summ:
         print(f"  summarizer requests: {len(summ)}, as sent max {max(e['chat_tokens'] for e in summ):,} tokens")
-    print(f"  RSS {run.rss_ready:.1f} MiB before the first turn, {run.rss_after:.1f} MiB after the run, peak so far {rss_peak_mib():.1f} MiB; {run.seconds_total:.1f} s for the run")
+    print(
+        f"  RSS {run.rss_ready:.1f} MiB before the first turn, {run.rss_after:.1f} MiB after the run, peak so far {rss_peak_mib():.1f} MiB; {run.seconds_total:.1f} s for the run"
+    )
 
 
 RSS_STEPS = [
@@ -546,7 +620,13 @@ def rss_probe() -> None:
 def rss_breakdown() -> str:
     """Where a fresh process's RSS goes, import by import (in a child, so this process is not disturbed)."""
     try:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-probe"], capture_output=True, text=True, timeout=60, cwd=str(ROOT)).stdout
+        out = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--rss-probe"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(ROOT),
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"(RSS breakdown failed: {exc})"
     parts, last = [], None
@@ -561,7 +641,11 @@ def rss_breakdown() -> str:
 async def bench(args: argparse.Namespace) -> None:
     print(f"RSS of a fresh process by import (MiB): {rss_breakdown()}", flush=True)
     import memory.engine  # noqa: F401
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes inflate the wall-time figures)", flush=True)
+
+    print(
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes inflate the wall-time figures)",
+        flush=True,
+    )
     ticks = cpu_ticks()
     fake = FakeModel()
     runs: list[Run] = []
@@ -574,9 +658,11 @@ async def bench(args: argparse.Namespace) -> None:
                 st = runs[-1].db_statements
                 hops = {k[5:]: st.pop(k) / args.turns for k in ("hops:writer", "hops:reader") if k in st}
                 top = sum(n for sql, n in st.items() if not sql.startswith("--"))
-                print(f"  aiosqlite thread hops per turn: {sum(hops.values()):.1f} ({', '.join(f'{k} {v:.1f}' for k, v in hops.items())});"
-                      f" SQL statements per turn: {top / args.turns:.1f} from the engine,"
-                      f" {sum(st.values()) / args.turns:.1f} with those SQLite runs inside them (FTS5); most frequent:")
+                print(
+                    f"  aiosqlite thread hops per turn: {sum(hops.values()):.1f} ({', '.join(f'{k} {v:.1f}' for k, v in hops.items())});"
+                    f" SQL statements per turn: {top / args.turns:.1f} from the engine,"
+                    f" {sum(st.values()) / args.turns:.1f} with those SQLite runs inside them (FTS5); most frequent:"
+                )
                 for sql, n in st.most_common(12):
                     print(f"    {n / args.turns:6.2f}/turn  {sql}")
         if args.profile:
@@ -587,30 +673,40 @@ async def bench(args: argparse.Namespace) -> None:
     all_rows = [r for run in runs for r in run.rows]
     over = [r.overhead * 1000 for r in all_rows]
     print("\nper size (overhead = turn wall - client-observed model call time; cpu = process CPU incl. background / turn):")
-    print(f"  {'history':>8} {'turns':>5} {'wall p50':>9} {'ovh p50':>8} {'ovh p95':>8} {'srv p50':>8} {'cpu ms':>7} "
-          f"{'req first':>9} {'req max':>8} {'sent max':>8}")
+    print(
+        f"  {'history':>8} {'turns':>5} {'wall p50':>9} {'ovh p50':>8} {'ovh p95':>8} {'srv p50':>8} {'cpu ms':>7} "
+        f"{'req first':>9} {'req max':>8} {'sent max':>8}"
+    )
     for run in runs:
         o = [r.overhead * 1000 for r in run.rows]
         req = [t for r in run.rows for t in r.request_tokens]
         sent = [t for r in run.rows for t in r.sent_tokens]
-        print(f"  {run.history:>8,} {len(run.rows):>5} {pct([r.wall * 1000 for r in run.rows], 50):>9.2f} "
-              f"{pct(o, 50):>8.2f} {pct(o, 95):>8.2f} {pct([r.overhead_srv * 1000 for r in run.rows], 50):>8.2f} "
-              f"{run.cpu_total * 1000 / len(run.rows):>7.2f} {req[0]:>9,} {max(req):>8,} {max(sent, default=0):>8,}")
+        print(
+            f"  {run.history:>8,} {len(run.rows):>5} {pct([r.wall * 1000 for r in run.rows], 50):>9.2f} "
+            f"{pct(o, 50):>8.2f} {pct(o, 95):>8.2f} {pct([r.overhead_srv * 1000 for r in run.rows], 50):>8.2f} "
+            f"{run.cpu_total * 1000 / len(run.rows):>7.2f} {req[0]:>9,} {max(req):>8,} {max(sent, default=0):>8,}"
+        )
     base = next((run for run in runs if run.history == 0), runs[0])
     first = base.rows[0].request_tokens[0]
     at50 = base.rows[49].request_tokens[0] if len(base.rows) >= 50 else base.rows[-1].request_tokens[0]
     cpu = sum(run.cpu_total for run in runs) * 1000 / len(all_rows)
     print(f"\n{machine_load(ticks, cpu_ticks())}")
-    print(f"\nall {len(all_rows)} turns: wall p50 {pct([r.wall * 1000 for r in all_rows], 50):.2f} ms, "
-          f"overhead p50/p95 {pct(over, 50):.2f}/{pct(over, 95):.2f} ms; request tokens max "
-          f"{max(t for r in all_rows for t in r.request_tokens):,} of a {args.window:,} window; "
-          f"RSS now {rss_now_mib():.1f} MiB")
-    print("definitions: overhead = wall of engine.send - client-observed model call seconds of that turn (steps + summarizer);"
-          f" p50/p95 over all {len(all_rows)} turns of sizes {','.join(str(s) for s in args.sizes)};"
-          " cpu = process CPU of the runs (incl. background consolidation) / turns;"
-          f" tokens = engine estimate, history-0 run turn 1 and turn {min(50, len(base.rows))}; rss = peak ru_maxrss")
-    print(f"turn overhead_p50_ms={pct(over, 50):.2f} overhead_p95_ms={pct(over, 95):.2f} cpu_ms_per_turn={cpu:.2f} "
-          f"first_request_tokens={first} request_tokens_at_50={at50} rss_mib={rss_peak_mib():.1f}")
+    print(
+        f"\nall {len(all_rows)} turns: wall p50 {pct([r.wall * 1000 for r in all_rows], 50):.2f} ms, "
+        f"overhead p50/p95 {pct(over, 50):.2f}/{pct(over, 95):.2f} ms; request tokens max "
+        f"{max(t for r in all_rows for t in r.request_tokens):,} of a {args.window:,} window; "
+        f"RSS now {rss_now_mib():.1f} MiB"
+    )
+    print(
+        "definitions: overhead = wall of engine.send - client-observed model call seconds of that turn (steps + summarizer);"
+        f" p50/p95 over all {len(all_rows)} turns of sizes {','.join(str(s) for s in args.sizes)};"
+        " cpu = process CPU of the runs (incl. background consolidation) / turns;"
+        f" tokens = engine estimate, history-0 run turn 1 and turn {min(50, len(base.rows))}; rss = peak ru_maxrss"
+    )
+    print(
+        f"turn overhead_p50_ms={pct(over, 50):.2f} overhead_p95_ms={pct(over, 95):.2f} cpu_ms_per_turn={cpu:.2f} "
+        f"first_request_tokens={first} request_tokens_at_50={at50} rss_mib={rss_peak_mib():.1f}"
+    )
 
 
 async def profile(fake: FakeModel, args: argparse.Namespace) -> None:
@@ -656,7 +752,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,1000,10000", help="prior messages, comma-separated (default 0,1000,10000)")
     parser.add_argument("--window", type=int, default=8192, help="CONTEXT_WINDOW (default 8192)")
     parser.add_argument("--trace", action="store_true", help="count SQL statements per turn (adds a little overhead)")
-    parser.add_argument("--profile", action="store_true", help="after the runs, profile one more run at the largest size (pyinstrument if installed, else cProfile)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the runs, profile one more run at the largest size (pyinstrument if installed, else cProfile)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

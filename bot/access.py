@@ -83,8 +83,13 @@ class Members:
     """
 
     def __init__(
-        self, is_member: Callable[[int, int], Awaitable[bool]], *, ttl: float = 600.0, refusal_ttl: float = 60.0,
-        max_users: int = 10_000, clock: Clock = time.monotonic,
+        self,
+        is_member: Callable[[int, int], Awaitable[bool]],
+        *,
+        ttl: float = 600.0,
+        refusal_ttl: float = 60.0,
+        max_users: int = 10_000,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._is_member = is_member
         self.ttl = ttl

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
 
 async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
     engine = await Engine.open(settings)
-    print(f"Chatting with agent {key} via {settings.llm_model} at {settings.llm_base_url}. `/file PATH` reads a document. Ctrl-D to quit.")
+    print(
+        f"Chatting with agent {key} via {settings.llm_model} at {settings.llm_base_url}. `/file PATH` reads a document. Ctrl-D to quit."
+    )
     seen = await engine.memory.last_message_id(key)
     try:
         while True:
@@ -74,7 +76,7 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
             if line.startswith("/file "):
                 # as the bot does with an attachment: stored, then the agent is told in this message
                 try:
-                    ingested = await _read_document(engine, key, Path(line[len("/file "):].strip()).expanduser())
+                    ingested = await _read_document(engine, key, Path(line[len("/file ") :].strip()).expanduser())
                 except DocumentError as exc:
                     print(f"     {exc}")
                     continue
@@ -87,7 +89,9 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
                     seen = max(seen, m.id)
             print(f"bot> {result.reply}")
             if verbose:
-                print(f"     ({result.steps} steps, {result.tokens_in} tokens in, {result.tokens_out} out, {result.model_seconds:.1f} s model)")
+                print(
+                    f"     ({result.steps} steps, {result.tokens_in} tokens in, {result.tokens_out} out, {result.model_seconds:.1f} s model)"
+                )
     finally:
         await engine.close()
 
@@ -145,14 +149,18 @@ async def _import(settings: EngineSettings, path: Path, key: str | None) -> None
         sys.exit(f"mnemocord: {path} is not a mnemocord export: {exc}")
     finally:
         await engine.close()
-    print(f"Imported into {counts['agent']}: {counts['blocks']} blocks, {counts['messages']} messages, {counts['passages']} passages.")
+    print(
+        f"Imported into {counts['agent']}: {counts['blocks']} blocks, {counts['messages']} messages, {counts['passages']} passages."
+    )
 
 
 async def _export(settings: EngineSettings, key: str, output: Path | None) -> None:
     engine = await Engine.open(settings)
     try:
         if not await engine.memory.exists(key):
-            sys.exit(f"mnemocord: no agent {key!r} in {settings.database_path} (keys look like dm:<user id> or channel:<channel id>)")
+            sys.exit(
+                f"mnemocord: no agent {key!r} in {settings.database_path} (keys look like dm:<user id> or channel:<channel id>)"
+            )
         data = await engine.memory.export(key)
     finally:
         await engine.close()

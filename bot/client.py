@@ -52,7 +52,7 @@ class MnemoBot(discord.Client):
         commands.register(self.tree, engine, settings)
         self.closing = False
         self.stopped = False
-        self._handlers: set[asyncio.Task[object]] = set()
+        self._in_flight: set[asyncio.Task[object]] = set()
 
     async def setup_hook(self) -> None:
         if self.sync_commands:
@@ -68,8 +68,8 @@ class MnemoBot(discord.Client):
     async def drain(self) -> None:
         """Stop answering, and wait until the messages being handled are answered or kept."""
         self.closing = True
-        while self._handlers:
-            await asyncio.gather(*list(self._handlers), return_exceptions=True)
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
         self.stopped = True  # no await since the loop: nothing can slip in before the engine closes
 
     async def on_message(self, message: discord.Message) -> None:
@@ -82,8 +82,8 @@ class MnemoBot(discord.Client):
             return
         task = asyncio.current_task()
         if task is not None:
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
         key = agent_key(message.channel, message.author)
         ticket = self.arrivals.take(key)  # before any await: handlers start in gateway order
         outcome = "failed"
@@ -157,7 +157,7 @@ class MnemoBot(discord.Client):
                 guild_ids.add(channel.guild.id)
         try:
             return await self.members.any_of(user_id, guild_ids)
-        except (discord.HTTPException, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, discord.HTTPException, aiohttp.ClientError) as exc:
             # not remembered: the next DM asks again
             log.warning("could not check whether DM sender %s is a member (%s); not answering", user_id, exc)
             return False
@@ -175,7 +175,10 @@ class MnemoBot(discord.Client):
             attachments.check(attachment, self.settings.max_attachment_bytes)
             progress = await self._send(message, f"Reading `{attachment.filename}`…")
             ingested = await self.engine.memory.ingest(
-                key, attachment.filename, await attachment.read(), content_type=attachment.content_type,
+                key,
+                attachment.filename,
+                await attachment.read(),
+                content_type=attachment.content_type,
                 source=f"discord attachment {attachment.id}",
             )
         except Unreadable as exc:
@@ -187,7 +190,9 @@ class MnemoBot(discord.Client):
             return ""
         if progress:
             try:
-                await progress.edit(content=f"Saved `{attachment.filename}` to my archival memory ({ingested.passages} passages).")
+                await progress.edit(
+                    content=f"Saved `{attachment.filename}` to my archival memory ({ingested.passages} passages)."
+                )
             except discord.HTTPException:
                 pass
         return ingested.note
@@ -204,12 +209,11 @@ class MnemoBot(discord.Client):
         """Reply in parts; the reference tolerates a deleted original."""
         first: discord.Message | None = None
         try:
-            for i, part in enumerate(split_message(text)):
-                sent = await message.channel.send(
-                    part, reference=message.to_reference(fail_if_not_exists=False) if i == 0 else None
-                )
-                first = first or sent
+            for part in split_message(text):
+                if first is None:
+                    first = await message.channel.send(part, reference=message.to_reference(fail_if_not_exists=False))
+                else:
+                    await message.channel.send(part)
         except discord.HTTPException as exc:
             log.warning("could not send to channel %s: %s", message.channel.id, exc)
         return first
-

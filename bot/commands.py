@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import discord
@@ -72,7 +73,9 @@ async def sync_if_changed(tree: app_commands.CommandTree, engine: Engine, app_id
 def _allowed(settings: BotSettings, interaction: discord.Interaction) -> bool:
     channel = interaction.channel
     return allowed(
-        settings, interaction.user.id, interaction.guild_id,
+        settings,
+        interaction.user.id,
+        interaction.guild_id,
         getattr(channel, "parent_id", None) or interaction.channel_id,
     )
 
@@ -103,7 +106,8 @@ async def _answer(interaction: discord.Interaction, text: str, *, filename: str 
     else:
         head = text[: EPHEMERAL_LIMIT - 60].rsplit("\n", 1)[0]
         await interaction.followup.send(
-            head + "\n… (the whole text is attached)", ephemeral=True,
+            head + "\n… (the whole text is attached)",
+            ephemeral=True,
             file=discord.File(io.BytesIO(text.encode()), filename=filename),
         )
 
@@ -152,7 +156,8 @@ class MemoryCommands(app_commands.Group):
         name = f"mnemocord-{key.replace(':', '-')}.json"
         await interaction.followup.send(
             f"The whole memory of `{key}` ({len(payload) / 1e3:.0f} kB). `mnemocord import {name}` loads it into another bot.",
-            file=discord.File(io.BytesIO(payload), filename=name), ephemeral=True,
+            file=discord.File(io.BytesIO(payload), filename=name),
+            ephemeral=True,
         )
 
     @manager_only
@@ -177,7 +182,8 @@ class MemoryCommands(app_commands.Group):
 
         await interaction.followup.send(
             f"Forget {len(found.message_ids)} messages and {len(found.passage_ids)} passages containing “{_clip(target, 80)}”?",
-            view=Confirm(interaction.user.id, forget_them), ephemeral=True,
+            view=Confirm(interaction.user.id, forget_them),
+            ephemeral=True,
         )
 
     @manager_only
@@ -194,7 +200,8 @@ class MemoryCommands(app_commands.Group):
 
         await interaction.response.send_message(
             f"Erase {EXPLAIN[scope]} of `{key}`? This cannot be undone (`/memory export` first to keep a copy).",
-            view=Confirm(interaction.user.id, do_reset), ephemeral=True,
+            view=Confirm(interaction.user.id, do_reset),
+            ephemeral=True,
         )
 
 
@@ -242,7 +249,7 @@ class AdminCommands(app_commands.Group):
 class Confirm(discord.ui.View):
     """Confirm / Cancel buttons that only the person who asked can press."""
 
-    def __init__(self, owner_id: int, action, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, owner_id: int, action: Callable[[], Awaitable[str]], timeout: float = 120) -> None:
         super().__init__(timeout=timeout)
         self.owner_id = owner_id
         self.action = action

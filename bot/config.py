@@ -52,7 +52,9 @@ class BotSettings(EngineSettings):
     @model_validator(mode="after")
     def _dms_need_guilds(self) -> BotSettings:
         if self.allow_dms == "members" and not (self.allowed_guilds or self.allowed_channels):
-            raise ValueError("ALLOW_DMS=members needs ALLOWED_GUILDS or ALLOWED_CHANNELS: the servers whose members may DM the bot")
+            raise ValueError(
+                "ALLOW_DMS=members needs ALLOWED_GUILDS or ALLOWED_CHANNELS: the servers whose members may DM the bot"
+            )
         return self
 
     @property

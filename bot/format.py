@@ -29,8 +29,9 @@ def split_message(text: str, limit: int = LIMIT) -> list[str]:
             carry, lines, fences = lines[keep:], lines[:keep], fences[:keep]
             open_fence = fences[-1] if fences else None
             parts.append("\n".join(lines + ([_closing(open_fence)] if open_fence else [])).strip("\n"))
-            lines = ([open_fence] if open_fence else []) + carry
-            fences = ([open_fence] if open_fence else []) + fences_after(carry, open_fence)
+            reopened: list[str | None] = [open_fence] if open_fence else []
+            lines = [open_fence, *carry] if open_fence else carry
+            fences = reopened + fences_after(carry, open_fence)
         lines.append(line)
         fence = _toggle(fence, line)
         fences.append(fence)

@@ -60,7 +60,9 @@ async def check_endpoint(settings: BotSettings) -> None:
         async with httpx.AsyncClient(timeout=10) as client:
             response = await client.get(url, headers=headers)
     except httpx.HTTPError as exc:
-        raise ConfigError(f"LLM_BASE_URL: cannot reach {shown} ({type(exc).__name__}: {redact(str(exc)) or 'no answer'})") from None
+        raise ConfigError(
+            f"LLM_BASE_URL: cannot reach {shown} ({type(exc).__name__}: {redact(str(exc)) or 'no answer'})"
+        ) from None
     if response.status_code in (401, 403):
         raise ConfigError(f"LLM_API_KEY: {shown} refused the key (HTTP {response.status_code})")
 
@@ -90,7 +92,9 @@ async def run() -> None:
         ) from None
     except (aiohttp.ClientError, OSError, discord.DiscordServerError) as exc:
         # discord.py retries the gateway by itself; what ends up here is the login's REST call
-        raise ConfigError(f"DISCORD_API_BASE: cannot reach Discord at {without_credentials(settings.discord_api_base)} ({exc})") from None
+        raise ConfigError(
+            f"DISCORD_API_BASE: cannot reach Discord at {without_credentials(settings.discord_api_base)} ({exc})"
+        ) from None
     finally:
         stopper.cancel()
         await _drain(bot, engine)

@@ -13,7 +13,7 @@ import discord
 def agent_key(channel: discord.abc.Messageable | discord.abc.GuildChannel | discord.Thread | None, user: discord.abc.User) -> str:
     if channel is None or isinstance(channel, discord.DMChannel) or getattr(channel, "guild", None) is None:
         return f"dm:{user.id}"
-    return f"channel:{channel.id}"
+    return f"channel:{channel.id}"  # type: ignore[union-attr]  # a guild channel or thread: it has an id
 
 
 def is_addressed(message: discord.Message, me: discord.ClientUser) -> bool:

@@ -33,7 +33,9 @@ def valid(value: Any) -> Any:
     return value
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes | bytearray | memoryview) -> Any:
+    if isinstance(text, memoryview):
+        text = text.tobytes()
     try:
         return _strict_loads(text)
     except ValueError:

@@ -96,7 +96,7 @@ class Turn:
             await self._event(
                 result,
                 f"{filed} older messages arrived since your last turn and went straight to recall memory "
-                "without being shown here; conversation_search finds them."
+                "without being shown here; conversation_search finds them.",
             )
         # with the event in the context the first prompt is read again
         first = None if filed else context.assemble(snapshot, self.settings.context_window)
@@ -109,7 +109,9 @@ class Turn:
                 "%s: the request is larger than the model's context window even after compacting (%s). "
                 "CONTEXT_WINDOW is %d: raise the context size on the model server (e.g. Ollama's num_ctx) "
                 "or lower CONTEXT_WINDOW here to what the server really gives the model.",
-                self.agent.key, exc, s.context_window,
+                self.agent.key,
+                exc,
+                s.context_window,
             )
             result.outcome, result.error, result.reply = TurnOutcome.OVERFLOW, str(exc), TOO_LARGE
             await self._event(result, f"The request was too large for the model's context window: {exc}")
@@ -230,9 +232,13 @@ class Turn:
                     (tokens_in, tokens_out, calls, self.agent.id),
                 )
 
+        def store(c: sqlite3.Connection) -> None:
+            recall.insert(c, self.agent, messages)
+            add_usage(c)
+
         recall.prepare(messages)
         if messages or calls:
-            await self.db.transact(lambda c: (recall.insert(c, self.agent, messages), add_usage(c)))
+            await self.db.transact(store)
 
 
 def _usage(result: TurnResult) -> tuple[int, int, int]:

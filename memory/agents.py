@@ -41,6 +41,7 @@ async def get_or_create(db: Database, key: str, settings: EngineSettings) -> Age
     row = await db.fetchone("SELECT id FROM agents WHERE key = ?", (key,))
     if row:
         return Agent(row[0], key)
+
     def create(c: sqlite3.Connection) -> int:
         stamp = now()
         # another task may have created it since the read: IGNORE

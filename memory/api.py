@@ -77,7 +77,7 @@ class Ingested:
         """What the agent is told about the document."""
         return (
             f"[Document `{self.name}` ({self.chars} characters) was saved to archival memory as "
-            f"{self.passages} passages tagged \"document\"; search it with archival_memory_search.]"
+            f'{self.passages} passages tagged "document"; search it with archival_memory_search.]'
         )
 
 
@@ -95,11 +95,17 @@ class MemoryAPI:
         prompt = await context.build(engine.db, agent, engine.settings.context_window)
         row = await engine.db.fetchone("SELECT summary, tokens_in, tokens_out, model_calls FROM agents WHERE id = ?", (agent.id,))
         return View(
-            key=key, blocks=await core.blocks(engine.db, agent), summary=row["summary"],
-            messages=await recall.count(engine.db, agent), in_context=len(prompt.history),
-            passages=await engine.archive.count(agent), context_tokens=prompt.tokens,
+            key=key,
+            blocks=await core.blocks(engine.db, agent),
+            summary=row["summary"],
+            messages=await recall.count(engine.db, agent),
+            in_context=len(prompt.history),
+            passages=await engine.archive.count(agent),
+            context_tokens=prompt.tokens,
             context_window=engine.settings.context_window,
-            model_calls=row["model_calls"], tokens_in=row["tokens_in"], tokens_out=row["tokens_out"],
+            model_calls=row["model_calls"],
+            tokens_in=row["tokens_in"],
+            tokens_out=row["tokens_out"],
         )
 
     async def search(self, key: str, query: str) -> Found:
@@ -117,7 +123,9 @@ class MemoryAPI:
             "SELECT id FROM messages WHERE agent_id = ?1 AND (content LIKE ?2 ESCAPE '\\' OR tool_calls LIKE ?2 ESCAPE '\\')",
             (agent.id, pattern),
         )
-        passages = await db.fetchall("SELECT id FROM passages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern))
+        passages = await db.fetchall(
+            "SELECT id FROM passages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern)
+        )
         return Matches([r[0] for r in messages], [r[0] for r in passages])
 
     async def forget(self, key: str, message_ids: list[int], passage_ids: list[int]) -> tuple[int, int]:
@@ -187,7 +195,9 @@ class MemoryAPI:
     async def messages_since(self, key: str, after_id: int) -> list[recall.Message]:
         """The agent's messages stored after message `after_id`, oldest first."""
         agent = await self._agent(key)
-        rows = await self._engine.db.fetchall("SELECT id FROM messages WHERE agent_id = ? AND id > ? ORDER BY id", (agent.id, after_id))
+        rows = await self._engine.db.fetchall(
+            "SELECT id FROM messages WHERE agent_id = ? AND id > ? ORDER BY id", (agent.id, after_id)
+        )
         return await recall.get(self._engine.db, agent, [r[0] for r in rows]) if rows else []
 
     async def ingest(self, key: str, name: str, data: bytes, *, content_type: str | None = None, source: str = "") -> Ingested:

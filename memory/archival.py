@@ -26,6 +26,7 @@ from .clock import now
 from .db import Database, marks, sqlite3
 from .embeddings import Embedder, text_hash
 from .llm import LLMError
+from .search import Hit
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,7 @@ def store(c: sqlite3.Connection, agent: Agent, pieces: list[str], tags: list[str
     for piece in pieces:
         before = previous["content"][-CONTEXT_CHARS:] if previous else ""
         pid = c.execute(
-            "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (agent.id, piece, before, json.dumps(tags), source, stamp, text_hash(piece)),
         ).lastrowid
         ids.append(pid)
@@ -172,7 +172,9 @@ class Archive:
         ids: list[int] = []
         for i in range(0, len(pieces), TRANSACTION_PIECES):
             part = pieces[i : i + TRANSACTION_PIECES]
-            ids += await self.db.transact(functools.partial(store, agent=agent, pieces=part, tags=tag_list, source=source, stamp=stamp))
+            ids += await self.db.transact(
+                functools.partial(store, agent=agent, pieces=part, tags=tag_list, source=source, stamp=stamp)
+            )
         await self.embed_pending(agent)
         return ids
 
@@ -194,7 +196,8 @@ class Archive:
                 log.warning("embedding failed, %d passages stay keyword-only until the next try: %s", len(rows) - done, exc)
                 self.behind.set()
                 break
-            def store(c: sqlite3.Connection, batch: list = batch, vectors: list[bytes] = vectors) -> None:  # type: ignore[type-arg]
+
+            def store(c: sqlite3.Connection, batch: list[Any] = batch, vectors: list[bytes] = vectors) -> None:
                 for r, v in zip(batch, vectors):
                     # the passage may have been deleted while its vector was computed
                     if c.execute("UPDATE passages SET embedded = 1 WHERE id = ? AND embedded = 0", (r["id"],)).rowcount:
@@ -214,11 +217,13 @@ class Archive:
         hashes = list({r["text_hash"] for r in rows})
         known: dict[str, bytes] = {}
         if self.embedder.dim is not None:
-            known = dict(await self.db.fetchall(
-                f"SELECT p.text_hash, v.vector FROM passages p JOIN passage_vectors v ON v.id = p.id"
-                f" WHERE p.text_hash IN ({marks(len(hashes))}) AND p.embedded = 1 GROUP BY p.text_hash",
-                hashes,
-            ))
+            known = dict(
+                await self.db.fetchall(
+                    f"SELECT p.text_hash, v.vector FROM passages p JOIN passage_vectors v ON v.id = p.id"
+                    f" WHERE p.text_hash IN ({marks(len(hashes))}) AND p.embedded = 1 GROUP BY p.text_hash",
+                    hashes,
+                )
+            )
         todo = [r for r in rows if r["text_hash"] not in known]
         fresh = await self.embedder.embed([r["content"] for r in todo], remember=False) if todo else []
         known.update((r["text_hash"], v) for r, v in zip(todo, fresh))
@@ -240,7 +245,9 @@ class Archive:
         number = search.page_number(page)
         tag_list = clean_tags(tags)
         for t in tag_list:
-            filters.append("EXISTS (SELECT 1 FROM passage_tags t WHERE t.agent_id = p.agent_id AND t.passage_id = p.id AND t.tag = ?)")
+            filters.append(
+                "EXISTS (SELECT 1 FROM passage_tags t WHERE t.agent_id = p.agent_id AND t.passage_id = p.id AND t.tag = ?)"
+            )
             params.append(t)
         where = " AND ".join(filters)
         filtered = len(params) > 1
@@ -277,7 +284,11 @@ class Archive:
         """(id, bm25 score) of the best keyword matches, and how many matched in all."""
         weights = ", ".join(str(w) for w in BM25_WEIGHTS)
         if where:
-            source, condition, args = "passages_fts f JOIN passages p ON p.id = f.rowid", f"passages_fts MATCH ? AND {where}", (expression, *params)
+            source, condition, args = (
+                "passages_fts f JOIN passages p ON p.id = f.rowid",
+                f"passages_fts MATCH ? AND {where}",
+                (expression, *params),
+            )
         else:  # the agent's marked terms already keep other agents' rows out: no join
             source, condition, args = "passages_fts", "passages_fts MATCH ?", (expression,)
         # materialized once: the ranking and the total come from one evaluation of MATCH
@@ -320,7 +331,7 @@ class Archive:
         # unit vectors: cosine = 1 - L2² / 2
         return [(r[0], 1.0 - r[1] * r[1] / 2) for r in rows]
 
-    async def _hits(self, agent: Agent, ids: list[int]) -> list[search.Hit]:
+    async def _hits(self, agent: Agent, ids: list[int]) -> list[Hit]:
         if not ids:
             return []
         # "+agent_id": look rows up by id; the agent index would walk all of the agent's rows
@@ -345,14 +356,18 @@ class Archive:
             return 0
         in_ids = marks(len(ids))
         return await self.db.transact(
-            lambda c: _delete_rows(c, agent.id, c.execute(
-                f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)
-            ).fetchall())
+            lambda c: _delete_rows(
+                c,
+                agent.id,
+                c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)).fetchall(),
+            )
         )
 
     async def clear(self, agent: Agent) -> None:
         await self.db.transact(
-            lambda c: _delete_rows(c, agent.id, c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ?", (agent.id,)).fetchall())
+            lambda c: _delete_rows(
+                c, agent.id, c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ?", (agent.id,)).fetchall()
+            )
         )
 
 
@@ -364,7 +379,7 @@ def _passage(row: Any) -> fulltext.PassageRow:
     return row["id"], row["content"], row["context"], row["created_at"]
 
 
-def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list) -> int:  # type: ignore[type-arg]
+def _delete_rows(c: sqlite3.Connection, agent_id: int, rows: list[Any]) -> int:
     for i in range(0, len(rows), 500):
         part = rows[i : i + 500]
         ids = [r["id"] for r in part]

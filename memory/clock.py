@@ -19,5 +19,5 @@ def stamp(moment: datetime) -> str:
 
 
 def minute(value: str) -> str:
-    """"2026-12-02T10:29:07Z" -> "2026-12-02 10:29", as prompts and listings show it."""
+    """ "2026-12-02T10:29:07Z" -> "2026-12-02 10:29", as prompts and listings show it."""
     return value[:16].replace("T", " ")

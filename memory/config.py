@@ -56,7 +56,7 @@ class EngineSettings(BaseSettings):
     log_level: str = "INFO"
 
     @model_validator(mode="after")
-    def _fractions_ordered(self) -> "EngineSettings":
+    def _fractions_ordered(self) -> EngineSettings:
         if self.memory_warning_fraction >= self.memory_flush_fraction:
             raise ValueError("MEMORY_WARNING_FRACTION must be below MEMORY_FLUSH_FRACTION")
         return self

@@ -114,7 +114,12 @@ def read(c: sqlite3.Connection, agent: Agent) -> Snapshot:
     ).fetchone()
     summary, pressure_warned, out_of_context, passages, changed = row
     return Snapshot(
-        core.read_blocks(c, agent), summary or "", bool(pressure_warned), out_of_context, passages, changed,
+        core.read_blocks(c, agent),
+        summary or "",
+        bool(pressure_warned),
+        out_of_context,
+        passages,
+        changed,
         recall.read_in_context(c, agent),
     )
 
@@ -175,11 +180,16 @@ def _clipped_call(call: dict[str, Any], limit: int) -> dict[str, Any]:
     if args:
         each = max(1, limit // len(args))
         text = json.dumps(
-            {k: v[:each] + f"[… cut: {len(v)} characters]" if isinstance(v, str) and len(v) > each else v for k, v in args.items()},
+            {
+                k: v[:each] + f"[… cut: {len(v)} characters]" if isinstance(v, str) and len(v) > each else v
+                for k, v in args.items()
+            },
             ensure_ascii=False,
         )
     if not text or len(text) > 2 * limit:  # not an object, or its bulk is not in strings
-        text = json.dumps({"arguments_cut": raw[:limit], "note": f"cut: the arguments had {len(raw)} characters"}, ensure_ascii=False)
+        text = json.dumps(
+            {"arguments_cut": raw[:limit], "note": f"cut: the arguments had {len(raw)} characters"}, ensure_ascii=False
+        )
     return {**call, "function": {**fn, "arguments": text}}
 
 
@@ -246,7 +256,11 @@ def transcript(messages: list[recall.Message], max_tool_chars: int = 300) -> str
 
 
 async def summarize(
-    llm: LLMClient, model: str, previous: str, evicted: list[recall.Message], settings: EngineSettings,
+    llm: LLMClient,
+    model: str,
+    previous: str,
+    evicted: list[recall.Message],
+    settings: EngineSettings,
     calls: list[ChatResult],
 ) -> str:
     """Fold `evicted` into `previous`, in pieces when the span is larger than the window allows.
@@ -291,7 +305,14 @@ class Eviction:
 
 
 async def compact(
-    db: Database, llm: LLMClient, model: str, agent: Agent, prompt: Prompt, settings: EngineSettings, *, target: float,
+    db: Database,
+    llm: LLMClient,
+    model: str,
+    agent: Agent,
+    prompt: Prompt,
+    settings: EngineSettings,
+    *,
+    target: float,
     force: bool = False,
 ) -> Eviction | None:
     """Evict the oldest messages until the prompt is under `target` × window.
@@ -326,9 +347,7 @@ async def compact(
 
     def evict(c: sqlite3.Connection) -> None:
         c.execute("UPDATE agents SET summary = ?, summary_updated_at = ? WHERE id = ?", (summary, now(), agent.id))
-        c.execute(
-            f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({marks(len(ids))})", (agent.id, *ids)
-        )
+        c.execute(f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({marks(len(ids))})", (agent.id, *ids))
 
     await db.transact(evict)
     log.info("%s: evicted %d messages (%d tokens)", agent.key, len(evicted), sum(m.tokens for m in evicted))

@@ -109,10 +109,7 @@ async def replace(db: Database, agent: Agent, label: str, old: str, new: str) ->
     if isinstance(block, Edit):
         return block
     if not old:
-        return _refused(
-            "Error: old_content is empty. Quote the exact text to change; "
-            "to add text use core_memory_append."
-        )
+        return _refused("Error: old_content is empty. Quote the exact text to change; to add text use core_memory_append.")
     count = block.value.count(old)
     if count == 0:
         return _refused(
@@ -120,7 +117,9 @@ async def replace(db: Database, agent: Agent, label: str, old: str, new: str) ->
             "as shown in your core memory (same spelling, spacing and case)."
         )
     if count > 1:
-        return _refused(f"Error: {quote(old)} occurs {count} times in block {label!r}. Quote more surrounding text so it matches once.")
+        return _refused(
+            f"Error: {quote(old)} occurs {count} times in block {label!r}. Quote more surrounding text so it matches once."
+        )
     value = block.value.replace(old, new, 1)
     if len(value) > block.limit:
         return _too_long(block, len(value))

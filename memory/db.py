@@ -112,7 +112,9 @@ class Database:
         writer: sqlite3.Connection | None = None
         readers: list[aiosqlite.Connection] = []
         try:
-            writer = await loop.run_in_executor(thread, _open_writer, path, list(MIGRATIONS if migrations is None else migrations))
+            writer = await loop.run_in_executor(
+                thread, _open_writer, path, list(MIGRATIONS if migrations is None else migrations)
+            )
             for _ in range(READERS):
                 readers.append(reader := await aiosqlite.Connection(lambda: _connect_sync(str(path)), 64))
                 await reader.execute("PRAGMA query_only = ON")
@@ -340,7 +342,7 @@ class _Lock:
 
 
 def _describe(pid: str) -> str:
-    """"pid 4242: mnemocord run", as far as this system tells."""
+    """ "pid 4242: mnemocord run", as far as this system tells."""
     if not pid.isdigit():
         return "pid unknown"
     try:

@@ -13,10 +13,56 @@ from pathlib import PurePath
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {
-    ".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".yaml", ".yml", ".toml", ".ini",
-    ".cfg", ".log", ".xml", ".html", ".htm", ".css", ".py", ".js", ".ts", ".tsx", ".jsx", ".java", ".kt", ".c",
-    ".h", ".cpp", ".hpp", ".cs", ".go", ".rs", ".rb", ".php", ".swift", ".sh", ".bash", ".sql", ".lua", ".r",
-    ".scala", ".hs", ".ex", ".exs", ".erl", ".clj", ".dart", ".vue", ".svelte", ".tex",
+    ".txt",
+    ".md",
+    ".markdown",
+    ".rst",
+    ".csv",
+    ".tsv",
+    ".json",
+    ".jsonl",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".ini",
+    ".cfg",
+    ".log",
+    ".xml",
+    ".html",
+    ".htm",
+    ".css",
+    ".py",
+    ".js",
+    ".ts",
+    ".tsx",
+    ".jsx",
+    ".java",
+    ".kt",
+    ".c",
+    ".h",
+    ".cpp",
+    ".hpp",
+    ".cs",
+    ".go",
+    ".rs",
+    ".rb",
+    ".php",
+    ".swift",
+    ".sh",
+    ".bash",
+    ".sql",
+    ".lua",
+    ".r",
+    ".scala",
+    ".hs",
+    ".ex",
+    ".exs",
+    ".erl",
+    ".clj",
+    ".dart",
+    ".vue",
+    ".svelte",
+    ".tex",
 }
 SUPPORTED = ", ".join(sorted(s.lstrip(".") for s in TEXT_SUFFIXES | {".pdf"}))
 # a document far longer than this is mostly noise for a chat agent's memory
@@ -28,7 +74,7 @@ class Unreadable(Exception):
 
 
 def kind(name: str, content_type: str | None = None) -> str | None:
-    """"pdf", "text", or None for a file this module cannot read."""
+    """ "pdf", "text", or None for a file this module cannot read."""
     suffix = PurePath(name).suffix.lower()
     if suffix == ".pdf":
         return "pdf"

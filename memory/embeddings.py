@@ -13,6 +13,7 @@ embedded again, so vectors of two models never share one space.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -56,8 +57,10 @@ class Embedder:
         if recorded:
             log.warning(
                 "embedding model changed from %s to %s: archival passages will be embedded again",
-                recorded.get("embedding_model"), self.model,
+                recorded.get("embedding_model"),
+                self.model,
             )
+
         def start_over(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM passage_bits")
             c.execute("DELETE FROM passage_vectors")
@@ -68,10 +71,12 @@ class Embedder:
         self.dim = None
 
     async def _start_space(self, dim: int) -> None:
-        await self.db.transact(lambda c: c.executemany(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-            [("embedding_model", self.model), ("embedding_dim", str(dim))],
-        ))
+        await self.db.transact(
+            lambda c: c.executemany(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                [("embedding_model", self.model), ("embedding_dim", str(dim))],
+            )
+        )
         self.dim = dim
 
     async def embed(self, texts: list[str], *, remember: bool = True) -> list[bytes]:
@@ -102,7 +107,8 @@ class Embedder:
                 raise LLMError(f"embedding model {self.model} returned {dim} dimensions, expected {self.dim}")
             packed = [pack(v) for v in vectors]
             if remember:
-                await self.db.transact(lambda c, rows=[(self.model, h, p) for (h, _), p in zip(batch, packed)]: _remember(c, rows))
+                rows = [(self.model, h, p) for (h, _), p in zip(batch, packed)]
+                await self.db.transact(functools.partial(_remember, rows=rows))
             found.update((h, p) for (h, _), p in zip(batch, packed))
         return [found[h] for h in hashes]
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,14 +73,17 @@ class Engine:
     @classmethod
     async def open(
         cls, settings: EngineSettings, *, http_transport: Callable[[], httpx.AsyncBaseTransport] | None = None
-    ) -> "Engine":
+    ) -> Engine:
         """Open the database and the model client. Raises ConfigError or StorageError.
 
         `http_transport` makes the transport for each HTTP client (default: httpx's own).
         """
         settings.require_llm()
         db = await Database.open(settings.database_path)
-        new_transport = http_transport or (lambda: None)
+
+        def new_transport() -> httpx.AsyncBaseTransport | None:
+            return http_transport() if http_transport else None
+
         llm = LLMClient(
             settings.llm_base_url,
             api_key=settings.llm_api_key.get_secret_value(),
@@ -207,15 +210,20 @@ class Engine:
         result = await turn.run()
         log.info(
             "turn agent=%s steps=%d tokens_in=%d tokens_out=%d model_ms=%.0f engine_ms=%.1f outcome=%s",
-            agent.key, result.steps, result.tokens_in, result.tokens_out,
-            result.model_seconds * 1000, result.engine_seconds * 1000, result.outcome,
+            agent.key,
+            result.steps,
+            result.tokens_in,
+            result.tokens_out,
+            result.model_seconds * 1000,
+            result.engine_seconds * 1000,
+            result.outcome,
         )
         if result.evicted:
             self._spawn(self._consolidate(agent, result.evicted))
         return result
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -248,14 +256,22 @@ class Engine:
         epoch = self._epochs.get(agent.key, 0)
         try:
             blocks = core.render(await core.blocks(self.db, agent))
-            host = _Consolidation(self, agent, evicted, epoch, [
-                {"role": "system", "content": CONSOLIDATION_INSTRUCTIONS.format(core=blocks)},
-                {"role": "user", "content": context.transcript(evicted)},
-            ])
+            host = _Consolidation(
+                self,
+                agent,
+                evicted,
+                epoch,
+                [
+                    {"role": "system", "content": CONSOLIDATION_INSTRUCTIONS.format(core=blocks)},
+                    {"role": "user", "content": context.transcript(evicted)},
+                ],
+            )
             end = await Loop(host, tools.CONSOLIDATION_TOOLS, CONSOLIDATION_STEPS, self.settings.max_tool_calls_per_answer).run()
             if end.edits:
                 await recall.append(
-                    self.db, agent, [recall.Message(role="system", content="Memory consolidation: " + " ".join(end.edits))],
+                    self.db,
+                    agent,
+                    [recall.Message(role="system", content="Memory consolidation: " + " ".join(end.edits))],
                     state=recall.EVICTED,
                 )
         except _Erased:

@@ -161,7 +161,7 @@ def unindex_messages(c: sqlite3.Connection, agent_id: int, messages: Iterable[Me
 
 
 def spoken_date(stamp: str) -> str:
-    """"2023-05-08T13:56:00Z" -> "8 May 2023", the way people ask about dates."""
+    """ "2023-05-08T13:56:00Z" -> "8 May 2023", the way people ask about dates."""
     try:
         day = datetime.strptime(stamp[:10], "%Y-%m-%d")
     except ValueError:
@@ -209,11 +209,7 @@ def reindex(c: sqlite3.Connection) -> None:
     messages = c.execute("SELECT id, agent_id, role, content, tool_calls FROM messages")
     c.executemany(
         "INSERT INTO messages_fts(rowid, content) VALUES (?, ?)",
-        (
-            (r[0], text)
-            for r in messages
-            if (text := message_row(r[1], r[2], r[3], json.loads(r[4]) if r[4] else None))
-        ),
+        ((r[0], text) for r in messages if (text := message_row(r[1], r[2], r[3], json.loads(r[4]) if r[4] else None))),
     )
     passages = c.execute("SELECT id, agent_id, content, context, created_at FROM passages")
     c.executemany(

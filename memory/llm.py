@@ -220,7 +220,10 @@ class LLMClient:
                 # built here, not by client.post(), which merges URLs, headers and cookies
                 # on every call: ~70 of its ~230 µs of CPU per call on loopback
                 request = httpx.Request(
-                    "POST", self._urls[path], headers=self._headers, content=data,
+                    "POST",
+                    self._urls[path],
+                    headers=self._headers,
+                    content=data,
                     extensions={"timeout": self._timeout.as_dict()},
                 )
                 async with self._slots:
@@ -241,7 +244,9 @@ class LLMClient:
                     return _json(response.content, path)
                 text = response.text
                 # the raw body only goes to the log: it may echo the request, key included
-                log.warning("%s: HTTP %d from %s: %s", path, response.status_code, self.base_url, self.redact(text[:LOGGED_BODY_CHARS]))
+                log.warning(
+                    "%s: HTTP %d from %s: %s", path, response.status_code, self.base_url, self.redact(text[:LOGGED_BODY_CHARS])
+                )
                 problem = self._status(response.status_code, text)
                 if is_context_overflow(response.status_code, text):
                     raise ContextOverflowError(problem)
@@ -381,11 +386,13 @@ def parse_chat(data: dict[str, Any]) -> ChatResult:
         fn = raw.get("function") if isinstance(raw, dict) else None
         if not isinstance(fn, dict):
             continue
-        calls.append(ToolCall(
-            id=_clean(str(raw.get("id") or f"call_{uuid.uuid4().hex[:12]}")),
-            name=_clean(str(fn.get("name", ""))),
-            arguments=_arguments(fn.get("arguments", "")),
-        ))
+        calls.append(
+            ToolCall(
+                id=_clean(str(raw.get("id") or f"call_{uuid.uuid4().hex[:12]}")),
+                name=_clean(str(fn.get("name", ""))),
+                arguments=_arguments(fn.get("arguments", "")),
+            )
+        )
     usage = None
     if isinstance(data.get("usage"), dict):
         prompt, completion = _tokens(data["usage"].get("prompt_tokens")), _tokens(data["usage"].get("completion_tokens"))

@@ -91,7 +91,11 @@ class Loop:
 
     async def _execute(self, answer: ChatResult, seen: dict[tuple[str, str], int], edits: list[str]) -> tuple[list[str], bool]:
         """Run an answer's calls and keep them with their results; every call id gets a result."""
-        stored = [recall.Message(role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in answer.tool_calls])]
+        stored = [
+            recall.Message(
+                role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in answer.tool_calls]
+            )
+        ]
         replies: list[str] = []
         looping = False
         for n, call in enumerate(answer.tool_calls):

@@ -55,7 +55,7 @@ def m001_agents_and_blocks(c: sqlite3.Connection) -> None:
             updated_at TEXT NOT NULL,
             PRIMARY KEY (agent_id, label)
         );
-        """
+        """,
     )
 
 
@@ -90,7 +90,7 @@ def m002_messages(c: sqlite3.Connection) -> None:
         CREATE VIRTUAL TABLE messages_fts USING fts5(
             agent, content, content='', tokenize='porter unicode61 remove_diacritics 2'
         );
-        """
+        """,
     )
 
 
@@ -135,7 +135,7 @@ def m003_passages(c: sqlite3.Connection) -> None:
             PRIMARY KEY (model, text_hash)
         );
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        """
+        """,
     )
 
 

@@ -33,18 +33,35 @@ async def export_agent(engine: Engine, agent: Agent) -> dict[str, Any]:
         "format": FORMAT,
         "version": VERSION,
         "exported_at": now(),
-        "agent": {"key": agent.key, "created_at": row["created_at"], "summary": row["summary"], "options": json.loads(row["options"])},
+        "agent": {
+            "key": agent.key,
+            "created_at": row["created_at"],
+            "summary": row["summary"],
+            "options": json.loads(row["options"]),
+        },
         "blocks": [{"label": b.label, "value": b.value, "limit": b.limit, "description": b.description} for b in blocks],
         "messages": [
             {
-                "id": m["id"], "role": m["role"], "content": m["content"], "author": m["author"],
-                "author_id": m["author_id"], "tool_calls": json.loads(m["tool_calls"]) if m["tool_calls"] else None,
-                "tool_call_id": m["tool_call_id"], "created_at": m["created_at"], "in_context": m["in_context"] == recall.IN_CONTEXT,
+                "id": m["id"],
+                "role": m["role"],
+                "content": m["content"],
+                "author": m["author"],
+                "author_id": m["author_id"],
+                "tool_calls": json.loads(m["tool_calls"]) if m["tool_calls"] else None,
+                "tool_call_id": m["tool_call_id"],
+                "created_at": m["created_at"],
+                "in_context": m["in_context"] == recall.IN_CONTEXT,
             }
             for m in messages
         ],
         "passages": [
-            {"id": p["id"], "content": p["content"], "tags": json.loads(p["tags"]), "source": p["source"], "created_at": p["created_at"]}
+            {
+                "id": p["id"],
+                "content": p["content"],
+                "tags": json.loads(p["tags"]),
+                "source": p["source"],
+                "created_at": p["created_at"],
+            }
             for p in passages
         ],
     }
@@ -59,7 +76,7 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     Raises ValueError when `data` is not a valid export, StorageError when writing failed.
     """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"missing \"format\": \"{FORMAT}\"")
+        raise ValueError(f'missing "format": "{FORMAT}"')
     if data.get("version") != VERSION:
         raise ValueError(f"unsupported version {data.get('version')!r}")
     try:
@@ -69,9 +86,13 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
         messages = [
             (
                 recall.Message(
-                    role=str(m["role"]), content=str(m.get("content") or ""), author=str(m.get("author", "")),
-                    author_id=str(m.get("author_id", "")), tool_calls=_calls(m.get("tool_calls")),
-                    tool_call_id=m.get("tool_call_id"), created_at=_stamp(m["created_at"]),
+                    role=str(m["role"]),
+                    content=str(m.get("content") or ""),
+                    author=str(m.get("author", "")),
+                    author_id=str(m.get("author_id", "")),
+                    tool_calls=_calls(m.get("tool_calls")),
+                    tool_call_id=m.get("tool_call_id"),
+                    created_at=_stamp(m["created_at"]),
                 ),
                 bool(m.get("in_context")),
             )
@@ -101,7 +122,11 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     # in-context messages go last and in order, so tool calls keep their results
     in_context = [m for m, kept in messages if kept]
     recall.prepare(evicted + in_context)
-    pieces = [(found, archival.clean_tags(tags), source, created_at) for content, tags, source, created_at in passages if (found := archival.chunk(content))]
+    pieces = [
+        (found, archival.clean_tags(tags), source, created_at)
+        for content, tags, source, created_at in passages
+        if (found := archival.chunk(content))
+    ]
     stamp = now()
 
     def write(c: sqlite3.Connection) -> None:
@@ -142,8 +167,12 @@ def _calls(value: object) -> list[dict[str, Any]] | None:
         raise TypeError("tool_calls")
     for call in value:
         function = call.get("function") if isinstance(call, dict) else None
-        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
-                and isinstance(function.get("arguments"), str) and isinstance(call.get("id", ""), str)):
+        if not (
+            isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+            and isinstance(call.get("id", ""), str)
+        ):
             raise TypeError("tool_calls")
     try:
         json.dumps(value, allow_nan=False)  # NaN would be stored, then fail every read of the row

@@ -85,8 +85,16 @@ def _row(row: Any) -> Message:
     unpacked by position, as sqlite3.Row's lookups by name cost a third of this; orjson likewise."""
     id_, role, content, author, author_id, tool_calls, tool_call_id, external_id, created_at, tokens = row
     return Message(
-        role, content, author, author_id, orjson.loads(tool_calls) if tool_calls else None,
-        tool_call_id, external_id, created_at, id_, tokens,
+        role,
+        content,
+        author,
+        author_id,
+        orjson.loads(tool_calls) if tool_calls else None,
+        tool_call_id,
+        external_id,
+        created_at,
+        id_,
+        tokens,
     )
 
 
@@ -119,9 +127,17 @@ def insert(c: sqlite3.Connection, agent: Agent, messages: list[Message], state: 
             " external_id, created_at, in_context, tokens, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
             " CASE WHEN ?10 = 1 THEN (SELECT coalesce(max(position), 0) + 1 FROM messages WHERE agent_id = ?1 AND in_context = 1) END)",
             (
-                agent.id, m.role, m.author, m.author_id, m.content,
+                agent.id,
+                m.role,
+                m.author,
+                m.author_id,
+                m.content,
                 json.dumps(m.tool_calls) if m.tool_calls else None,
-                m.tool_call_id, m.external_id, m.created_at, state, m.tokens,
+                m.tool_call_id,
+                m.external_id,
+                m.created_at,
+                state,
+                m.tokens,
             ),
         )
         m.id = cur.lastrowid or 0
@@ -192,7 +208,9 @@ async def delete(db: Database, agent: Agent, ids: list[int]) -> int:
     in_ids = marks(len(ids))
 
     def forget(c: sqlite3.Connection) -> int:
-        chosen = c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)).fetchall()
+        chosen = c.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)
+        ).fetchall()
         doomed = {r["id"]: r for r in chosen}
         # A call and its results must stay together or the provider rejects the
         # context: a call leaves with its results (stored right after it, in one

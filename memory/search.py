@@ -40,7 +40,8 @@ def parse_date(value: object, name: str, *, end: bool = False) -> str | None:
 
 def base_filters(alias: str, agent_id: int, start_date: object, end_date: object) -> tuple[list[str], list[object]]:
     """SQL conditions (and their parameters) for one agent's rows in a date range."""
-    filters, params = [f"{alias}.agent_id = ?"], [agent_id]
+    filters: list[str] = [f"{alias}.agent_id = ?"]
+    params: list[object] = [agent_id]
     start = parse_date(start_date, "start_date")
     end = parse_date(end_date, "end_date", end=True)
     if start:

@@ -11,8 +11,8 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 from . import core, recall, search
@@ -160,15 +160,21 @@ async def _core_memory_append(c: Call) -> Outcome:
 
 async def _core_memory_replace(c: Call) -> Outcome:
     args = c.args
-    return _edited(await core.replace(c.db, c.agent, _str(args, "label"), _str(args, "old_content"), _str(args, "new_content", "")))
+    return _edited(
+        await core.replace(c.db, c.agent, _str(args, "label"), _str(args, "old_content"), _str(args, "new_content", ""))
+    )
 
 
 async def _conversation_search(c: Call) -> Outcome:
     args = c.args
     page = await recall.search_messages(
-        c.db, c.agent, _str(args, "query", ""),
-        start_date=args.get("start_date"), end_date=args.get("end_date"),
-        roles=_list(args, "roles"), page=args.get("page", 1),
+        c.db,
+        c.agent,
+        _str(args, "query", ""),
+        start_date=args.get("start_date"),
+        end_date=args.get("end_date"),
+        roles=_list(args, "roles"),
+        page=args.get("page", 1),
     )
     return ok(page.render("messages"))
 
@@ -184,8 +190,12 @@ async def _archival_memory_insert(c: Call) -> Outcome:
 async def _archival_memory_search(c: Call) -> Outcome:
     args = c.args
     page = await c.archive.search(
-        c.agent, _str(args, "query", ""), tags=_list(args, "tags"),
-        start_date=args.get("start_date"), end_date=args.get("end_date"), page=args.get("page", 1),
+        c.agent,
+        _str(args, "query", ""),
+        tags=_list(args, "tags"),
+        start_date=args.get("start_date"),
+        end_date=args.get("end_date"),
+        page=args.get("page", 1),
     )
     return ok(page.render("passages", max_chars=SEARCH_RESULT_CHARS))
 
@@ -200,29 +210,51 @@ TOOLS: dict[str, Tool] = {
     for t in [
         Tool("send_message", "Send a message to the user. This ends your turn.", {"message": _STR}, ("message",), _send_message),
         Tool(
-            "core_memory_append", "Add a line to a core memory block.",
-            {"label": _STR, "content": _STR}, ("label", "content"),
-            _core_memory_append, edits_memory=True, consolidation=True,
+            "core_memory_append",
+            "Add a line to a core memory block.",
+            {"label": _STR, "content": _STR},
+            ("label", "content"),
+            _core_memory_append,
+            edits_memory=True,
+            consolidation=True,
         ),
         Tool(
-            "core_memory_replace", "Replace exact text in a core memory block (empty new_content deletes it).",
-            {"label": _STR, "old_content": _STR, "new_content": _STR}, ("label", "old_content", "new_content"),
-            _core_memory_replace, edits_memory=True, consolidation=True,
+            "core_memory_replace",
+            "Replace exact text in a core memory block (empty new_content deletes it).",
+            {"label": _STR, "old_content": _STR, "new_content": _STR},
+            ("label", "old_content", "new_content"),
+            _core_memory_replace,
+            edits_memory=True,
+            consolidation=True,
         ),
         Tool(
-            "conversation_search", "Search all past messages of this conversation.",
-            {"query": _STR, "start_date": _DATE, "end_date": _DATE, "roles": {"type": "array", "items": {"enum": ["user", "assistant", "system"]}}, "page": _PAGE},
-            ("query",), _conversation_search,
+            "conversation_search",
+            "Search all past messages of this conversation.",
+            {
+                "query": _STR,
+                "start_date": _DATE,
+                "end_date": _DATE,
+                "roles": {"type": "array", "items": {"enum": ["user", "assistant", "system"]}},
+                "page": _PAGE,
+            },
+            ("query",),
+            _conversation_search,
         ),
         Tool(
-            "archival_memory_insert", "Save text to long-term archival memory.",
-            {"content": _STR, "tags": _TAGS}, ("content",),
-            _archival_memory_insert, edits_memory=True, consolidation=True,
+            "archival_memory_insert",
+            "Save text to long-term archival memory.",
+            {"content": _STR, "tags": _TAGS},
+            ("content",),
+            _archival_memory_insert,
+            edits_memory=True,
+            consolidation=True,
         ),
         Tool(
-            "archival_memory_search", "Search archival memory by keywords and meaning.",
+            "archival_memory_search",
+            "Search archival memory by keywords and meaning.",
             {"query": _STR, "tags": _TAGS, "start_date": _DATE, "end_date": _DATE, "page": _PAGE},
-            ("query",), _archival_memory_search,
+            ("query",),
+            _archival_memory_search,
         ),
     ]
 }
@@ -241,7 +273,9 @@ async def execute(
     return outcome
 
 
-async def _execute(db: Database, archive: Archive, agent: Agent, name: str, raw_arguments: str, available: dict[str, Tool]) -> Outcome:
+async def _execute(
+    db: Database, archive: Archive, agent: Agent, name: str, raw_arguments: str, available: dict[str, Tool]
+) -> Outcome:
     tool = available.get(name)
     if tool is None:
         return refused(f"Error: there is no function {quote(name)} here. Valid functions: {', '.join(available)}.")

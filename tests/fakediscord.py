@@ -36,9 +36,10 @@ import mimetypes
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Iterable, Sequence, Union
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
@@ -46,7 +47,7 @@ from aiohttp import WSMsgType, web
 log = logging.getLogger("fakediscord")
 
 Json = dict[str, Any]
-Id = Union[int, str, Json]  # a snowflake, or an entity dict with an "id"
+Id = int | str | Json  # a snowflake, or an entity dict with an "id"
 Handler = Callable[..., Awaitable[web.StreamResponse]]
 
 API_PREFIX = "/api/v10"
@@ -97,16 +98,14 @@ CB_MODAL = 9
 MAX_CONTENT = 2000
 
 # Keys we keep on message records for tests; stripped before anything goes on the wire.
-_RECORD_ONLY_KEYS = frozenset(
-    {"allowed_mentions", "files", "source", "interaction_id", "ephemeral", "deleted", "edits"}
-)
+_RECORD_ONLY_KEYS = frozenset({"allowed_mentions", "files", "source", "interaction_id", "ephemeral", "deleted", "edits"})
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _sid(value: Id) -> str:
@@ -272,9 +271,7 @@ class FakeDiscord:
 
     # ================================================================== world setup
 
-    def add_user(
-        self, username: str, *, bot: bool = False, global_name: str | None = None, user_id: int | None = None
-    ) -> Json:
+    def add_user(self, username: str, *, bot: bool = False, global_name: str | None = None, user_id: int | None = None) -> Json:
         uid = str(user_id) if user_id is not None else self._ids.next()
         user = {
             "id": uid,
@@ -288,9 +285,7 @@ class FakeDiscord:
         self.users[uid] = user
         return user
 
-    def add_guild(
-        self, name: str, *, owner_id: Id, everyone_permissions: int = DEFAULT_EVERYONE_PERMISSIONS
-    ) -> Json:
+    def add_guild(self, name: str, *, owner_id: Id, everyone_permissions: int = DEFAULT_EVERYONE_PERMISSIONS) -> Json:
         gid = self._ids.next()
         owner = _sid(owner_id)
         everyone = self._role(gid, "@everyone", everyone_permissions, position=0)
@@ -513,9 +508,7 @@ class FakeDiscord:
 
     # ================================================================== observation helpers
 
-    async def wait_for(
-        self, predicate: Callable[[FakeDiscord], Any], timeout: float = 5.0, *, what: str | None = None
-    ) -> Any:
+    async def wait_for(self, predicate: Callable[[FakeDiscord], Any], timeout: float = 5.0, *, what: str | None = None) -> Any:
         """Wait until ``predicate(self)`` is truthy and return its value.
 
         Re-checked on every fake state change (request, gateway frame, connection) and at
@@ -531,12 +524,10 @@ class FakeDiscord:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 waited_for = what or self._describe_predicate(predicate)
-                raise AssertionError(
-                    f"fakediscord: timed out after {timeout}s waiting for {waited_for}\n{self.describe()}"
-                )
+                raise AssertionError(f"fakediscord: timed out after {timeout}s waiting for {waited_for}\n{self.describe()}")
             try:
                 await asyncio.wait_for(event.wait(), min(remaining, 0.02))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def wait_ready(self, *, count: int | None = None, timeout: float = 5.0) -> None:
@@ -545,10 +536,9 @@ class FakeDiscord:
         ``count`` waits for the N-th READY overall (e.g. ``count=2`` after a bot restart).
         """
         await self.wait_for(
-            lambda f: f._active is not None
-            and f._active.ready
-            and not f._active.closed
-            and (count is None or f.ready_count >= count),
+            lambda f: (
+                f._active is not None and f._active.ready and not f._active.closed and (count is None or f.ready_count >= count)
+            ),
             timeout,
             what=f"client READY (count={count})",
         )
@@ -557,9 +547,7 @@ class FakeDiscord:
         """Messages the bot created (optionally in one channel), oldest first."""
         cid = _sid(channel_id) if channel_id is not None else None
         return [
-            m
-            for m in self.sent_messages
-            if (cid is None or m["channel_id"] == cid) and (include_deleted or not m["deleted"])
+            m for m in self.sent_messages if (cid is None or m["channel_id"] == cid) and (include_deleted or not m["deleted"])
         ]
 
     def buttons(self, message: Id) -> list[Json]:
@@ -853,9 +841,7 @@ class FakeDiscord:
                 50035,
                 "Invalid Form Body",
                 errors={
-                    "content": {
-                        "_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]
-                    }
+                    "content": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}
                 },
             )
         has_payload = any(body.get(k) for k in ("embeds", "components", "sticker_ids", "poll"))
@@ -973,9 +959,7 @@ class FakeDiscord:
         for cmd in self.registered_commands:
             if cmd["name"] == name and cmd.get("type", 1) == 1:
                 return cmd, None
-        known = [c["name"] for c in self.registered_commands] + [
-            c["name"] for c in self.guild_commands.get(guild_id or "", [])
-        ]
+        known = [c["name"] for c in self.registered_commands] + [c["name"] for c in self.guild_commands.get(guild_id or "", [])]
         raise AssertionError(f"slash command /{name} is not registered (did the bot sync?); registered: {known}")
 
     def _command_options(
@@ -986,17 +970,13 @@ class FakeDiscord:
         current = top
         for part in (subcommand or "").split():
             sub = next((o for o in schema if o["name"] == part and o["type"] in (1, 2)), None)
-            assert sub is not None, (
-                f"/{command['name']} has no subcommand {part!r}; options: {[o['name'] for o in schema]}"
-            )
+            assert sub is not None, f"/{command['name']} has no subcommand {part!r}; options: {[o['name'] for o in schema]}"
             node: Json = {"name": part, "type": sub["type"], "options": []}
             current.append(node)
             current = node["options"]
             schema = sub.get("options") or []
         if any(o["type"] in (1, 2) for o in schema):
-            raise AssertionError(
-                f"/{command['name']} {subcommand or ''} needs a subcommand: {[o['name'] for o in schema]}"
-            )
+            raise AssertionError(f"/{command['name']} {subcommand or ''} needs a subcommand: {[o['name'] for o in schema]}")
         for key, value in options.items():
             opt = next((o for o in schema if o["name"] == key), None)
             assert opt is not None, f"/{command['name']} has no option {key!r}; options: {[o['name'] for o in schema]}"
@@ -1108,16 +1088,13 @@ class FakeDiscord:
         self._by_token[token] = record
         return record
 
-    async def _component_interaction(
-        self, target: Id, custom_id: str, user_id: Id, extra: Json, timeout: float
-    ) -> Json:
+    async def _component_interaction(self, target: Id, custom_id: str, user_id: Id, extra: Json, timeout: float) -> Json:
         conn = await self._connection(timeout)
         message = self._message(target)
         assert not message.get("deleted"), f"message {message['id']} was deleted"
         component = next((c for c in self.buttons(message) if c["custom_id"] == custom_id), None)
         assert component is not None, (
-            f"no component {custom_id!r} on message {message['id']}; "
-            f"has {[c['custom_id'] for c in self.buttons(message)]}"
+            f"no component {custom_id!r} on message {message['id']}; has {[c['custom_id'] for c in self.buttons(message)]}"
         )
         assert not component.get("disabled"), f"component {custom_id!r} on message {message['id']} is disabled"
         data = {"custom_id": custom_id, "component_type": component["type"], **extra}
@@ -1161,9 +1138,7 @@ class FakeDiscord:
     # ================================================================== gateway
 
     async def _connection(self, timeout: float) -> _Connection:
-        await self.wait_for(
-            lambda f: f.connected, timeout, what="a discord client connected to the fake gateway (IDENTIFY)"
-        )
+        await self.wait_for(lambda f: f.connected, timeout, what="a discord client connected to the fake gateway (IDENTIFY)")
         assert self._active is not None
         return self._active
 
@@ -1576,9 +1551,7 @@ class FakeDiscord:
         self.reactions.append({"channel_id": channel_id, "message_id": message_id, "emoji": emoji, "action": "add"})
         return _no_content()
 
-    async def _delete_reaction(
-        self, request: web.Request, channel_id: str, message_id: str, emoji: str
-    ) -> web.Response:
+    async def _delete_reaction(self, request: web.Request, channel_id: str, message_id: str, emoji: str) -> web.Response:
         if self._channel_message(channel_id, message_id) is None:
             return _error(404, 10008, "Unknown Message")
         self.reactions.append({"channel_id": channel_id, "message_id": message_id, "emoji": emoji, "action": "remove"})
@@ -1678,17 +1651,22 @@ class FakeDiscord:
             return None
         return message
 
-    async def _get_webhook_message(
-        self, request: web.Request, app_id: str, token: str, message_id: str
-    ) -> web.Response:
+    async def _get_webhook_message(self, request: web.Request, app_id: str, token: str, message_id: str) -> web.Response:
         record = self._acked_interaction(token)
         if record is None:
             return _error(404, 10015, "Unknown Webhook")
         if message_id == "@original" and "deferred_flags" in record:  # still "thinking"
             channel = self.channels[record["channel_id"]]
             placeholder = self._build_message(
-                channel, self.users[self.bot_user_id], "", message_type=20, reference=None,
-                allowed_mentions=None, attachments=[], embeds=[], flags=record["deferred_flags"],
+                channel,
+                self.users[self.bot_user_id],
+                "",
+                message_type=20,
+                reference=None,
+                allowed_mentions=None,
+                attachments=[],
+                embeds=[],
+                flags=record["deferred_flags"],
             )
             placeholder["id"] = record["original_message_id"]
             return _json(placeholder)
@@ -1697,9 +1675,7 @@ class FakeDiscord:
             return _error(404, 10008, "Unknown Message")
         return _json(self._wire(message))
 
-    async def _patch_webhook_message(
-        self, request: web.Request, app_id: str, token: str, message_id: str
-    ) -> web.Response:
+    async def _patch_webhook_message(self, request: web.Request, app_id: str, token: str, message_id: str) -> web.Response:
         record = self._acked_interaction(token)
         if record is None:
             return _error(404, 10015, "Unknown Webhook")
@@ -1717,9 +1693,7 @@ class FakeDiscord:
         self._record_response(record, kind, body, files, message)
         return _json(self._wire(message))
 
-    async def _delete_webhook_message(
-        self, request: web.Request, app_id: str, token: str, message_id: str
-    ) -> web.Response:
+    async def _delete_webhook_message(self, request: web.Request, app_id: str, token: str, message_id: str) -> web.Response:
         record = self._acked_interaction(token)
         if record is None:
             return _error(404, 10015, "Unknown Webhook")

@@ -33,13 +33,19 @@ def calls(*items: tuple[str, dict[str, Any] | str | None, str | None], content: 
     tool_calls = []
     for n, (name, args, call_id) in enumerate(items):
         raw = args if isinstance(args, str) else json.dumps(args or {})
-        tool_calls.append({"id": call_id or f"call_{n}_{time.monotonic_ns()}", "type": "function", "function": {"name": name, "arguments": raw}})
+        tool_calls.append(
+            {"id": call_id or f"call_{n}_{time.monotonic_ns()}", "type": "function", "function": {"name": name, "arguments": raw}}
+        )
     return {"message": {"role": "assistant", "content": content or None, "tool_calls": tool_calls}}
 
 
 def with_usage(answer: dict[str, Any], prompt_tokens: int | None) -> dict[str, Any]:
     """`answer` reporting `prompt_tokens` as the provider's count (None: no usage at all)."""
-    usage = None if prompt_tokens is None else {"prompt_tokens": prompt_tokens, "completion_tokens": 10, "total_tokens": prompt_tokens + 10}
+    usage = (
+        None
+        if prompt_tokens is None
+        else {"prompt_tokens": prompt_tokens, "completion_tokens": 10, "total_tokens": prompt_tokens + 10}
+    )
     return {**answer, "usage": usage}
 
 
@@ -65,6 +71,7 @@ class Delay:
 class Drip:
     """The headers at once, then the answer's body one byte every `interval` seconds: a stalled
     proxy or a slow-loris, which no per-read timeout ever ends."""
+
     interval: float
     then: dict[str, Any] = field(default_factory=lambda: reply("dripped"))
 
@@ -106,7 +113,7 @@ class FakeOpenAI:
         self.url = ""
         self._arrived = asyncio.Event()  # set by every request, for `wait_until`
 
-    async def start(self) -> "FakeOpenAI":
+    async def start(self) -> FakeOpenAI:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -167,7 +174,7 @@ class FakeOpenAI:
         try:
             await response.prepare(request)
             for i in range(len(payload)):
-                await response.write(payload[i:i + 1])
+                await response.write(payload[i : i + 1])
                 await asyncio.sleep(drip.interval)
             await response.write_eof()
         except ConnectionError:  # the client gave up: what the drip is for
@@ -195,7 +202,12 @@ class FakeOpenAI:
         # an answer may carry its own "usage" (None: none at all) instead of the estimate below
         answer = {k: v for k, v in item.items() if k != "usage"}
         choice = {"index": 0, "finish_reason": "tool_calls" if item["message"].get("tool_calls") else "stop", **answer}
-        data: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body.get("model"), "choices": [choice]}
+        data: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "model": body.get("model"),
+            "choices": [choice],
+        }
         if "usage" in item:
             if item["usage"] is not None:
                 data["usage"] = item["usage"]
@@ -216,4 +228,6 @@ class FakeOpenAI:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         self.embedding_inputs.extend(inputs)
         data = [{"object": "embedding", "index": i, "embedding": embed_text(t, self.dim)} for i, t in enumerate(inputs)]
-        return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 0, "total_tokens": 0}})
+        return web.json_response(
+            {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+        )

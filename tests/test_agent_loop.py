@@ -29,8 +29,12 @@ def user(text: str, author: str = "ann", author_id: str = "1001") -> recall.Mess
 
 def make_settings(tmp_path: Path, fake: FakeOpenAI, **over: Any) -> EngineSettings:
     values: dict[str, Any] = dict(
-        database_path=tmp_path / "engine.db", llm_base_url=fake.url, llm_model="fake-model",
-        llm_timeout=5, llm_max_retries=3, llm_retry_budget=10,
+        database_path=tmp_path / "engine.db",
+        llm_base_url=fake.url,
+        llm_model="fake-model",
+        llm_timeout=5,
+        llm_max_retries=3,
+        llm_retry_budget=10,
     )
     values.update(over)
     return EngineSettings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -101,7 +105,10 @@ async def test_core_edit_shows_in_next_system_prompt_and_prompt_is_stable(engine
     await engine.send("dm:1", user("second"))
     a, b = fake.chat_requests
     assert system_of(a) == system_of(b)  # byte-identical: prompt caches hit
-    fake.push(call("core_memory_append", {"label": "human", "content": "Ann plays the cello."}), call("send_message", {"message": "Noted!"}))
+    fake.push(
+        call("core_memory_append", {"label": "human", "content": "Ann plays the cello."}),
+        call("send_message", {"message": "Noted!"}),
+    )
     await engine.send("dm:1", user("I play the cello"))
     after = fake.chat_requests[-1]
     assert "Ann plays the cello." in system_of(after)
@@ -127,7 +134,8 @@ async def test_model_that_never_stops_is_capped(tmp_path: Path, fake: FakeOpenAI
     engine = await Engine.open(make_settings(tmp_path, fake, max_steps_per_turn=5))
     counter = iter(range(1000))
     fake.default = lambda body: (
-        reply("I'll stop here: nothing found.") if "tools" not in body
+        reply("I'll stop here: nothing found.")
+        if "tools" not in body
         else call("archival_memory_search", {"query": f"thing {next(counter)}"})
     )
     result = await engine.send("dm:1", user("find it"))
@@ -148,7 +156,9 @@ async def test_repeated_identical_call_breaker(engine: Engine, fake: FakeOpenAI)
 
 
 async def test_retries_429_with_retry_after_and_500(engine: Engine, fake: FakeOpenAI) -> None:
-    fake.push(Error(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.3"}), Error(502, "bad gateway"), reply("finally"))
+    fake.push(
+        Error(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.3"}), Error(502, "bad gateway"), reply("finally")
+    )
     started = time.monotonic()
     result = await engine.send("dm:1", user("hi"))
     assert result.reply == "finally" and len(fake.chat_requests) == 3
@@ -236,7 +246,15 @@ async def test_memory_pressure_warns_once_then_evicts_with_summary(tmp_path: Pat
 async def test_overflow_error_compacts_and_retries_once(engine: Engine, fake: FakeOpenAI) -> None:
     for i in range(20):
         await engine.record("dm:1", user(f"old message {i}"))
-    overflow = Error(400, {"error": {"message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.", "code": "context_length_exceeded"}})
+    overflow = Error(
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.",
+                "code": "context_length_exceeded",
+            }
+        },
+    )
     fake.push(overflow, reply("SUMMARY: twenty old messages"), reply("fits now"))
     fake.default = lambda body: reply("done")  # consolidation
     result = await engine.send("dm:1", user("new"))
@@ -410,7 +428,9 @@ async def test_a_flood_of_waiting_messages_is_filed_not_crammed_in(tmp_path: Pat
     body = fake.chat_requests[0]
     assert not any(is_summarizer(r) for r in fake.chat_requests)  # no summarizer storm on the reply path
     texts = [m["content"] for m in body["messages"][1:]]
-    assert any(t.endswith("@bot what's new?") for t in texts) and any(t.endswith("chatter line 299 about nothing much at all") for t in texts)
+    assert any(t.endswith("@bot what's new?") for t in texts) and any(
+        t.endswith("chatter line 299 about nothing much at all") for t in texts
+    )
     assert any("went straight to recall memory" in t for t in texts)
     agent = await engine.agent("channel:5")
     assert (await recall.search_messages(engine.db, agent, "chatter line 3")).total >= 1
@@ -536,7 +556,9 @@ async def test_a_message_stored_as_the_turn_ends_is_answered_before_close(
     assert (await b).reply == "answer B"
 
 
-async def test_the_token_correction_is_shared_by_concurrent_turns_and_corrects_both_ways(engine: Engine, fake: FakeOpenAI) -> None:
+async def test_the_token_correction_is_shared_by_concurrent_turns_and_corrects_both_ways(
+    engine: Engine, fake: FakeOpenAI
+) -> None:
     b_asked, release_b = asyncio.Event(), asyncio.Event()
 
     async def model(body: dict[str, Any]) -> dict[str, Any]:
@@ -567,7 +589,9 @@ async def test_the_token_correction_is_shared_by_concurrent_turns_and_corrects_b
 
 async def test_a_flood_of_calls_in_one_answer_is_capped(engine: Engine, fake: FakeOpenAI) -> None:
     note = "note " * 3800  # 19,000 characters
-    fake.push(flood("archival_memory_insert", lambda n: {"content": f"{n} {note}"}, 40), call("send_message", {"message": "saved"}))
+    fake.push(
+        flood("archival_memory_insert", lambda n: {"content": f"{n} {note}"}, 40), call("send_message", {"message": "saved"})
+    )
     result = await engine.send("dm:1", user("save everything"))
     assert result.reply == "saved"
     second = fake.chat_requests[1]["messages"]
@@ -640,7 +664,9 @@ def test_the_summarizer_reads_a_plain_text_answer_as_the_reply() -> None:
 
     said = recall.Message(role="assistant", content="Your flight is at 9.", created_at="2026-12-01T10:00:00+00:00")
     thought = recall.Message(
-        role="assistant", content="Let me check.", created_at="2026-12-01T10:01:00+00:00",
+        role="assistant",
+        content="Let me check.",
+        created_at="2026-12-01T10:01:00+00:00",
         tool_calls=[{"id": "c1", "type": "function", "function": {"name": "conversation_search", "arguments": "{}"}}],
     )
     lines = context.transcript([said, thought]).splitlines()

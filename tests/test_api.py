@@ -20,8 +20,13 @@ from tests.fakeopenai import Error, FakeOpenAI, call, reply
 @pytest.fixture
 async def engine(tmp_path: Path, fake: FakeOpenAI) -> AsyncIterator[Engine]:
     settings = EngineSettings(  # type: ignore[call-arg]
-        _env_file=None, database_path=tmp_path / "api.db", llm_base_url=fake.url, llm_model="m",
-        llm_timeout=5, llm_max_retries=1, llm_retry_budget=5,
+        _env_file=None,
+        database_path=tmp_path / "api.db",
+        llm_base_url=fake.url,
+        llm_model="m",
+        llm_timeout=5,
+        llm_max_retries=1,
+        llm_retry_budget=5,
     )
     opened = await Engine.open(settings)
     yield opened

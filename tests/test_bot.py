@@ -36,9 +36,16 @@ async def fake_discord(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDis
 @pytest.fixture
 def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> BotSettings:
     return BotSettings(  # type: ignore[call-arg]
-        _env_file=None, database_path=tmp_path / "bot.db", llm_base_url=fake.url, llm_model="fake-model",
-        llm_max_retries=1, llm_retry_budget=3, llm_timeout=5,
-        discord_token="fake-token", discord_api_base=fake_discord.rest_base, discord_gateway_url=fake_discord.gateway_url,
+        _env_file=None,
+        database_path=tmp_path / "bot.db",
+        llm_base_url=fake.url,
+        llm_model="fake-model",
+        llm_max_retries=1,
+        llm_retry_budget=3,
+        llm_timeout=5,
+        discord_token="fake-token",
+        discord_api_base=fake_discord.rest_base,
+        discord_gateway_url=fake_discord.gateway_url,
     )
 
 
@@ -89,7 +96,9 @@ def world(fake_discord: FakeDiscord) -> dict[str, Any]:
     return {"alice": alice, "bob": bob, "admin": admin, "guild": guild, "general": general}
 
 
-async def test_dm_remembered_across_restart(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_dm_remembered_across_restart(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     fake.push(
@@ -131,7 +140,9 @@ async def test_typing_shows_for_slow_turns(
     assert [t["channel_id"] for t in fake_discord.typing] == [dm["id"]]
 
 
-async def test_mention_answered_unaddressed_stored_and_found(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_mention_answered_unaddressed_stored_and_found(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     general, alice, bob = world["general"], world["alice"], world["bob"]
 
     def model(body: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +157,9 @@ async def test_mention_answered_unaddressed_stored_and_found(settings: BotSettin
         await fake_discord.send_message(general["id"], alice["id"], "lunch anyone?")
         assert (await kept)[1] == "recorded"  # handed over after bob's, in arrival order
         assert fake.chat_requests == [] and fake_discord.bot_messages(general["id"]) == []
-        question = await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> what was the deploy password?")
+        question = await fake_discord.send_message(
+            general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> what was the deploy password?"
+        )
         (answer,) = await fake_discord.wait_for(lambda f: f.bot_messages(general["id"]))
         assert "octopus-42" in answer["content"] and "bob" in answer["content"]
         assert answer["message_reference"]["message_id"] == question["id"]
@@ -157,10 +170,14 @@ async def test_mention_answered_unaddressed_stored_and_found(settings: BotSettin
     assert any(f"alice ({alice['id']}): @fakebot what was the deploy password?" in t for t in texts)
 
 
-async def test_long_reply_split_and_everyone_pings_nobody(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_long_reply_split_and_everyone_pings_nobody(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     general, alice = world["general"], world["alice"]
     code = "```python\n" + "\n".join(f"value_{i} = compute({i})  # step {i} of the pipeline" for i in range(90)) + "\n```"
-    long_text = "@everyone here is the plan <@&123> <@" + alice["id"] + ">\n\n" + ("Intro sentence. " * 60) + "\n\n" + code + "\n\nDone."
+    long_text = (
+        "@everyone here is the plan <@&123> <@" + alice["id"] + ">\n\n" + ("Intro sentence. " * 60) + "\n\n" + code + "\n\nDone."
+    )
     assert len(long_text) > 5000
     fake.push(reply(long_text))
     async with running(settings, fake_discord):
@@ -175,7 +192,9 @@ async def test_long_reply_split_and_everyone_pings_nobody(settings: BotSettings,
     assert parts[0]["message_reference"] is not None and parts[1].get("message_reference") is None
 
 
-async def test_memory_view_is_ephemeral(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_memory_view_is_ephemeral(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     async with running(settings, fake_discord):
         interaction = await fake_discord.send_slash(world["general"]["id"], world["alice"]["id"], "memory", "view")
         await fake_discord.wait_for(lambda f: len(interaction["responses"]) >= 2)
@@ -186,7 +205,9 @@ async def test_memory_view_is_ephemeral(settings: BotSettings, fake_discord: Fak
     assert fake_discord.messages[interaction["original_message_id"]]["ephemeral"]
 
 
-async def test_reset_needs_permission_and_confirmation(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_reset_needs_permission_and_confirmation(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     general, alice, admin = world["general"], world["alice"], world["admin"]
     fake.default = lambda body: reply("ok")
     async with running(settings, fake_discord) as bot:
@@ -211,7 +232,9 @@ async def test_reset_needs_permission_and_confirmation(settings: BotSettings, fa
         assert "erased" in fake_discord.messages[asked["original_message_id"]]["content"]
 
 
-async def test_attachment_ingested_and_searchable(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_attachment_ingested_and_searchable(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     doc = "\n\n".join(f"Section {i}. The warranty for model X{i} lasts {i + 1} years." for i in range(80))
@@ -229,14 +252,18 @@ async def test_attachment_ingested_and_searchable(settings: BotSettings, fake_di
         await fake_discord.wait_for(lambda f: any("can't read `photo.png`" in m["content"] for m in f.bot_messages(dm["id"])))
         big = b"x" * (settings.max_attachment_bytes + 1)
         await fake_discord.send_dm(alice["id"], "too big", attachments=[("big.txt", big, "text/plain")])
-        await fake_discord.wait_for(lambda f: any("`big.txt` is" in m["content"] and "up to" in m["content"] for m in f.bot_messages(dm["id"])))
+        await fake_discord.wait_for(
+            lambda f: any("`big.txt` is" in m["content"] and "up to" in m["content"] for m in f.bot_messages(dm["id"]))
+        )
     progress = [m for m in fake_discord.bot_messages(dm["id"]) if "manual.md" in m["content"]]
     assert progress and "Saved `manual.md` to my archival memory" in progress[0]["content"]
     told = chat_requests(fake)[0]["messages"][-1]["content"]
     assert "here's the manual" in told and "Document `manual.md`" in told
 
 
-async def test_two_dm_users_concurrent_and_isolated(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_two_dm_users_concurrent_and_isolated(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice, bob, general = world["alice"], world["bob"], world["general"]
     dm_a, dm_b = fake_discord.dm_channel(alice["id"]), fake_discord.dm_channel(bob["id"])
 
@@ -248,7 +275,7 @@ async def test_two_dm_users_concurrent_and_isolated(settings: BotSettings, fake_
         try:  # answered only once the other user's request is in flight too
             await asyncio.wait_for(arrived[other].wait(), 3)
             overlapped.append(True)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             overlapped.append(False)
         return then
 
@@ -278,7 +305,9 @@ async def test_two_dm_users_concurrent_and_isolated(settings: BotSettings, fake_
     assert channel_prompts and not any("alpha-apple" in json.dumps(b) or "bravo-banana" in json.dumps(b) for b in channel_prompts)
 
 
-async def test_endpoint_down_apologises_and_keeps_message(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_endpoint_down_apologises_and_keeps_message(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     down = settings.model_copy(update={"llm_base_url": "http://127.0.0.1:9/v1"})
@@ -290,7 +319,9 @@ async def test_endpoint_down_apologises_and_keeps_message(settings: BotSettings,
         assert (await recall.search_messages(bot.engine.db, agent, "blue kettle")).total == 1
 
 
-async def test_bots_webhooks_and_other_channels_ignored_listen_mode_answers_all(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_bots_webhooks_and_other_channels_ignored_listen_mode_answers_all(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     general, alice, admin = world["general"], world["alice"], world["admin"]
     other_bot = fake_discord.add_user("otherbot", bot=True)
     fake_discord.add_member(world["guild"]["id"], other_bot["id"])
@@ -308,13 +339,17 @@ async def test_bots_webhooks_and_other_channels_ignored_listen_mode_answers_all(
     assert len(chat_requests(fake)) == 1
 
 
-async def test_rate_limit_replies_once_and_keeps_messages(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_rate_limit_replies_once_and_keeps_messages(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     limited = settings.model_copy(update={"rate_limit_per_minute": 2})
     fake.default = lambda body: reply("ok")
     async with running(limited, fake_discord) as bot:
-        handled = [bot.wait_for("message_handled", check=lambda m, _, i=i: m.content == f"message {i}", timeout=5) for i in range(5)]
+        handled = [
+            bot.wait_for("message_handled", check=lambda m, _, i=i: m.content == f"message {i}", timeout=5) for i in range(5)
+        ]
         for i in range(5):
             await fake_discord.send_dm(alice["id"], f"message {i}")
         outcomes = [outcome for _, outcome in await asyncio.gather(*handled)]  # warnings sent by then
@@ -322,10 +357,19 @@ async def test_rate_limit_replies_once_and_keeps_messages(settings: BotSettings,
         warnings = [m for m in fake_discord.bot_messages(dm["id"]) if "faster" in m["content"]]
         agent = await bot.engine.agent(f"dm:{alice['id']}")
         assert len(warnings) == 1
-        assert await bot.engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND role = 'user'", (agent.id,)) == 5
+        assert (
+            await bot.engine.db.fetchval("SELECT count(*) FROM messages WHERE agent_id = ? AND role = 'user'", (agent.id,)) == 5
+        )
 
 
-async def test_export_forget_and_import_round_trip(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_export_forget_and_import_round_trip(
+    settings: BotSettings,
+    fake_discord: FakeDiscord,
+    fake: FakeOpenAI,
+    world: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     fake.push(call("archival_memory_insert", {"content": "Alice's cat is called Miso."}), reply("noted"))
@@ -361,7 +405,9 @@ async def test_export_forget_and_import_round_trip(settings: BotSettings, fake_d
     await engine.close()
 
 
-async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], tmp_path: Path) -> None:
+async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(
+    fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any], tmp_path: Path
+) -> None:
     import os
     import signal
     import sys
@@ -376,13 +422,24 @@ async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_d
 
     fake.default = lambda body: finish_after_sigterm()
     env = {
-        **os.environ, "DISCORD_TOKEN": "secret-token-value", "DISCORD_API_BASE": fake_discord.rest_base,
-        "DISCORD_GATEWAY_URL": fake_discord.gateway_url, "LLM_BASE_URL": fake.url, "LLM_MODEL": "m",
-        "DATABASE_PATH": str(tmp_path / "run.db"), "PYTHONPATH": str(Path(__file__).parent.parent),
+        **os.environ,
+        "DISCORD_TOKEN": "secret-token-value",
+        "DISCORD_API_BASE": fake_discord.rest_base,
+        "DISCORD_GATEWAY_URL": fake_discord.gateway_url,
+        "LLM_BASE_URL": fake.url,
+        "LLM_MODEL": "m",
+        "DATABASE_PATH": str(tmp_path / "run.db"),
+        "PYTHONPATH": str(Path(__file__).parent.parent),
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "run", cwd=tmp_path, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "run",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await fake_discord.wait_ready(timeout=20)
@@ -408,7 +465,9 @@ async def test_mnemocord_run_process_answers_and_stops_cleanly_on_sigterm(fake_d
     assert not (tmp_path / "run.db-wal").exists() or (tmp_path / "run.db-wal").stat().st_size == 0
 
 
-async def test_message_arriving_during_shutdown_is_kept(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_message_arriving_during_shutdown_is_kept(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     in_flight, release = asyncio.Event(), asyncio.Event()
@@ -453,7 +512,9 @@ def tiny_pdf(text: str) -> bytes:
     return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
 
 
-async def test_pdf_attachment_ingested(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_pdf_attachment_ingested(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     fake.default = lambda body: reply("got it")
@@ -463,12 +524,16 @@ async def test_pdf_attachment_ingested(settings: BotSettings, fake_discord: Fake
         await fake_discord.wait_for(lambda f: any(m["content"] == "got it" for m in f.bot_messages(dm["id"])))
         found = await bot.engine.memory.search(f"dm:{alice['id']}", "lease flat 4B")
     assert [h.text for h in found.passages.hits] == ["The lease of flat 4B ends on 30 June 2031."]
-    assert any("Saved `lease.pdf` to my archival memory (1 passages)" in m["content"] for m in fake_discord.bot_messages(dm["id"]))
+    assert any(
+        "Saved `lease.pdf` to my archival memory (1 passages)" in m["content"] for m in fake_discord.bot_messages(dm["id"])
+    )
     told = chat_requests(fake)[0]["messages"][-1]["content"]
     assert "my lease" in told and "Document `lease.pdf` (42 characters)" in told
 
 
-async def test_forget_by_text_asks_first_then_forgets(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_forget_by_text_asks_first_then_forgets(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     key = f"dm:{alice['id']}"
@@ -477,7 +542,9 @@ async def test_forget_by_text_asks_first_then_forgets(settings: BotSettings, fak
         await fake_discord.send_dm(alice["id"], "my locker code is 4417")
         await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
         asked = await fake_discord.send_slash(dm["id"], alice["id"], "memory", "forget", {"target": "LOCKER code"})
-        await fake_discord.wait_for(lambda f: fake_discord.buttons(asked) if asked.get("original_message_id") in f.messages else False)
+        await fake_discord.wait_for(
+            lambda f: fake_discord.buttons(asked) if asked.get("original_message_id") in f.messages else False
+        )
         question = fake_discord.messages[asked["original_message_id"]]["content"]
         # the message and the agent's insert call (its arguments hold the text), and the passage
         assert question == "Forget 2 messages and 1 passages containing “LOCKER code”?"
@@ -493,7 +560,9 @@ async def test_forget_by_text_asks_first_then_forgets(settings: BotSettings, fak
         assert fake_discord.messages[nothing["original_message_id"]]["content"] == "Nothing in memory contains that text."
 
 
-async def test_forget_reads_only_ascii_digits_as_ids(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_forget_reads_only_ascii_digits_as_ids(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     alice = world["alice"]
     dm = fake_discord.dm_channel(alice["id"])
     key = f"dm:{alice['id']}"
@@ -510,7 +579,9 @@ async def test_forget_reads_only_ascii_digits_as_ids(settings: BotSettings, fake
         assert (await bot.engine.memory.find(key, "keep this")).message_ids == [message_id]
 
 
-async def test_persona_set_by_managers_only_and_used_next_turn(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]) -> None:
+async def test_persona_set_by_managers_only_and_used_next_turn(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
     general, alice, admin = world["general"], world["alice"], world["admin"]
     fake.default = lambda body: reply("arr")
     async with running(settings, fake_discord):
@@ -526,7 +597,9 @@ async def test_persona_set_by_managers_only_and_used_next_turn(settings: BotSett
     assert "I am a pirate." in body["messages"][0]["content"] and "I am a cat." not in body["messages"][0]["content"]
 
 
-async def test_commands_synced_again_only_when_they_change(settings: BotSettings, fake_discord: FakeDiscord, world: dict[str, Any]) -> None:
+async def test_commands_synced_again_only_when_they_change(
+    settings: BotSettings, fake_discord: FakeDiscord, world: dict[str, Any]
+) -> None:
     def puts() -> int:
         return len([r for r in fake_discord.requests if r[0] == "PUT" and r[1].endswith("/commands")])
 
@@ -535,6 +608,7 @@ async def test_commands_synced_again_only_when_they_change(settings: BotSettings
         engine = await open_engine(settings)
         bot = MnemoBot(settings, engine)
         if extra:  # a new release that adds a command
+
             async def ping(interaction: discord.Interaction) -> None:
                 await interaction.response.send_message("pong")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,7 +23,9 @@ async def outcome_of(bot: MnemoBot, content: str, send: Callable[[], Awaitable[A
 
 async def stored_contents(bot: MnemoBot, key: str) -> list[str]:
     agent = await bot.engine.agent(key)
-    rows = await bot.engine.db.fetchall("SELECT content FROM messages WHERE agent_id = ? AND role = 'user' ORDER BY id", (agent.id,))
+    rows = await bot.engine.db.fetchall(
+        "SELECT content FROM messages WHERE agent_id = ? AND role = 'user' ORDER BY id", (agent.id,)
+    )
     return [r[0] for r in rows]
 
 
@@ -47,7 +48,10 @@ async def test_lone_surrogate_in_a_gateway_message_is_replaced_and_the_bot_keeps
 
 
 def test_wire_hooks_read_and_write_what_orjson_refuses() -> None:
-    assert wire.loads('{"content": "a\\ud83d", "\\udc00k": ["\\ud83d\\ude00"]}') == {"content": "a\ufffd", "\ufffdk": ["\U0001f600"]}
+    assert wire.loads('{"content": "a\\ud83d", "\\udc00k": ["\\ud83d\\ude00"]}') == {
+        "content": "a\ufffd",
+        "\ufffdk": ["\U0001f600"],
+    }
     assert wire.loads("not json {") == {}  # a frame the gateway reader ignores
     assert wire.loads(b'{"op": 11}') == {"op": 11}
     assert wire.dumps({"content": "b\udc00"}) == '{"content":"b\ufffd"}'
@@ -62,8 +66,12 @@ async def test_dms_limited_to_members_of_the_allowed_guild(
     limited = settings.model_copy(update={"allowed_guilds": frozenset({int(guild["id"])})})
     member_lookups = lambda: [r for r in fake_discord.requests if r[0] == "GET" and "/members/" in r[1]]  # noqa: E731
     async with running(limited, fake_discord) as bot:
-        assert await outcome_of(bot, "hi from outside", lambda: fake_discord.send_dm(stranger["id"], "hi from outside")) == "refused"
-        assert await outcome_of(bot, "hi from a member", lambda: fake_discord.send_dm(alice["id"], "hi from a member")) == "answered"
+        assert (
+            await outcome_of(bot, "hi from outside", lambda: fake_discord.send_dm(stranger["id"], "hi from outside")) == "refused"
+        )
+        assert (
+            await outcome_of(bot, "hi from a member", lambda: fake_discord.send_dm(alice["id"], "hi from a member")) == "answered"
+        )
         assert await outcome_of(bot, "again", lambda: fake_discord.send_dm(alice["id"], "again")) == "answered"
         assert await stored_contents(bot, f"dm:{stranger['id']}") == []
     assert fake_discord.bot_messages(fake_discord.dm_channel(stranger["id"])["id"]) == []
@@ -110,11 +118,17 @@ async def test_thread_is_its_own_agent_and_allowed_through_its_parent_channel(
     mention = f"<@{fake_discord.bot_user_id}>"
     async with running(only_general, fake_discord) as bot:
         await fake_discord.send_message(general["id"], alice["id"], "channel chatter")
-        outcome = await outcome_of(bot, f"{mention} thread question", lambda: fake_discord.send_message(thread["id"], alice["id"], f"{mention} thread question"))
+        outcome = await outcome_of(
+            bot,
+            f"{mention} thread question",
+            lambda: fake_discord.send_message(thread["id"], alice["id"], f"{mention} thread question"),
+        )
         assert outcome == "answered"
         (answer,) = fake_discord.bot_messages(thread["id"])
         assert answer["content"] == "in the thread"
-        outcome = await outcome_of(bot, f"{mention} over here", lambda: fake_discord.send_message(elsewhere["id"], alice["id"], f"{mention} over here"))
+        outcome = await outcome_of(
+            bot, f"{mention} over here", lambda: fake_discord.send_message(elsewhere["id"], alice["id"], f"{mention} over here")
+        )
         assert outcome == "refused"
         assert await stored_contents(bot, f"channel:{thread['id']}") == ["@fakebot thread question"]
         assert await stored_contents(bot, f"channel:{general['id']}") == ["channel chatter"]

@@ -15,16 +15,28 @@ ROOT = Path(__file__).parent.parent
 
 async def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", *args, cwd=env.get("CWD", ROOT),
+        sys.executable,
+        "-m",
+        "bot.cli",
+        *args,
+        cwd=env.get("CWD", ROOT),
         env={k: v for k, v in {**os.environ, **env}.items() if k != "CWD"},
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 30)
     return proc.returncode or 0, out.decode(), err.decode()
 
 
 def base_env(tmp_path: Path, fake: FakeOpenAI) -> dict[str, str]:
-    return {"DATABASE_PATH": str(tmp_path / "cli.db"), "LLM_BASE_URL": fake.url, "LLM_MODEL": "m", "CWD": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    return {
+        "DATABASE_PATH": str(tmp_path / "cli.db"),
+        "LLM_BASE_URL": fake.url,
+        "LLM_MODEL": "m",
+        "CWD": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 async def test_chat_repl_shows_replies_and_with_v_the_inner_workings(tmp_path: Path, fake: FakeOpenAI) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import discord
 import pytest
@@ -323,9 +323,7 @@ async def test_threads_components_edits_and_live_world_changes(fake_discord: Fak
         await fake.send_message(general["id"], alice["id"], "menu")
         (menu,) = await fake.wait_for(lambda f: [m for m in f.bot_messages(general["id"]) if m["edits"]])
         assert history == [["choose", "menu", "from hook"]]  # newest first, like Discord
-        assert fake.reactions == [
-            {"channel_id": general["id"], "message_id": menu["id"], "emoji": "👍", "action": "add"}
-        ]
+        assert fake.reactions == [{"channel_id": general["id"], "message_id": menu["id"], "emoji": "👍", "action": "add"}]
         pick = await fake.select_option(menu, "menu:pick", alice["id"], ["b"])
         await fake.wait_for(lambda f: len(pick["responses"]) == 2)
         assert [r["kind"] for r in pick["responses"]] == ["callback", "edit_original"]

@@ -36,7 +36,7 @@ def test_long_reply_with_code_block_splits_and_refences() -> None:
 
 
 def test_prefers_paragraph_breaks() -> None:
-    text = ("A" * 900 + "\n\n" + "B" * 900 + "\n\n" + "C" * 900)
+    text = "A" * 900 + "\n\n" + "B" * 900 + "\n\n" + "C" * 900
     parts = split_message(text)
     assert parts == ["A" * 900 + "\n\n" + "B" * 900, "C" * 900]
 

@@ -22,8 +22,13 @@ def user(text: str) -> recall.Message:
 @pytest.fixture
 async def engine(tmp_path: Path, fake: FakeOpenAI) -> AsyncIterator[Engine]:
     settings = EngineSettings(  # type: ignore[call-arg]
-        _env_file=None, database_path=tmp_path / "intake.db", llm_base_url=fake.url, llm_model="fake-model",
-        llm_timeout=5, llm_max_retries=0, llm_retry_budget=5,
+        _env_file=None,
+        database_path=tmp_path / "intake.db",
+        llm_base_url=fake.url,
+        llm_model="fake-model",
+        llm_timeout=5,
+        llm_max_retries=0,
+        llm_retry_budget=5,
     )
     e = await Engine.open(settings)
     yield e
@@ -40,9 +45,9 @@ async def test_messages_for_a_new_agent_are_stored_in_the_order_they_arrive(engi
     fake.default = reply("ok")
     texts = [f"line {i}" for i in range(24)]
     # the agent does not exist yet: every caller waits for its creation, and must resume in order
-    await asyncio.gather(*(
-        engine.send("channel:7", user(t)) if i % 6 == 5 else engine.record("channel:7", user(t)) for i, t in enumerate(texts)
-    ))
+    await asyncio.gather(
+        *(engine.send("channel:7", user(t)) if i % 6 == 5 else engine.record("channel:7", user(t)) for i, t in enumerate(texts))
+    )
     assert await stored(engine, "channel:7") == texts
 
 
@@ -101,7 +106,9 @@ async def test_a_person_cannot_forge_another_author_or_a_system_event(engine: En
 
 async def test_text_that_is_not_valid_unicode_is_stored_and_answered(engine: Engine, fake: FakeOpenAI) -> None:
     fake.default = reply("got it")
-    result = await engine.send("dm:2", recall.Message(role="user", content="half an emoji \ud83d here", author="b\udc80b", author_id="2"))
+    result = await engine.send(
+        "dm:2", recall.Message(role="user", content="half an emoji \ud83d here", author="b\udc80b", author_id="2")
+    )
     assert result.reply == "got it"
     assert await stored(engine, "dm:2") == ["half an emoji \ufffd here"]
     assert "half an emoji \ufffd here" in fake.chat_requests[0]["messages"][-1]["content"]

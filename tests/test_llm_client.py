@@ -35,9 +35,18 @@ async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
 @pytest.mark.parametrize(
     "status, body",
     [
-        (400, '{"error": {"message": "This model\'s maximum context length is 4096 tokens. However, you requested 5000 tokens", "code": "context_length_exceeded"}}'),  # OpenAI
-        (400, '{"object": "error", "message": "This model\'s maximum context length is 8192 tokens. However, you requested 9000 tokens (8000 in the messages, 1000 in the completion).", "code": 400}'),  # vLLM
-        (400, '{"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it", "type": "exceed_context_size_error"}}'),  # llama.cpp
+        (
+            400,
+            '{"error": {"message": "This model\'s maximum context length is 4096 tokens. However, you requested 5000 tokens", "code": "context_length_exceeded"}}',
+        ),  # OpenAI
+        (
+            400,
+            '{"object": "error", "message": "This model\'s maximum context length is 8192 tokens. However, you requested 9000 tokens (8000 in the messages, 1000 in the completion).", "code": 400}',
+        ),  # vLLM
+        (
+            400,
+            '{"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it", "type": "exceed_context_size_error"}}',
+        ),  # llama.cpp
         (500, '{"error": {"message": "prompt too long; exceeded max context length by 120 tokens"}}'),  # Ollama
         (422, '{"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096"}'),  # TGI
     ],
@@ -52,7 +61,19 @@ def test_other_errors_are_not_overflow() -> None:
 
 
 def test_lenient_parsing() -> None:
-    legacy = parse_chat({"choices": [{"message": {"role": "assistant", "content": None, "function_call": {"name": "send_message", "arguments": {"message": "hi"}}}}]})
+    legacy = parse_chat(
+        {
+            "choices": [
+                {
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "function_call": {"name": "send_message", "arguments": {"message": "hi"}},
+                    }
+                }
+            ]
+        }
+    )
     assert legacy.tool_calls[0].name == "send_message" and legacy.tool_calls[0].arguments == '{"message": "hi"}'
     assert legacy.tool_calls[0].id.startswith("call_") and legacy.usage is None
     with pytest.raises(LLMError, match="without a message"):
@@ -86,8 +107,19 @@ async def test_retry_budget_bounds_total_time(fake: FakeOpenAI) -> None:
 def test_odd_message_shapes_are_normalised() -> None:
     parts = parse_chat({"choices": [{"message": {"content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}}]})
     assert parts.content == "Hello"
-    odd = parse_chat({"choices": [{"message": {"content": 42, "tool_calls": ["junk", {"function": "nope"}, {"function": {"name": "send_message", "arguments": [1]}}]}}],
-                      "usage": {"prompt_tokens": "many"}})
+    odd = parse_chat(
+        {
+            "choices": [
+                {
+                    "message": {
+                        "content": 42,
+                        "tool_calls": ["junk", {"function": "nope"}, {"function": {"name": "send_message", "arguments": [1]}}],
+                    }
+                }
+            ],
+            "usage": {"prompt_tokens": "many"},
+        }
+    )
     assert odd.content == "42" and [c.name for c in odd.tool_calls] == ["send_message"] and odd.usage is None
     with pytest.raises(LLMError):
         parse_chat({"choices": [{"message": None}]})
@@ -146,7 +178,9 @@ SECRET_KEY = "sk-live-0123456789abcdef"
 
 def echo_key(fake: FakeOpenAI) -> Callable[[dict[str, Any]], Error]:
     """What some gateways do: quote the credentials they refused."""
-    return lambda body: Error(401, {"error": {"message": f"Incorrect API key provided: {fake.request_headers[-1].get('Authorization')}"}})
+    return lambda body: Error(
+        401, {"error": {"message": f"Incorrect API key provided: {fake.request_headers[-1].get('Authorization')}"}}
+    )
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -166,7 +200,13 @@ async def test_secrets_stay_out_of_errors_and_the_log(fake: FakeOpenAI, caplog: 
     assert (await with_user.chat("m", ASK)).content == "ok"
     assert fake.request_headers[-1]["Authorization"] == "Basic " + base64.b64encode(b"alice:pa55-w0rd").decode()
     await with_user.aclose()
-    down = LLMClient("http://alice:pa55-w0rd@127.0.0.1:9/v1", api_key=SECRET_KEY, max_retries=1, retry_budget=2, transport=TRANSPORTS[transport]())
+    down = LLMClient(
+        "http://alice:pa55-w0rd@127.0.0.1:9/v1",
+        api_key=SECRET_KEY,
+        max_retries=1,
+        retry_budget=2,
+        transport=TRANSPORTS[transport](),
+    )
     with pytest.raises(LLMError, match="cannot reach http://127.0.0.1:9/v1/") as unreachable:
         await down.chat("m", ASK)
     await down.aclose()
@@ -176,7 +216,12 @@ async def test_secrets_stay_out_of_errors_and_the_log(fake: FakeOpenAI, caplog: 
 
 def settings_for(tmp_path: Path, fake: FakeOpenAI, **over: Any) -> EngineSettings:
     values: dict[str, Any] = dict(
-        database_path=tmp_path / "engine.db", llm_base_url=fake.url, llm_model="fake-model", llm_timeout=5, llm_max_retries=1, llm_retry_budget=5,
+        database_path=tmp_path / "engine.db",
+        llm_base_url=fake.url,
+        llm_model="fake-model",
+        llm_timeout=5,
+        llm_max_retries=1,
+        llm_retry_budget=5,
     )
     return EngineSettings(_env_file=None, **(values | over))  # type: ignore[call-arg]
 
@@ -187,8 +232,12 @@ async def test_an_echoed_key_never_reaches_memory_the_prompt_or_the_export(tmp_p
     failed = await engine.send("dm:1", recall.Message(role="user", content="hello", author="ann", author_id="1"))
     assert failed.outcome == "error" and "HTTP 401" in failed.error
     fake.push(reply("back again"))
-    assert (await engine.send("dm:1", recall.Message(role="user", content="again", author="ann", author_id="1"))).reply == "back again"
-    assert "HTTP 401 from the model endpoint" in json.dumps(fake.chat_requests[-1])  # the failure is in the prompt, the key is not
+    assert (
+        await engine.send("dm:1", recall.Message(role="user", content="again", author="ann", author_id="1"))
+    ).reply == "back again"
+    assert "HTTP 401 from the model endpoint" in json.dumps(
+        fake.chat_requests[-1]
+    )  # the failure is in the prompt, the key is not
     exported = json.dumps(await portability.export_agent(engine, await engine.agent("dm:1")))
     await engine.close()
     assert "Bearer [redacted]" in exported
@@ -196,8 +245,15 @@ async def test_an_echoed_key_never_reaches_memory_the_prompt_or_the_export(tmp_p
         assert SECRET_KEY not in text
 
 
-@pytest.mark.parametrize("usage", [{"prompt_tokens": 1e20, "completion_tokens": 5}, {"prompt_tokens": -3, "completion_tokens": 5},
-                                   {"prompt_tokens": 12, "completion_tokens": "lots"}, {"prompt_tokens": 12, "completion_tokens": True}])
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 1e20, "completion_tokens": 5},
+        {"prompt_tokens": -3, "completion_tokens": 5},
+        {"prompt_tokens": 12, "completion_tokens": "lots"},
+        {"prompt_tokens": 12, "completion_tokens": True},
+    ],
+)
 async def test_unbelievable_usage_is_dropped_and_the_answer_kept(tmp_path: Path, fake: FakeOpenAI, usage: dict[str, Any]) -> None:
     engine = await Engine.open(settings_for(tmp_path, fake))
     fake.usage_body = usage
@@ -209,7 +265,9 @@ async def test_unbelievable_usage_is_dropped_and_the_answer_kept(tmp_path: Path,
 
 def test_token_counts_are_bounded_whole_numbers() -> None:
     def usage(prompt: Any, completion: Any = 1) -> Any:
-        return parse_chat({"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}).usage
+        return parse_chat(
+            {"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+        ).usage
 
     assert usage(10**7) is not None and usage(10**7).prompt_tokens == 10**7 and usage(12.0).prompt_tokens == 12
     assert usage(None).prompt_tokens == 0
@@ -245,7 +303,9 @@ async def test_bodies_nested_beyond_recursion_fail_as_llm_errors(fake: FakeOpenA
     deep: Any = None
     for _ in range(5000):
         deep = {"a": deep}
-    parsed = parse_chat({"choices": [{"message": {"content": "", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]}}]})
+    parsed = parse_chat(
+        {"choices": [{"message": {"content": "", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]}}]}
+    )
     assert parsed.tool_calls[0].arguments == "(arguments nested too deeply)"
     fake.push(Error(400, "[" * 100_000 + "]" * 100_000))
     with pytest.raises(LLMError, match=r"^HTTP 400 from the model endpoint: \[\[\[") as refused:

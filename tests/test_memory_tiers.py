@@ -11,8 +11,8 @@ from memory.config import EngineSettings
 from memory.db import Database
 from tests.fakeopenai import Error, FakeOpenAI
 
-
 # --- core memory -------------------------------------------------------------
+
 
 async def test_core_append_and_replace(db: Database, agent: Agent) -> None:
     assert "Appended" in (await core.append(db, agent, "human", "Name: Ann.")).text
@@ -40,6 +40,7 @@ async def test_core_refusals_tell_the_model_what_to_do(db: Database, agent: Agen
 
 
 # --- recall memory -----------------------------------------------------------
+
 
 async def _say(db: Database, agent: Agent, *texts: str, when: str | None = None, role: str = "user") -> None:
     msgs = [recall.Message(role=role, content=t, author="ann", author_id="1001") for t in texts]
@@ -71,7 +72,9 @@ async def test_conversation_search_dates_and_roles_filter(db: Database, agent: A
     await _say(db, agent, "Lisbon tips from the assistant", when="2024-03-03T10:00:00Z", role="assistant")
     march = await recall.search_messages(db, agent, "Lisbon", start_date="2024-03-01", end_date="2024-03-31")
     assert march.total == 3
-    users_in_march = await recall.search_messages(db, agent, "Lisbon", start_date="2024-03-01", end_date="2024-03-05", roles=["user"])
+    users_in_march = await recall.search_messages(
+        db, agent, "Lisbon", start_date="2024-03-01", end_date="2024-03-05", roles=["user"]
+    )
     assert sorted(h.text for h in users_in_march.hits) == ["booked the Lisbon hotel", "we planned the trip to Lisbon"]
     by_date_only = await recall.search_messages(db, agent, "", start_date="2024-04-01")
     assert [h.text for h in by_date_only.hits] == ["Lisbon was lovely"]
@@ -83,12 +86,36 @@ async def test_conversation_search_dates_and_roles_filter(db: Database, agent: A
 
 # query -> (messages it matches, passages it matches by keyword), for the message and passage below
 HOSTILE = {
-    '"': (0, 0), '""': (0, 0), "*": (0, 0), "AND": (1, 1), "OR NOT": (0, 0), "NEAR(": (0, 0), "NEAR(a b": (0, 0),
-    "-": (0, 0), "-foo": (0, 0), ":": (0, 0), "content:x": (0, 0), "agent:a1": (0, 0), "a1": (0, 0),
-    "{content}: x": (0, 0), "^start": (0, 0), "(((": (0, 0), "')--": (0, 0), "x' OR '1'='1": (0, 0), "\x00": (0, 0),
-    "tea\x00cup": (1, 1), "": (1, 1), "   ": (1, 1), "🍵🐈": (0, 0), "чай и кошки": (1, 1), "お茶と猫": (1, 0),
-    "شاي": (0, 0), "a" * 5000: (0, 0), " ".join(["word"] * 2000): (0, 0), "AND OR NOT NEAR": (0, 0),
-    "\"tea\" * -cats": (1, 1),
+    '"': (0, 0),
+    '""': (0, 0),
+    "*": (0, 0),
+    "AND": (1, 1),
+    "OR NOT": (0, 0),
+    "NEAR(": (0, 0),
+    "NEAR(a b": (0, 0),
+    "-": (0, 0),
+    "-foo": (0, 0),
+    ":": (0, 0),
+    "content:x": (0, 0),
+    "agent:a1": (0, 0),
+    "a1": (0, 0),
+    "{content}: x": (0, 0),
+    "^start": (0, 0),
+    "(((": (0, 0),
+    "')--": (0, 0),
+    "x' OR '1'='1": (0, 0),
+    "\x00": (0, 0),
+    "tea\x00cup": (1, 1),
+    "": (1, 1),
+    "   ": (1, 1),
+    "🍵🐈": (0, 0),
+    "чай и кошки": (1, 1),
+    "お茶と猫": (1, 0),
+    "شاي": (0, 0),
+    "a" * 5000: (0, 0),
+    " ".join(["word"] * 2000): (0, 0),
+    "AND OR NOT NEAR": (0, 0),
+    '"tea" * -cats': (1, 1),
 }
 
 
@@ -98,7 +125,10 @@ async def test_hostile_queries_never_raise(db: Database, agent: Agent, archive: 
     await archive.insert(agent, "Ann likes tea and cats. чай и кошки")
     keyword_only = Archive(db, None)
     for q, (messages, passages) in HOSTILE.items():
-        assert ((await recall.search_messages(db, agent, q)).total, (await keyword_only.search(agent, q)).total) == (messages, passages), q
+        assert ((await recall.search_messages(db, agent, q)).total, (await keyword_only.search(agent, q)).total) == (
+            messages,
+            passages,
+        ), q
         hybrid = await archive.search(agent, q)  # meaning may add the passage, never anything else
         assert [h.text for h in hybrid.hits] in ([], ["Ann likes tea and cats. чай и кошки"]), q
 
@@ -111,6 +141,7 @@ async def test_odd_message_content_is_stored(db: Database, agent: Agent) -> None
 
 
 # --- archival memory ---------------------------------------------------------
+
 
 def test_chunking_is_sentence_aware_with_overlap() -> None:
     sentences = [f"Sentence number {i} talks about topic {i % 7}." for i in range(200)]
@@ -147,7 +178,9 @@ async def test_identical_text_is_embedded_once(archive: Archive, agent: Agent, f
     assert await archive.count(agent) == 2
 
 
-async def test_embedding_outage_keeps_passage_and_catches_up(archive: Archive, agent: Agent, fake: FakeOpenAI, db: Database) -> None:
+async def test_embedding_outage_keeps_passage_and_catches_up(
+    archive: Archive, agent: Agent, fake: FakeOpenAI, db: Database
+) -> None:
     await archive.insert(agent, "first passage about kayaks")  # creates the vector space
     fake.fail_embeddings = Error(400, {"error": {"message": "model not loaded"}})
     await archive.insert(agent, "second passage about canoes")
@@ -214,6 +247,7 @@ async def test_oversized_insert_is_refused_and_long_text_chunked(archive: Archiv
 
 # --- isolation ---------------------------------------------------------------
 
+
 async def test_agents_never_see_each_others_rows(db: Database, settings: EngineSettings, archive: Archive) -> None:
     alice = await agents.get_or_create(db, "dm:1", settings)
     bob = await agents.get_or_create(db, "channel:2", settings)
@@ -242,18 +276,26 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
     texts = [f"note {i}: the {'zebra' if i % 3 == 0 else 'lion'} sleeps near pond {i}" for i in range(12)]
     for t in texts:
         await arch.insert(agent, t)
-    doomed = [r[0] for r in await db.fetchall("SELECT id FROM passages WHERE agent_id = ? AND content LIKE '%pond 4'", (agent.id,))]
+    doomed = [
+        r[0] for r in await db.fetchall("SELECT id FROM passages WHERE agent_id = ? AND content LIKE '%pond 4'", (agent.id,))
+    ]
     assert await arch.delete(agent, doomed) == 1
     query = fulltext.match(agent.id, "zebra pond sleeps", "{content context date}")
-    scores = await db.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
+    scores = await db.fetchall(
+        "SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,)
+    )
     # the same final rows, indexed once each into a fresh table
     fresh = await Database.open(tmp_path / "fresh.db")
     rows = await db.fetchall("SELECT id, content, context, created_at FROM passages ORDER BY id")
-    await fresh.transact(lambda c: c.executemany(
-        "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
-        [(r[0], *fulltext.passage_row(agent.id, r[1], r[2], r[3])) for r in rows],
-    ))
-    expected = await fresh.fetchall("SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,))
+    await fresh.transact(
+        lambda c: c.executemany(
+            "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
+            [(r[0], *fulltext.passage_row(agent.id, r[1], r[2], r[3])) for r in rows],
+        )
+    )
+    expected = await fresh.fetchall(
+        "SELECT rowid, bm25(passages_fts, 1, 0.5, 0.5) FROM passages_fts WHERE passages_fts MATCH ? ORDER BY rowid", (query,)
+    )
     await fresh.close()
     assert [r[0] for r in scores] == [r[0] for r in expected] and len(scores) == 11
     assert [r[1] for r in scores] == pytest.approx([r[1] for r in expected], rel=1e-9)
@@ -261,12 +303,16 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
 
 async def test_forgetting_never_separates_a_call_from_its_result(db: Database, agent: Agent) -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "send_message", "arguments": '{"message": "your pin is 4242"}'}}
-    stored = await recall.append(db, agent, [
-        recall.Message(role="user", content="what's my pin?"),
-        recall.Message(role="assistant", content="", tool_calls=[call]),
-        recall.Message(role="tool", content="Sent.", tool_call_id="c1"),
-        recall.Message(role="tool", content="an unrelated result", tool_call_id="zz"),
-    ])
+    stored = await recall.append(
+        db,
+        agent,
+        [
+            recall.Message(role="user", content="what's my pin?"),
+            recall.Message(role="assistant", content="", tool_calls=[call]),
+            recall.Message(role="tool", content="Sent.", tool_call_id="c1"),
+            recall.Message(role="tool", content="an unrelated result", tool_call_id="zz"),
+        ],
+    )
     user_msg, assistant, result, lonely = stored
     assert await recall.delete(db, agent, [lonely.id]) == 1
     left = {m.id: m for m in await recall.in_context(db, agent)}

@@ -42,19 +42,26 @@ async def test_import_loads_an_export_into_another_agent(engine: Engine) -> None
     assert (await import_agent(engine, data, "dm:4"))["agent"] == "dm:4"
 
 
-@pytest.mark.parametrize("damage", [
-    lambda d: d["passages"][-1].pop("created_at"),
-    lambda d: d["passages"][-1].update(created_at="last Tuesday"),
-    lambda d: d["messages"][-1].update(role="narrator"),
-    lambda d: d["messages"][-1].update(tool_calls="not a list"),
-    lambda d: d["blocks"][-1].update(value="x" * 100_000),
-    lambda d: d["blocks"].append(["not", "a", "block"]),
-    lambda d: d["blocks"].append(dict(d["blocks"][-1])),  # a label twice
-    lambda d: d["messages"][-1].update(tool_calls=[{"function": "x"}]),
-    lambda d: d["messages"][-1].update(tool_calls=[{"id": "c1", "function": {"name": "send_message", "arguments": {"message": "hi"}}}]),
-    lambda d: d["messages"][-1].update(tool_calls=[{"id": "c1", "function": {"name": "f", "arguments": "{}"}, "x": float("nan")}]),
-    lambda d: d["messages"][-1].update(tool_call_id={"not": "a string"}),
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["passages"][-1].pop("created_at"),
+        lambda d: d["passages"][-1].update(created_at="last Tuesday"),
+        lambda d: d["messages"][-1].update(role="narrator"),
+        lambda d: d["messages"][-1].update(tool_calls="not a list"),
+        lambda d: d["blocks"][-1].update(value="x" * 100_000),
+        lambda d: d["blocks"].append(["not", "a", "block"]),
+        lambda d: d["blocks"].append(dict(d["blocks"][-1])),  # a label twice
+        lambda d: d["messages"][-1].update(tool_calls=[{"function": "x"}]),
+        lambda d: d["messages"][-1].update(
+            tool_calls=[{"id": "c1", "function": {"name": "send_message", "arguments": {"message": "hi"}}}]
+        ),
+        lambda d: d["messages"][-1].update(
+            tool_calls=[{"id": "c1", "function": {"name": "f", "arguments": "{}"}, "x": float("nan")}]
+        ),
+        lambda d: d["messages"][-1].update(tool_call_id={"not": "a string"}),
+    ],
+)
 async def test_a_malformed_export_changes_nothing(engine: Engine, damage: Any) -> None:
     data = copy.deepcopy(await _exported(engine))
     damage(data)

@@ -38,8 +38,12 @@ def closed_port() -> int:
 
 def run_env(tmp_path: Path, fake: FakeOpenAI, fake_discord: FakeDiscord | None = None, **over: str) -> dict[str, str]:
     env = {
-        **os.environ, "DISCORD_TOKEN": "secret-token-value", "LLM_BASE_URL": fake.url, "LLM_MODEL": "m",
-        "DATABASE_PATH": str(tmp_path / "run.db"), "PYTHONPATH": str(ROOT),
+        **os.environ,
+        "DISCORD_TOKEN": "secret-token-value",
+        "LLM_BASE_URL": fake.url,
+        "LLM_MODEL": "m",
+        "DATABASE_PATH": str(tmp_path / "run.db"),
+        "PYTHONPATH": str(ROOT),
     }
     if fake_discord:
         env |= {"DISCORD_API_BASE": fake_discord.rest_base, "DISCORD_GATEWAY_URL": fake_discord.gateway_url}
@@ -48,8 +52,14 @@ def run_env(tmp_path: Path, fake: FakeOpenAI, fake_discord: FakeDiscord | None =
 
 async def start(tmp_path: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "run", cwd=tmp_path, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "run",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -68,7 +78,9 @@ async def refused_start(tmp_path: Path, env: dict[str, str]) -> str:
     return line
 
 
-async def test_sigterm_ends_run_in_bounded_time_while_the_model_drips(fake_discord: FakeDiscord, fake: FakeOpenAI, tmp_path: Path) -> None:
+async def test_sigterm_ends_run_in_bounded_time_while_the_model_drips(
+    fake_discord: FakeDiscord, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     alice = fake_discord.add_user("alice")
     # a byte a second: LLM_TIMEOUT (120 s by default) bounds the call, shutdown must not wait for it
     fake.default = lambda body: Drip(1.0)
@@ -95,7 +107,9 @@ async def test_sigterm_ends_run_in_bounded_time_while_the_model_drips(fake_disco
 
 async def test_unreachable_discord_stops_the_start_with_one_line(fake: FakeOpenAI, tmp_path: Path) -> None:
     api = f"http://127.0.0.1:{closed_port()}/api/v10"
-    err = await refused_start(tmp_path, run_env(tmp_path, fake, DISCORD_API_BASE=api, DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{closed_port()}/"))
+    err = await refused_start(
+        tmp_path, run_env(tmp_path, fake, DISCORD_API_BASE=api, DISCORD_GATEWAY_URL=f"ws://127.0.0.1:{closed_port()}/")
+    )
     assert err.startswith(f"mnemocord: DISCORD_API_BASE: cannot reach Discord at {api} ("), err
 
 

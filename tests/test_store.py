@@ -33,7 +33,10 @@ async def test_transactions_committed_together_still_fail_alone(db: Database) ->
 
     # the first goes alone; the others queue behind it and share the next commit
     results = await asyncio.gather(
-        db.transact(put("first")), db.transact(put("a")), db.transact(half_then_fail), db.transact(put("b")),
+        db.transact(put("first")),
+        db.transact(put("a")),
+        db.transact(half_then_fail),
+        db.transact(put("b")),
         return_exceptions=True,
     )
     assert results[:2] == [1, 1] and isinstance(results[2], ValueError) and results[3] == 1
@@ -97,12 +100,20 @@ async def test_full_text_rows_of_an_older_database_are_indexed_anew(tmp_path: Pa
     for key in ("dm:1", "channel:2"):
         await old.execute("INSERT INTO agents(key, created_at) VALUES (?, '2024-01-01T00:00:00Z')", (key,))
     # rows as the code before m004 wrote them: an agent column in each FTS table
-    await old.transact(lambda c: (
-        c.execute("INSERT INTO messages(id, agent_id, role, content, created_at) VALUES (1, 1, 'user', 'the heron nests by the weir', '2024-05-08T10:00:00Z')"),
-        c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (1, 'a1', 'the heron nests by the weir')"),
-        c.execute("INSERT INTO passages(id, agent_id, content, created_at, text_hash) VALUES (7, 2, 'Herons were counted in May.', '2024-05-08T10:00:00Z', 'h')"),
-        c.execute("INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (7, 'a2', 'Herons were counted in May.', '', '8 May 2024')"),
-    ))
+    await old.transact(
+        lambda c: (
+            c.execute(
+                "INSERT INTO messages(id, agent_id, role, content, created_at) VALUES (1, 1, 'user', 'the heron nests by the weir', '2024-05-08T10:00:00Z')"
+            ),
+            c.execute("INSERT INTO messages_fts(rowid, agent, content) VALUES (1, 'a1', 'the heron nests by the weir')"),
+            c.execute(
+                "INSERT INTO passages(id, agent_id, content, created_at, text_hash) VALUES (7, 2, 'Herons were counted in May.', '2024-05-08T10:00:00Z', 'h')"
+            ),
+            c.execute(
+                "INSERT INTO passages_fts(rowid, agent, content, context, date) VALUES (7, 'a2', 'Herons were counted in May.', '', '8 May 2024')"
+            ),
+        )
+    )
     await old.close()
 
     from memory.archival import Archive
@@ -120,10 +131,14 @@ async def test_full_text_rows_of_an_older_database_are_indexed_anew(tmp_path: Pa
 
 async def test_words_with_marks_and_accents_are_searchable(db: Database, settings: EngineSettings) -> None:
     agent = await agents.get_or_create(db, "dm:3", settings)
-    await recall.append(db, agent, [
-        recall.Message(role="user", content="मुझे हिन्दी पसंद है", author="ravi"),
-        recall.Message(role="user", content="un Cafe\u0301 crème au bar_tabac", author="léa"),
-    ])
+    await recall.append(
+        db,
+        agent,
+        [
+            recall.Message(role="user", content="मुझे हिन्दी पसंद है", author="ravi"),
+            recall.Message(role="user", content="un Cafe\u0301 crème au bar_tabac", author="léa"),
+        ],
+    )
     assert (await recall.search_messages(db, agent, "हिन्दी")).total == 1
     assert (await recall.search_messages(db, agent, "हि")).total == 0  # a word is one term, not its first letter
     assert (await recall.search_messages(db, agent, "café creme")).total == 1
@@ -143,10 +158,15 @@ async def test_float_vectors_of_an_older_database_move_to_passage_vectors(tmp_pa
     near, far = struct.pack("8f", 1, 0, 0, 0, 0, 0, 0, 0), struct.pack("8f", 0, 0, 0, 0, 0, 0, 0, -1)
 
     def old_layout(c) -> None:  # type: ignore[no-untyped-def]
-        c.execute("CREATE VIRTUAL TABLE passages_vec USING vec0(agent_id INTEGER PARTITION KEY, embedding float[8] distance_metric=l2)")
+        c.execute(
+            "CREATE VIRTUAL TABLE passages_vec USING vec0(agent_id INTEGER PARTITION KEY, embedding float[8] distance_metric=l2)"
+        )
         c.executemany("INSERT INTO meta VALUES (?, ?)", [("embedding_model", "m8"), ("embedding_dim", "8")])
         for pid, vector in ((1, far), (2, near)):
-            c.execute("INSERT INTO passages(id, agent_id, content, created_at, text_hash, embedded) VALUES (?, 1, ?, '2024-01-01T00:00:00Z', ?, 1)", (pid, f"p{pid}", f"h{pid}"))
+            c.execute(
+                "INSERT INTO passages(id, agent_id, content, created_at, text_hash, embedded) VALUES (?, 1, ?, '2024-01-01T00:00:00Z', ?, 1)",
+                (pid, f"p{pid}", f"h{pid}"),
+            )
             c.execute("INSERT INTO passages_vec(rowid, agent_id, embedding) VALUES (?, 1, ?)", (pid, vector))
 
     await old.transact(old_layout)
@@ -192,7 +212,9 @@ async def test_full_text_is_indexed_anew_when_pythons_unicode_tables_change(tmp_
     agent = await agents.get_or_create(db, "dm:1", settings)
     await Archive(db, None).insert(agent, "the swordfish lives in the bay")
     # a row the index can no longer forget, as words cut by other Unicode tables would leave
-    await db.transact(lambda c: c.execute("INSERT INTO passages_fts(rowid, content) VALUES (999, ?)", (f"x{agent.id}xswordfish",)))
+    await db.transact(
+        lambda c: c.execute("INSERT INTO passages_fts(rowid, content) VALUES (999, ?)", (f"x{agent.id}xswordfish",))
+    )
     assert (await Archive(db, None).search(agent, "swordfish")).total == 2
     await db.execute("UPDATE meta SET value = '13.0.0' WHERE key = 'fts_unicode'")
     await db.close()
@@ -225,6 +247,7 @@ async def test_queued_transactions_commit_in_batches_of_at_most_batch_in_order(d
             committed = probe.execute("SELECT count(*) FROM meta WHERE key LIKE 'k%'").fetchone()[0]
             c.execute("INSERT INTO meta(key, value) VALUES (?, 'v')", (key,))
             return committed
+
         return run
 
     first = asyncio.create_task(db.transact(blocker))
@@ -358,8 +381,13 @@ asyncio.run(main())
 async def test_a_second_process_is_refused_until_the_first_one_dies(tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _HOLD, str(path), cwd=Path(__file__).parent.parent,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        _HOLD,
+        str(path),
+        cwd=Path(__file__).parent.parent,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert holder.stdout is not None
@@ -409,8 +437,13 @@ asyncio.run(main(sys.argv[1]))
 async def test_close_is_clean_when_the_final_checkpoint_fails(tmp_path: Path) -> None:
     path = tmp_path / "full.db"
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _FILL_THEN_CLOSE_ON_A_FULL_DISK, str(path), cwd=Path(__file__).parent.parent,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-c",
+        _FILL_THEN_CLOSE_ON_A_FULL_DISK,
+        str(path),
+        cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await child.communicate()
     assert (child.returncode, out) == (0, b"closed\n"), err.decode()
