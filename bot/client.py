@@ -10,6 +10,7 @@ import discord
 from discord import app_commands
 
 from memory import clock, recall
+from memory.db import StorageError, StorageFull
 from memory.documents import Unreadable
 from memory.engine import Engine
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # Typing shows only for turns still running after this long: a quick answer needs no
 # indicator, and skipping it saves a REST call per turn (a product choice, not a limit).
 TYPING_AFTER = 1.0
+NOT_STORED_FULL = "Sorry, I couldn't keep your message: my storage is full. The bot's operator has to free disk space."
+NOT_STORED = "Sorry, I couldn't keep your message because of a storage problem on my side. Please try again later."
 
 
 class MnemoBot(discord.Client):
@@ -89,6 +92,11 @@ class MnemoBot(discord.Client):
         outcome = "failed"
         try:
             outcome = await self._handle(message, me, key, ticket)
+        except StorageError as exc:  # the message was not accepted: nobody else will say so
+            log.error("%s: message %s not stored: %s", key, message.id, exc)
+            if is_addressed(message, me):
+                full = isinstance(exc, StorageFull)
+                await self._send(message, NOT_STORED_FULL if full else NOT_STORED)
         finally:
             ticket.release()
             self.dispatch("message_handled", message, outcome)

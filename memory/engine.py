@@ -1,10 +1,9 @@
 """The engine: opens the store and the model client, and runs agents' turns.
 
-One turn at a time per agent: messages that arrive while a turn runs are
-persisted at once and answered together by the next turn, in order. A message
-for an idle agent is persisted by the first transaction of the turn it starts,
-still before the model is called. Different agents run concurrently; the model
-client caps calls in flight for all of them.
+Every message is stored the moment it arrives (`Engine._arrive`), before any
+model call. One turn at a time per agent: messages that arrive while a turn
+runs are answered together by the next turn, in order. Different agents run
+concurrently; the model client caps calls in flight for all of them.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from .agents import Agent
 from .api import MemoryAPI
 from .archival import Archive
 from .config import EngineSettings
-from .db import Database
+from .db import Database, StorageFull
 from .embeddings import Embedder
 from .llm import ChatResult, LLMClient, LLMError, ToolCall
 from .loop import Loop
@@ -34,6 +34,9 @@ from .text import valid
 log = logging.getLogger(__name__)
 
 CONSOLIDATION_STEPS = 3
+# agents whose id stays cached (an agent's id never changes; a miss costs one read)
+AGENTS_KEPT = 4096
+STORAGE_FULL = "Sorry, my storage is full, so I can't think this through right now. The bot's operator has to free disk space."
 # first pause before embedding again after the endpoint failed; it doubles up to 10 minutes
 EMBEDDING_RETRY_SECONDS = 30.0
 CONSOLIDATION_INSTRUCTIONS = """\
@@ -44,6 +47,13 @@ Then answer "done". Do not save small talk.
 
 Current core memory:
 {core}"""
+
+
+@dataclass
+class _Hold:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by each turn and by `exclusive`
+    erasures: int = 0
+    users: int = 0
 
 
 @dataclass
@@ -63,9 +73,8 @@ class Engine:
         self.token_scale = context.TokenScale()
         self._mailboxes: dict[str, _Mailbox] = {}
         # agents are never deleted: a key's id never changes
-        self._agents: dict[str, asyncio.Future[Agent]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._epochs: dict[str, int] = {}
+        self._agents: OrderedDict[str, asyncio.Future[Agent]] = OrderedDict()
+        self._holds: dict[str, _Hold] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._embedding: asyncio.Task[None] | None = None
         self.memory = MemoryAPI(self)
@@ -136,6 +145,11 @@ class Engine:
         if found is None:
             found = self._agents[key] = asyncio.ensure_future(agents.get_or_create(self.db, key, self.settings))
             found.add_done_callback(lambda f: f.exception() is not None and self._agents.pop(key, None))
+            oldest = next(iter(self._agents.values()))
+            if len(self._agents) > AGENTS_KEPT and oldest.done():
+                self._agents.popitem(last=False)
+        else:
+            self._agents.move_to_end(key)
         return await found
 
     async def record(self, key: str, message: recall.Message) -> None:
@@ -169,40 +183,57 @@ class Engine:
             box.worker = asyncio.create_task(self._work(agent, box))
         return future
 
-    def lock(self, key: str) -> asyncio.Lock:
-        """Held by each turn (and by `exclusive`)."""
-        return self._locks.setdefault(key, asyncio.Lock())
+    @contextlib.contextmanager
+    def _use(self, key: str) -> Iterator[_Hold]:
+        """The agent's lock and erasure count, kept while anything uses them: idle agents cost nothing."""
+        hold = self._holds.get(key) or self._holds.setdefault(key, _Hold())
+        hold.users += 1
+        try:
+            yield hold
+        finally:
+            hold.users -= 1
+            if not hold.users:
+                del self._holds[key]
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         """For erasing memory: never cuts into a turn, and a consolidation pass still running
         (it read the memory before) drops its notes instead of writing back what was erased."""
-        async with self.lock(key):
-            try:
-                yield
-            finally:
-                self._epochs[key] = self._epochs.get(key, 0) + 1
+        with self._use(key) as hold:
+            async with hold.lock:
+                try:
+                    yield
+                finally:
+                    hold.erasures += 1
 
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
         """Turns until no stored message waits for an answer."""
-        while box.pending:
-            try:
-                async with self.lock(agent.key):
-                    result = await self.run_turn(agent)
-            except Exception as exc:  # a bug must not leave callers waiting forever
-                log.exception("%s: turn failed", agent.key)
-                result = TurnResult(reply="Sorry, something went wrong on my side.", outcome=TurnOutcome.ERROR, error=repr(exc))
-            # the turn answered every message it admitted; all of them if it failed before admitting
-            through = result.admitted_through or max(m.id for m, _ in box.pending)
-            batch = [p for p in box.pending if p[0].id <= through]
-            box.pending = [p for p in box.pending if p[0].id > through]
-            for _, future in batch[:-1]:
-                if not future.done():
-                    future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))
-            if batch and not batch[-1][1].done():
-                batch[-1][1].set_result(result)
+        with self._use(agent.key) as hold:
+            while box.pending:
+                await self._answer(agent, box, hold)
         if self._mailboxes.get(agent.key) is box:
             del self._mailboxes[agent.key]
+
+    async def _answer(self, agent: Agent, box: _Mailbox, hold: _Hold) -> None:
+        """One turn, and its result to everyone it answered."""
+        try:
+            async with hold.lock:
+                result = await self.run_turn(agent)
+        except StorageFull as exc:
+            log.error("%s: %s", agent.key, exc)
+            result = TurnResult(reply=STORAGE_FULL, outcome=TurnOutcome.ERROR, error=str(exc))
+        except Exception as exc:  # a bug must not leave callers waiting forever
+            log.exception("%s: turn failed", agent.key)
+            result = TurnResult(reply="Sorry, something went wrong on my side.", outcome=TurnOutcome.ERROR, error=repr(exc))
+        # the turn answered every message it admitted; all of them if it failed before admitting
+        through = result.admitted_through or max(m.id for m, _ in box.pending)
+        batch = [p for p in box.pending if p[0].id <= through]
+        box.pending = [p for p in box.pending if p[0].id > through]
+        for _, future in batch[:-1]:
+            if not future.done():
+                future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))
+        if batch and not batch[-1][1].done():
+            batch[-1][1].set_result(result)
 
     async def run_turn(self, agent: Agent) -> TurnResult:
         """A turn that answers every message waiting for this agent."""
@@ -253,14 +284,18 @@ class Engine:
 
     async def _consolidate(self, agent: Agent, evicted: list[recall.Message]) -> None:
         """Off the reply path: turn an evicted span into archival notes and core edits."""
-        epoch = self._epochs.get(agent.key, 0)
+        with self._use(agent.key) as hold:
+            await self._consolidate_held(agent, evicted, hold)
+
+    async def _consolidate_held(self, agent: Agent, evicted: list[recall.Message], hold: _Hold) -> None:
         try:
             blocks = core.render(await core.blocks(self.db, agent))
             host = _Consolidation(
                 self,
                 agent,
                 evicted,
-                epoch,
+                hold,
+                hold.erasures,
                 [
                     {"role": "system", "content": CONSOLIDATION_INSTRUCTIONS.format(core=blocks)},
                     {"role": "user", "content": context.transcript(evicted)},
@@ -293,7 +328,8 @@ class _Consolidation:
     engine: Engine
     agent: Agent
     evicted: list[recall.Message]
-    epoch: int
+    hold: _Hold
+    erasures: int  # when the pass read the memory
     messages: list[dict[str, Any]]
 
     async def ask(self, schemas: list[dict[str, Any]] | None, note: str | None) -> ChatResult:
@@ -304,7 +340,7 @@ class _Consolidation:
         self.messages.extend(m.to_openai() for m in messages)
 
     async def execute(self, call: ToolCall, available: dict[str, tools.Tool]) -> tools.Outcome:
-        if self.engine._epochs.get(self.agent.key, 0) != self.epoch:
+        if self.hold.erasures != self.erasures:
             raise _Erased
         arguments = call.arguments
         if call.name == "archival_memory_insert":  # date the notes by the span they come from

@@ -501,7 +501,7 @@ async def test_messages_keep_their_order_while_a_command_holds_the_agent(
         return stored
 
     async def command() -> None:  # e.g. /memory reset, which takes the agent's lock
-        async with engine.lock("dm:1"):
+        async with engine.exclusive("dm:1"):
             command_started.set()
             await asyncio.wait_for(second_stored.wait(), 5)  # held until the second message has arrived
 

@@ -150,3 +150,24 @@ async def test_a_frame_that_is_not_json_is_skipped_without_reconnecting(
         await fake_discord.send_dm(alice["id"], "after the garbage")
         await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]))
         assert fake_discord.connection_count == connections  # no reconnect either
+
+
+async def test_a_full_disk_is_told_to_the_person_and_the_bot_keeps_running(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.default = lambda body: reply("noted")
+    async with running(settings, fake_discord) as bot:
+        db = bot.engine.db
+        pages = await db.fetchval("PRAGMA page_count")
+        await db.transact(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+        long = "a long message to store " * 900
+        assert await outcome_of(bot, long, lambda: fake_discord.send_dm(alice["id"], long)) == "failed"
+        (answer,) = fake_discord.bot_messages(dm["id"])
+        assert "storage is full" in answer["content"]
+        await db.transact(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+        await fake_discord.send_dm(alice["id"], "and now?")
+        await fake_discord.wait_for(lambda f: len(f.bot_messages(dm["id"])) == 2)
+        assert fake_discord.bot_messages(dm["id"])[-1]["content"] == "noted"
+        assert await stored_contents(bot, f"dm:{alice['id']}") == ["and now?"]

@@ -112,3 +112,45 @@ async def test_text_that_is_not_valid_unicode_is_stored_and_answered(engine: Eng
     assert result.reply == "got it"
     assert await stored(engine, "dm:2") == ["half an emoji \ufffd here"]
     assert "half an emoji \ufffd here" in fake.chat_requests[0]["messages"][-1]["content"]
+
+
+async def test_idle_agents_leave_nothing_behind_in_the_engine(
+    engine: Engine, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memory import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AGENTS_KEPT", 50)
+    fake.default = reply("ok")
+    for i in range(120):
+        await engine.record(f"dm:{i}", user("hello"))
+    await asyncio.gather(*(engine.send(f"dm:{i}", user("again")) for i in range(0, 120, 3)))
+    async with engine.exclusive("dm:5"):
+        pass
+    # per-agent state is kept while something uses it, and the id cache is bounded
+    assert not engine._holds and not engine._mailboxes
+    assert len(engine._agents) <= 50
+    assert await stored(engine, "dm:0") == ["hello", "again"]  # an evicted id is read again
+
+
+async def test_a_full_disk_is_said_as_such_and_loses_nothing_already_accepted(engine: Engine, fake: FakeOpenAI) -> None:
+    from memory.db import StorageFull
+
+    fake.default = reply("ok")
+    await engine.send("dm:3", user("before"))
+    pages = await engine.db.fetchval("PRAGMA page_count")
+    await engine.db.transact(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+    with pytest.raises(StorageFull, match="storage is full"):  # the caller must tell the person: it was not accepted
+        await engine.send("dm:3", user("x" * 20_000))
+    await engine.db.transact(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+    assert await stored(engine, "dm:3") == ["before"]
+
+    async def fill_the_disk(body: dict[str, Any]) -> dict[str, Any]:  # the message is in; its answer cannot be
+        pages = await engine.db.fetchval("PRAGMA page_count")
+        await engine.db.transact(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+        return reply("a long answer " * 2000)
+
+    fake.default = fill_the_disk
+    result = await engine.send("dm:3", user("during"))
+    assert result.outcome == "error" and "storage is full" in result.reply
+    await engine.db.transact(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+    assert await stored(engine, "dm:3") == ["before", "during"]
