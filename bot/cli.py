@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import logging
 import sys
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
+    # bytes that are not UTF-8 become U+FFFD where they enter, instead of ending the chat with a traceback
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="replace")
     engine = await Engine.open(settings)
     print(
         f"Chatting with agent {key} via {settings.llm_model} at {settings.llm_base_url}. `/file PATH` reads a document. Ctrl-D to quit."

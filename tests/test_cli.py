@@ -13,7 +13,7 @@ from tests.fakeopenai import FakeOpenAI, call, reply
 ROOT = Path(__file__).parent.parent
 
 
-async def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> tuple[int, str, str]:
+async def run_cli(*args: str, env: dict[str, str], stdin: str | bytes = "") -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -25,7 +25,7 @@ async def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> tuple[int
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 30)
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if isinstance(stdin, str) else stdin), 30)
     return proc.returncode or 0, out.decode(), err.decode()
 
 
@@ -95,3 +95,15 @@ async def test_documents_ingested_from_the_command_line_and_the_chat(tmp_path: P
     code, out, err = await run_cli("export", "--agent", "local:terminal", env=env)
     passages = [p["content"] for p in json.loads(out)["passages"]]
     assert passages == ["# Garden\n\nThe quince tree was planted in March 2019.", "The lease of flat 4B ends on 30 June 2031."]
+
+
+async def test_bytes_that_are_not_utf8_and_half_emoji_from_the_model_keep_the_chat_going(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    fake.push(call("send_message", '{"message": "half \\ud83d an emoji"}'), reply("fine"))
+    # a terminal's UTF-8 locale reads stdin strictly (the test's C locale would use surrogateescape)
+    env = {**base_env(tmp_path, fake), "PYTHONIOENCODING": "utf-8"}
+    code, out, err = await run_cli("chat", env=env, stdin=b"caf\xe9 au lait\nstill ok?\n")
+    assert code == 0 and "Traceback" not in err, err
+    assert "bot> half \ufffd an emoji" in out and "bot> fine" in out
+    assert fake.chat_requests[0]["messages"][-1]["content"].endswith("caf\ufffd au lait")
