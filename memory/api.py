@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from . import agents, context, core, documents, portability, recall, search
 from .agents import Agent
+from .archival import Archive
+from .config import EngineSettings
 from .core import Block
+from .db import Database
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class Engine(Protocol):
+    """What the memory API needs of the engine (memory/engine.py), which owns it."""
+
+    db: Database
+    archive: Archive
+    settings: EngineSettings
+
+    async def agent(self, key: str) -> Agent: ...
+
+    def exclusive(self, key: str) -> AbstractAsyncContextManager[None]: ...
+
 
 Scope = Literal["conversation", "core", "archival", "all"]
 SCOPES: tuple[Scope, ...] = ("conversation", "core", "archival", "all")
@@ -217,14 +231,14 @@ class MemoryAPI:
 
     async def export(self, key: str) -> dict[str, Any]:
         """The agent's whole memory as JSON-ready data (`import_data` loads it)."""
-        return await portability.export_agent(self._engine, await self._agent(key))
+        return await portability.export_agent(self._engine.db, await self._agent(key))
 
     async def import_data(self, data: Any, key: str | None = None) -> dict[str, Any]:
         """Load an export into agent `key` (default: the exported key), in one transaction.
 
         Returns counts; raises ValueError when `data` is not a valid export.
         """
-        return await portability.import_agent(self._engine, data, key)
+        return await portability.import_agent(self._engine.db, self._engine.archive, self._agent, data, key)
 
 
 _MISSING = object()

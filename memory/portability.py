@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from . import archival, core, recall, search
 from .agents import Agent
+from .archival import Archive
 from .clock import now
-from .db import StorageError, sqlite3
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .db import Database, StorageError, sqlite3
 
 FORMAT = "mnemocord-export"
 VERSION = 1
 
 
-async def export_agent(engine: Engine, agent: Agent) -> dict[str, Any]:
-    db = engine.db
+async def export_agent(db: Database, agent: Agent) -> dict[str, Any]:
     row = await db.fetchone("SELECT created_at, summary, options FROM agents WHERE id = ?", (agent.id,))
     blocks = await core.blocks(db, agent)
     messages = await db.fetchall(
@@ -67,8 +65,10 @@ async def export_agent(engine: Engine, agent: Agent) -> dict[str, Any]:
     }
 
 
-async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = None) -> dict[str, Any]:
-    """Load an export into agent `key` (default: the exported key).
+async def import_agent(
+    db: Database, archive: Archive, agent_of: Callable[[str], Awaitable[Agent]], data: dict[str, Any], key: str | None = None
+) -> dict[str, Any]:
+    """Load an export into agent `key` (default: the exported key); `agent_of` finds or makes it.
 
     Blocks and the summary are replaced; messages and passages are added, all in
     one transaction, after the whole file was checked: a malformed file or an error
@@ -112,8 +112,8 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     labels = [label for label, *_ in blocks]
     if len(set(labels)) != len(labels):
         raise ValueError(f"a block label appears twice: {sorted(labels)}")
-    agent = await engine.agent(key)
-    current = {b.label: b.limit for b in await core.blocks(engine.db, agent)}
+    agent = await agent_of(key)
+    current = {b.label: b.limit for b in await core.blocks(db, agent)}
     for label, value, limit, _ in blocks:
         if len(value) > current.get(label, limit):
             raise ValueError(f"block {label!r} holds {len(value)} characters, over its limit of {current.get(label, limit)}")
@@ -144,10 +144,10 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
 
     # one transaction: an error anywhere leaves memory as it was
     try:
-        await engine.db.transact(write)
+        await db.transact(write)
     except sqlite3.Error as exc:
         raise StorageError(f"the import failed and changed nothing: {exc}") from exc
-    await engine.archive.embed_pending(agent)
+    await archive.embed_pending(agent)
     return {"agent": agent.key, "blocks": len(blocks), "messages": len(messages), "passages": len(passages)}
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from httpx_aiohttp import AiohttpTransport
 
-from memory import portability, recall
+from memory import recall
 from memory.config import EngineSettings
 from memory.engine import Engine
 from memory.llm import ContextOverflowError, LLMClient, LLMError, is_context_overflow, parse_chat
@@ -238,7 +238,7 @@ async def test_an_echoed_key_never_reaches_memory_the_prompt_or_the_export(tmp_p
     assert "HTTP 401 from the model endpoint" in json.dumps(
         fake.chat_requests[-1]
     )  # the failure is in the prompt, the key is not
-    exported = json.dumps(await portability.export_agent(engine, await engine.agent("dm:1")))
+    exported = json.dumps(await engine.memory.export("dm:1"))
     await engine.close()
     assert "Bearer [redacted]" in exported
     for text in (failed.error, json.dumps(fake.chat_requests[-1]), exported):

@@ -12,7 +12,6 @@ from memory import core, recall
 from memory.config import EngineSettings
 from memory.db import StorageError
 from memory.engine import Engine
-from memory.portability import export_agent, import_agent
 from tests.fakeopenai import FakeOpenAI
 
 
@@ -28,18 +27,18 @@ async def _exported(engine: Engine) -> dict[str, Any]:
     await core.set_value(engine.db, agent, "human", "Noor keeps bees.")
     await recall.append(engine.db, agent, [recall.Message(role="user", content="the hive swarmed in June", author="noor")])
     await engine.archive.insert(agent, "Noor's hives stand by the orchard wall.")
-    return await export_agent(engine, agent)
+    return await engine.memory.export(agent.key)
 
 
 async def test_import_loads_an_export_into_another_agent(engine: Engine) -> None:
     data = await _exported(engine)
-    assert await import_agent(engine, data, "dm:2") == {"agent": "dm:2", "blocks": 2, "messages": 1, "passages": 1}
+    assert await engine.memory.import_data(data, "dm:2") == {"agent": "dm:2", "blocks": 2, "messages": 1, "passages": 1}
     other = await engine.agent("dm:2")
     assert "Noor keeps bees." in core.render(await core.blocks(engine.db, other))
     assert (await recall.search_messages(engine.db, other, "swarmed")).total == 1
     assert (await engine.archive.search(other, "orchard")).total == 1
     data["passages"].append({"content": "\x00", "created_at": "2024-01-01T00:00:00Z"})  # no text: skipped
-    assert (await import_agent(engine, data, "dm:4"))["agent"] == "dm:4"
+    assert (await engine.memory.import_data(data, "dm:4"))["agent"] == "dm:4"
 
 
 @pytest.mark.parametrize(
@@ -66,10 +65,10 @@ async def test_a_malformed_export_changes_nothing(engine: Engine, damage: Any) -
     data = copy.deepcopy(await _exported(engine))
     damage(data)
     target = await engine.agent("dm:3")
-    before = await export_agent(engine, target)
+    before = await engine.memory.export(target.key)
     with pytest.raises(ValueError):
-        await import_agent(engine, data, "dm:3")
-    after = await export_agent(engine, target)
+        await engine.memory.import_data(data, "dm:3")
+    after = await engine.memory.export(target.key)
     assert {k: v for k, v in after.items() if k != "exported_at"} == {k: v for k, v in before.items() if k != "exported_at"}
 
 
@@ -82,9 +81,9 @@ async def test_an_import_failing_midway_leaves_nothing(engine: Engine) -> None:
         " BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
     )
     target = await engine.agent("dm:3")
-    before = await export_agent(engine, target)
+    before = await engine.memory.export(target.key)
     with pytest.raises(StorageError, match="changed nothing: injected failure"):
-        await import_agent(engine, data, "dm:3")
-    after = await export_agent(engine, target)
+        await engine.memory.import_data(data, "dm:3")
+    after = await engine.memory.export(target.key)
     assert {k: v for k, v in after.items() if k != "exported_at"} == {k: v for k, v in before.items() if k != "exported_at"}
     assert after["passages"] == [] and after["messages"] == []
