@@ -21,6 +21,7 @@ the words that carry the meaning (LoCoMo, BM25 top 10: recall 0.628 with them,
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -37,10 +38,13 @@ MAX_TERMS = 32
 TOKENIZER = "porter unicode61 remove_diacritics 2 categories 'L* N* Co M*'"
 
 
-def _word_pattern() -> re.Pattern[str]:
+@functools.cache
+def _words() -> re.Pattern[str]:
     """Runs of letters, digits, marks and private-use characters: unicode61's tokens.
 
     Python's \\w lacks marks, which would cut Devanagari words at their vowel signs.
+    Built on first use, not at import: scanning the code points takes ~40 ms, which
+    `mnemocord run` would otherwise spend before connecting.
     """
     ranges: list[list[int]] = []
     for cp in range(0x20000):  # the planes where marks live, plus the tags' below
@@ -51,11 +55,9 @@ def _word_pattern() -> re.Pattern[str]:
                 ranges.append([cp, cp])
     ranges += [[0xE0100, 0xE01EF], [0xE000, 0xF8FF], [0xF0000, 0x10FFFD]]  # variation selectors, private use
     extra = "".join(f"{chr(a)}-{chr(b)}" for a, b in ranges)
+    # "_" separates words, as in FTS5's unicode61 tokenizer
     return re.compile(f"(?:[^\\W_]|[{extra}])+")
 
-
-# "_" separates words, as in FTS5's unicode61 tokenizer
-_WORD = _word_pattern()
 
 # NLTK's English list plus question fillers; not "may", which is also a month.
 STOP_WORDS = frozenset(
@@ -76,7 +78,7 @@ STOP_WORDS = frozenset(
 def terms(text: str) -> list[str]:
     """Meaningful lower-case words of `text`, in order, without repeats."""
     seen: dict[str, None] = {}
-    words = _WORD.findall(text.lower())
+    words = _words().findall(text.lower())
     for word in words:
         if word not in STOP_WORDS and word not in seen and len(word) < 64:
             seen[word] = None
@@ -95,7 +97,7 @@ def _mark(agent_id: int) -> str:
 def scoped(agent_id: int, text: str) -> str:
     """`text` as one agent's rows of an FTS5 index hold it: every word behind the agent's mark."""
     mark = _mark(agent_id)
-    return " ".join(mark + w for w in _WORD.findall(text))
+    return " ".join(mark + w for w in _words().findall(text))
 
 
 def match(agent_id: int, text: str, columns: str) -> str | None:

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -131,3 +132,10 @@ async def test_unreachable_endpoint_start_error_hides_url_credentials(fake: Fake
     err = await refused_start(tmp_path, run_env(tmp_path, fake, LLM_BASE_URL=f"http://alice:pa55-w0rd@127.0.0.1:{port}/v1"))
     assert err.startswith(f"mnemocord: LLM_BASE_URL: cannot reach http://127.0.0.1:{port}/v1 ("), err
     assert "pa55-w0rd" not in err and "alice" not in err
+
+
+def test_a_start_does_not_build_the_full_text_word_pattern() -> None:
+    # scanning the Unicode tables for it took ~40 ms of every start before the bot connected
+    probe = "import bot.main, memory.fulltext as f; print(f._words.cache_info().currsize)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0"
