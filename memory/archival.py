@@ -37,9 +37,9 @@ MAX_INSERT_CHARS = 20_000
 MAX_TAGS = 10
 # of each neighbour, in the context column
 CONTEXT_CHARS = 500
-# passages per transaction of a long insert: a 2 MB document is ~2,300 passages, and in one
-# transaction it held the single writer for seconds while others' turns waited. Each commit
-# costs full-text index merging: 32 made a 2 MB ingest ~45 % slower in all, 64 about as fast.
+# passages per transaction of a long insert: a whole document in one transaction holds the
+# single writer for seconds while others' turns wait; each commit costs full-text index
+# merging, so fewer than this slows a long ingest down
 TRANSACTION_PIECES = 64
 
 BM25_WEIGHTS = (1.0, 0.5, 0.5)  # content, context, date

@@ -3,10 +3,9 @@
 One writer: a connection owned by a single thread, to which every transaction
 is handed whole as a function (`Database.transact`), so a transaction costs one
 trip between threads and writers queue without holding anything on the event
-loop; transactions that queue up share a trip and a commit (bench/bot_load.py:
-CPU per reply -17 %, p95 -40 ms). Holding an asyncio lock across a
-transaction's many awaits instead made 100 concurrent users wait ~1 s per turn
-for it (bench/bot_load.py). Reads go through aiosqlite on two more connections,
+loop; transactions that queue up share a trip and a commit. (An asyncio lock
+held across a transaction's many awaits instead makes concurrent turns queue
+behind each other's awaits.) Reads go through aiosqlite on two more connections,
 which in WAL mode see committed data only and never wait for the writer; a
 turn's prompt is read on the writer, in one transaction (with its first writes
 for the first prompt), since a trip there costs less than several reads.
@@ -179,8 +178,7 @@ class Database:
         return await future
 
     def _flush(self) -> None:
-        # a larger batch costs less CPU but its first transaction waits for all the others:
-        # unbounded batches raised p50 under bench/bot_load.py; 4, 8 and 16 measured alike
+        # a larger batch costs less CPU, but its first transaction waits for all the others
         batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]
         self._batch = asyncio.get_running_loop().run_in_executor(self._thread, self._commit, [fn for fn, _ in batch])
         self._batch.add_done_callback(lambda done: self._settle(batch, done))

@@ -43,8 +43,8 @@ def _words() -> re.Pattern[str]:
     """Runs of letters, digits, marks and private-use characters: unicode61's tokens.
 
     Python's \\w lacks marks, which would cut Devanagari words at their vowel signs.
-    Built on first use, not at import: scanning the code points takes ~40 ms, which
-    `mnemocord run` would otherwise spend before connecting.
+    Built on first use, not at import: scanning the code points takes long enough to
+    delay every start of `mnemocord run`.
     """
     ranges: list[list[int]] = []
     for cp in range(0x20000):  # the planes where marks live, plus the tags' below

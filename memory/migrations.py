@@ -121,8 +121,8 @@ def m003_passages(c: sqlite3.Connection) -> None:
             tag TEXT NOT NULL,
             PRIMARY KEY (agent_id, tag, passage_id)
         );
-        -- context: the neighbouring passages' text, date: "8 May 2023"; both ranked low
-        -- (bench/retrieval.py: neighbours lift LoCoMo recall@10 from 0.69 to 0.80)
+        -- context: the neighbouring passages' text, date: "8 May 2023"; both ranked low, so a
+        -- question matches an answer split across neighbouring passages (bench/retrieval.py)
         CREATE VIRTUAL TABLE passages_fts USING fts5(
             agent, content, context, date, content='',
             tokenize='porter unicode61 remove_diacritics 2'
@@ -144,8 +144,7 @@ def m004_agent_scoped_fts(c: sqlite3.Connection) -> None:
     """Full-text rows hold their agent's mark on every word (memory/fulltext.py), indexed anew.
 
     With one agent column ANDed into every query, each term's posting list spanned all
-    agents: bench/search.py's 1,000,000 passages made a keyword search read ~100 times
-    more of the index than its agent wrote.
+    agents, so a keyword search read the whole file's postings, not its agent's.
     """
     fulltext.reindex(c)
 

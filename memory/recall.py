@@ -81,8 +81,8 @@ _COLUMNS = "id, role, content, author, author_id, tool_calls, tool_call_id, exte
 
 
 def _row(row: Any) -> Message:
-    """A row of `SELECT {_COLUMNS}`. Every turn reads its whole context back (bench/bot_load.py):
-    unpacked by position, as sqlite3.Row's lookups by name cost a third of this; orjson likewise."""
+    """A row of `SELECT {_COLUMNS}`. Every turn reads its whole context back, so this is hot:
+    unpacked by position (sqlite3.Row's lookups by name are slower), JSON by orjson."""
     id_, role, content, author, author_id, tool_calls, tool_call_id, external_id, created_at, tokens = row
     return Message(
         role,
