@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+from typing import Any
 
 import aiohttp
 import discord
@@ -152,7 +154,7 @@ class MnemoBot(discord.Client):
         finally:
             typing.cancel()
         if result.reply:
-            await self._send(message, result.reply)
+            await self._send(message, result.reply, whole=result.full_reply)
         return "answered"
 
     async def _dm_admitted(self, user_id: int) -> bool:
@@ -213,15 +215,20 @@ class MnemoBot(discord.Client):
         except discord.HTTPException as exc:
             log.debug("typing indicator failed in %s: %s", getattr(channel, "id", "?"), exc)
 
-    async def _send(self, message: discord.Message, text: str) -> discord.Message | None:
-        """Reply in parts; the reference tolerates a deleted original."""
+    async def _send(self, message: discord.Message, text: str, *, whole: str | None = None) -> discord.Message | None:
+        """Reply in parts; the reference tolerates a deleted original. `whole`, the text of a reply
+        that was cut at MAX_REPLY_CHARS, goes with the last part as reply.txt."""
         first: discord.Message | None = None
+        parts = split_message(text)
         try:
-            for part in split_message(text):
+            for i, part in enumerate(parts):
+                extra: dict[str, Any] = {}
                 if first is None:
-                    first = await message.channel.send(part, reference=message.to_reference(fail_if_not_exists=False))
-                else:
-                    await message.channel.send(part)
+                    extra["reference"] = message.to_reference(fail_if_not_exists=False)
+                if whole and i == len(parts) - 1:
+                    extra["file"] = discord.File(io.BytesIO(whole.encode()), "reply.txt")
+                sent = await message.channel.send(part, **extra)
+                first = first or sent
         except discord.HTTPException as exc:
             log.warning("could not send to channel %s: %s", message.channel.id, exc)
         return first

@@ -171,3 +171,22 @@ async def test_a_full_disk_is_told_to_the_person_and_the_bot_keeps_running(
         await fake_discord.wait_for(lambda f: len(f.bot_messages(dm["id"])) == 2)
         assert fake_discord.bot_messages(dm["id"])[-1]["content"] == "noted"
         assert await stored_contents(bot, f"dm:{alice['id']}") == ["and now?"]
+
+
+async def test_a_reply_over_the_limit_is_cut_and_the_whole_text_attached(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    long = "".join(f"line {i} of a very long answer.\n" for i in range(600))
+    fake.default = lambda body: reply(long)
+    async with running(settings.model_copy(update={"max_reply_chars": 3000}), fake_discord) as bot:
+        assert (
+            await outcome_of(bot, "tell me everything", lambda: fake_discord.send_dm(alice["id"], "tell me everything"))
+            == "answered"
+        )
+        sent = fake_discord.bot_messages(dm["id"])
+        assert len(sent) == 2 and all(len(m["content"]) <= 2000 for m in sent)
+        assert "cut: the reply has" in sent[-1]["content"]
+        (attached,) = sent[-1]["files"]
+        assert attached["filename"] == "reply.txt" and attached["data"].decode() == long.strip()
