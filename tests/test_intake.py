@@ -154,3 +154,13 @@ async def test_a_full_disk_is_said_as_such_and_loses_nothing_already_accepted(en
     assert result.outcome == "error" and "storage is full" in result.reply
     await engine.db.transact(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
     assert await stored(engine, "dm:3") == ["before", "during"]
+
+
+async def test_retries_of_a_failed_model_call_count_as_model_time(engine: Engine, fake: FakeOpenAI) -> None:
+    from tests.fakeopenai import Delay, Error
+
+    # the engine's fixture allows no retries: one slow failure is all the model time there is
+    fake.push(Delay(0.2, Error(503, {"error": {"message": "overloaded"}})))
+    result = await engine.send("dm:4", user("hello?"))
+    assert result.outcome == "error"
+    assert result.model_seconds >= 0.2  # the server took that long to refuse; before, it was counted as engine time
