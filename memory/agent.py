@@ -79,6 +79,8 @@ class Turn:
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
     _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
     _result: TurnResult = field(init=False)
+    # the newest waiting message this turn took in, known even if the turn fails after its first transaction
+    admitted_through: int = field(default=0, init=False)
     _first: context.Prompt | None = field(default=None, init=False)
 
     async def run(self) -> TurnResult:
@@ -92,6 +94,7 @@ class Turn:
             return recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent)
 
         (filed, result.admitted_through), snapshot = await self.db.transact(start)
+        self.admitted_through = result.admitted_through
         if filed:
             await self._event(
                 result,

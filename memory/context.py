@@ -235,24 +235,34 @@ def _cut(history: list[recall.Message], excess: int, keep_last: int) -> int:
     return cut
 
 
-def transcript(messages: list[recall.Message], max_tool_chars: int = 300) -> str:
+def transcript(messages: list[recall.Message], max_tool_chars: int = 300, max_tokens: int | None = None) -> str:
+    """The messages as lines for the summarizer and consolidation, cut to `max_tokens` if given.
+
+    A person's text is quoted as in the prompt (recall.Message.to_openai), so a line they paste
+    cannot pass for another author's, and through the summary reach the system prompt.
+    """
     lines = []
     for m in messages:
         when = minute(m.created_at)
         if m.role == "user":
-            lines.append(f"[{when}] {m.author or 'user'}: {m.content}")
+            lines.append(m.to_openai()["content"])
         elif m.role == "system":
-            lines.append(f"[{when}] (system) {m.content}")
+            lines.append(f"[{when}] (system) {recall.quoted(m.content)}")
         elif m.role == "tool":
-            lines.append(f"[{when}] (function result) {m.content[:max_tool_chars]}")
+            lines.append(f"[{when}] (function result) {recall.quoted(m.content[:max_tool_chars])}")
         else:
             if m.content:  # text beside function calls is private thought; alone it is the reply
                 who = "assistant (thinking)" if m.tool_calls else "assistant"
-                lines.append(f"[{when}] {who}: {m.content}")
+                lines.append(f"[{when}] {who}: {recall.quoted(m.content)}")
             for call in m.tool_calls or []:
                 fn = call.get("function", {})
-                lines.append(f"[{when}] assistant called {fn.get('name')}({fn.get('arguments', '')[:max_tool_chars]})")
-    return "\n".join(lines)
+                lines.append(
+                    f"[{when}] assistant called {fn.get('name')}({recall.quoted(str(fn.get('arguments', ''))[:max_tool_chars])})"
+                )
+    text = "\n".join(lines)
+    if max_tokens is not None and tokens.count(text) > max_tokens:  # one huge message: its head is enough
+        text = text[: max_tokens * CHARS_PER_TOKEN]
+    return text
 
 
 async def summarize(
@@ -279,9 +289,7 @@ async def summarize(
         size += m.tokens
     summary = previous
     for piece in pieces:
-        text = transcript(piece)
-        if tokens.count(text) > piece_budget:  # one huge message: its head is enough for a summary
-            text = text[: piece_budget * CHARS_PER_TOKEN]
+        text = transcript(piece, max_tokens=piece_budget)
         result = await llm.chat(
             model,
             [

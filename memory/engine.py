@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -144,13 +145,18 @@ class Engine:
         found = self._agents.get(key)
         if found is None:
             found = self._agents[key] = asyncio.ensure_future(agents.get_or_create(self.db, key, self.settings))
-            found.add_done_callback(lambda f: f.exception() is not None and self._agents.pop(key, None))
+            found.add_done_callback(functools.partial(self._forget_failed, key))
             oldest = next(iter(self._agents.values()))
             if len(self._agents) > AGENTS_KEPT and oldest.done():
                 self._agents.popitem(last=False)
         else:
             self._agents.move_to_end(key)
-        return await found
+        # shielded: one waiter cancelled (a handler at shutdown) must not cancel it for the others
+        return await asyncio.shield(found)
+
+    def _forget_failed(self, key: str, found: asyncio.Future[Agent]) -> None:
+        if (found.cancelled() or found.exception() is not None) and self._agents.get(key) is found:
+            del self._agents[key]  # the next caller tries again
 
     async def record(self, key: str, message: recall.Message) -> None:
         """Store a message the agent should remember but not answer; its next turn sees it."""
@@ -186,25 +192,33 @@ class Engine:
     @contextlib.contextmanager
     def _use(self, key: str) -> Iterator[_Hold]:
         """The agent's lock and erasure count, kept while anything uses them: idle agents cost nothing."""
-        hold = self._holds.get(key) or self._holds.setdefault(key, _Hold())
-        hold.users += 1
+        hold = self._take(key)
         try:
             yield hold
         finally:
-            hold.users -= 1
-            if not hold.users:
-                del self._holds[key]
+            self._let_go(key, hold)
+
+    def _take(self, key: str) -> _Hold:
+        hold = self._holds.get(key) or self._holds.setdefault(key, _Hold())
+        hold.users += 1
+        return hold
+
+    def _let_go(self, key: str, hold: _Hold) -> None:
+        hold.users -= 1
+        if not hold.users:
+            del self._holds[key]
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[None]:
         """For erasing memory: never cuts into a turn, and a consolidation pass still running
-        (it read the memory before) drops its notes instead of writing back what was erased."""
+        (it read the memory before) drops its notes instead of writing back what was erased.
+
+        The erasure is counted before the erase begins, so no note slips in between its steps.
+        """
         with self._use(key) as hold:
             async with hold.lock:
-                try:
-                    yield
-                finally:
-                    hold.erasures += 1
+                hold.erasures += 1
+                yield
 
     async def _work(self, agent: Agent, box: _Mailbox) -> None:
         """Turns until no stored message waits for an answer."""
@@ -216,16 +230,9 @@ class Engine:
 
     async def _answer(self, agent: Agent, box: _Mailbox, hold: _Hold) -> None:
         """One turn, and its result to everyone it answered."""
-        try:
-            async with hold.lock:
-                result = await self.run_turn(agent)
-        except StorageFull as exc:
-            log.error("%s: %s", agent.key, exc)
-            result = TurnResult(reply=STORAGE_FULL, outcome=TurnOutcome.ERROR, error=str(exc))
-        except Exception as exc:  # a bug must not leave callers waiting forever
-            log.exception("%s: turn failed", agent.key)
-            result = TurnResult(reply="Sorry, something went wrong on my side.", outcome=TurnOutcome.ERROR, error=repr(exc))
-        # the turn answered every message it admitted; all of them if it failed before admitting
+        async with hold.lock:
+            result = await self.run_turn(agent, hold)
+        # the turn answered every message it admitted; all of them if it failed before admitting any
         through = result.admitted_through or max(m.id for m, _ in box.pending)
         batch = [p for p in box.pending if p[0].id <= through]
         box.pending = [p for p in box.pending if p[0].id > through]
@@ -235,10 +242,19 @@ class Engine:
         if batch and not batch[-1][1].done():
             batch[-1][1].set_result(result)
 
-    async def run_turn(self, agent: Agent) -> TurnResult:
-        """A turn that answers every message waiting for this agent."""
+    async def run_turn(self, agent: Agent, hold: _Hold) -> TurnResult:
+        """A turn that answers every message waiting for this agent; `hold`'s lock is held."""
         turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
-        result = await turn.run()
+        try:
+            result = await turn.run()
+        except Exception as exc:  # a full disk, or a bug: the callers must still get an answer
+            if isinstance(exc, StorageFull):
+                log.error("%s: %s", agent.key, exc)
+                reply = STORAGE_FULL
+            else:
+                log.exception("%s: turn failed", agent.key)
+                reply = "Sorry, something went wrong on my side."
+            result = TurnResult(reply=reply, outcome=TurnOutcome.ERROR, error=repr(exc), admitted_through=turn.admitted_through)
         log.info(
             "turn agent=%s steps=%d tokens_in=%d tokens_out=%d model_ms=%.0f engine_ms=%.1f outcome=%s",
             agent.key,
@@ -250,7 +266,10 @@ class Engine:
             result.outcome,
         )
         if result.evicted:
-            self._spawn(self._consolidate(agent, result.evicted))
+            # the erasure count is read while the turn still holds the agent, and the hold is kept
+            # until the pass ends: an erase waiting for this turn is always seen by the pass
+            self._take(agent.key)
+            self._spawn(self._consolidate(agent, result.evicted, hold, hold.erasures))
         return result
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -259,7 +278,7 @@ class Engine:
         task.add_done_callback(self._background.discard)
 
     async def wait_background(self) -> None:
-        """For tests and shutdown: wait until background passes are finished."""
+        """For tests: wait until background passes are finished (close() cancels them instead)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
@@ -282,12 +301,11 @@ class Engine:
                 pause = EMBEDDING_RETRY_SECONDS
                 await self.archive.behind.wait()
 
-    async def _consolidate(self, agent: Agent, evicted: list[recall.Message]) -> None:
-        """Off the reply path: turn an evicted span into archival notes and core edits."""
-        with self._use(agent.key) as hold:
-            await self._consolidate_held(agent, evicted, hold)
+    async def _consolidate(self, agent: Agent, evicted: list[recall.Message], hold: _Hold, erasures: int) -> None:
+        """Off the reply path: turn an evicted span into archival notes and core edits.
 
-    async def _consolidate_held(self, agent: Agent, evicted: list[recall.Message], hold: _Hold) -> None:
+        `hold` was taken for this pass, with the erasure count as the turn left it; let go at the end.
+        """
         try:
             blocks = core.render(await core.blocks(self.db, agent))
             host = _Consolidation(
@@ -295,14 +313,15 @@ class Engine:
                 agent,
                 evicted,
                 hold,
-                hold.erasures,
+                erasures,
                 [
                     {"role": "system", "content": CONSOLIDATION_INSTRUCTIONS.format(core=blocks)},
-                    {"role": "user", "content": context.transcript(evicted)},
+                    {"role": "user", "content": context.transcript(evicted, max_tokens=self.settings.context_window // 2)},
                 ],
             )
             end = await Loop(host, tools.CONSOLIDATION_TOOLS, CONSOLIDATION_STEPS, self.settings.max_tool_calls_per_answer).run()
             if end.edits:
+                host.check()
                 await recall.append(
                     self.db,
                     agent,
@@ -315,6 +334,8 @@ class Engine:
             log.warning("%s: consolidation skipped: %s", agent.key, exc)
         except Exception:
             log.exception("%s: consolidation failed", agent.key)
+        finally:
+            self._let_go(agent.key, hold)
 
 
 class _Erased(Exception):
@@ -339,9 +360,13 @@ class _Consolidation:
     async def keep(self, messages: list[recall.Message]) -> None:
         self.messages.extend(m.to_openai() for m in messages)
 
-    async def execute(self, call: ToolCall, available: dict[str, tools.Tool]) -> tools.Outcome:
+    def check(self) -> None:
+        """Raises _Erased if memory was erased (or is being erased) since the pass read it."""
         if self.hold.erasures != self.erasures:
             raise _Erased
+
+    async def execute(self, call: ToolCall, available: dict[str, tools.Tool]) -> tools.Outcome:
+        self.check()
         arguments = call.arguments
         if call.name == "archival_memory_insert":  # date the notes by the span they come from
             arguments = _with_tag(arguments, "conversation " + self.evicted[0].created_at[:10])

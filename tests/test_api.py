@@ -144,3 +144,67 @@ async def test_messages_since_and_set_block(engine: Engine, fake: FakeOpenAI) ->
     assert (await engine.memory.view("dm:1")).blocks[0].value == "I am a pirate."
     with pytest.raises(ValueError, match="unknown scope"):
         await engine.memory.reset("dm:1", "everything")  # type: ignore[arg-type]
+
+
+async def _consolidation_pending(engine: Engine, fake: FakeOpenAI, answer: Any) -> None:
+    """A turn that evicts, so a consolidation pass starts; `answer` scripts that pass's model."""
+    for i in range(20):
+        await engine.record("dm:1", user(f"old message {i} about the secret plans"))
+    overflow = Error(400, {"error": {"message": "maximum context length exceeded", "code": "context_length_exceeded"}})
+    fake.push(overflow, reply("SUMMARY: old messages"), reply("fits now"))
+    fake.default = lambda body: answer(body) if is_consolidation(body) else reply("ok")
+    assert (await engine.send("dm:1", user("new"))).reply == "fits now"
+
+
+async def test_notes_arriving_while_an_erase_is_under_way_are_dropped(
+    engine: Engine, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    erasing, notes_sent = asyncio.Event(), asyncio.Event()
+    real_clear = recall.clear
+
+    async def paused_clear(db: Any, agent: Any) -> None:  # the erase is between its steps when the notes come
+        erasing.set()
+        await notes_sent.wait()
+        await real_clear(db, agent)
+
+    async def consolidation(body: dict[str, Any]) -> dict[str, Any]:
+        if body["messages"][-1]["role"] == "tool":
+            return reply("done")
+        await erasing.wait()
+        notes_sent.set()
+        return call("archival_memory_insert", {"content": "Notes: Ann's secret plans."})
+
+    monkeypatch.setattr(recall, "clear", paused_clear)
+    await _consolidation_pending(engine, fake, consolidation)
+    await engine.memory.reset("dm:1", "conversation")
+    await engine.wait_background()
+    assert (await engine.memory.view("dm:1")).passages == 0  # before, the note was written mid-erase and kept
+
+
+async def test_the_consolidation_event_is_not_written_after_an_erase(engine: Engine, fake: FakeOpenAI) -> None:
+    last_call, erased = asyncio.Event(), asyncio.Event()
+
+    async def consolidation(body: dict[str, Any]) -> dict[str, Any]:
+        if body["messages"][-1]["role"] != "tool":
+            return call("archival_memory_insert", {"content": "Notes: the plans."})
+        last_call.set()  # the notes are in; the erase comes while the model says it is done
+        await erased.wait()
+        return reply("done")
+
+    await _consolidation_pending(engine, fake, consolidation)
+    await last_call.wait()
+    await engine.memory.reset("dm:1", "conversation")
+    erased.set()
+    await engine.wait_background()
+    assert (await engine.memory.search("dm:1", "consolidation")).messages.total == 0
+
+
+async def test_a_caller_cancelled_while_an_agent_is_made_leaves_it_usable(engine: Engine, fake: FakeOpenAI) -> None:
+    first = asyncio.create_task(engine.agent("dm:77"))
+    second = asyncio.create_task(engine.agent("dm:77"))
+    await asyncio.sleep(0)  # both wait for the one creation
+    first.cancel()
+    agent = await second
+    assert (await engine.agent("dm:77")) == agent
+    fake.default = reply("hi")
+    assert (await engine.send("dm:77", user("hello"))).reply == "hi"
