@@ -14,23 +14,12 @@ from typing import Any
 
 import discord.utils
 
-from memory.text import without_surrogates
+from memory.text import without_surrogates_in as valid
 
 log = logging.getLogger(__name__)
 
 _strict_loads = discord.utils._from_json
 _strict_dumps = discord.utils._to_json
-
-
-def valid(value: Any) -> Any:
-    """`value` with every lone surrogate in its strings and keys replaced by U+FFFD."""
-    if isinstance(value, str):
-        return without_surrogates(value)
-    if isinstance(value, dict):
-        return {valid(k): valid(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [valid(v) for v in value]
-    return value
 
 
 def loads(text: str | bytes | bytearray | memoryview) -> Any:
@@ -43,7 +32,7 @@ def loads(text: str | bytes | bytearray | memoryview) -> Any:
     try:
         # the standard decoder reads lone surrogate escapes as characters, which valid() then replaces
         return valid(json.loads(text))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python recurses
         # a gateway frame that is no JSON at all: the reader ignores an empty payload (no op code)
         log.warning("ignored %d characters from Discord that are not JSON", len(text))
         return {}

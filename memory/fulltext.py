@@ -130,7 +130,8 @@ def said(role: str, content: str, tool_calls: list[dict[str, Any]] | None) -> st
         if isinstance(function, dict) and function.get("name") == "send_message":
             try:
                 parts.append(str(json.loads(function.get("arguments") or "{}").get("message", "")))
-            except (ValueError, TypeError, AttributeError):  # arguments the model got wrong are not words it said
+            # arguments the model got wrong (or nested past Python's recursion) are not words it said
+            except (ValueError, TypeError, AttributeError, RecursionError):
                 pass
     return "\n".join(p for p in parts if p)
 

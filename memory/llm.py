@@ -25,6 +25,8 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import orjson
 
+from .text import without_surrogates, without_surrogates_in
+
 log = logging.getLogger(__name__)
 # httpx logs every request's full URL at INFO, user:password@ included; its warnings are enough
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -291,7 +293,7 @@ class LLMClient:
             message = error.get("message", error) if isinstance(error, dict) else error
         except (ValueError, AttributeError, RecursionError):
             message = text
-        message = " ".join(self.redact(_clean(str(message))).split())
+        message = " ".join(self.redact(without_surrogates(str(message))).split())
         if len(message) > ERROR_MESSAGE_CHARS:
             message = message[:ERROR_MESSAGE_CHARS] + "…"
         return f"HTTP {status} from the model endpoint: {message}" if message else f"HTTP {status} from the model endpoint"
@@ -324,35 +326,19 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # a \uD800-\uDFFF escape inside a JSON text: decoding it may give a lone surrogate
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _clean(text: str) -> str:
-    """Valid Unicode: lone surrogates (which cannot be encoded, stored or sent) become U+FFFD."""
-    return _SURROGATE.sub("\ufffd", text)
-
-
-def _clean_json(value: Any) -> Any:
-    if isinstance(value, str):
-        return _clean(value)
-    if isinstance(value, list):
-        return [_clean_json(v) for v in value]
-    if isinstance(value, dict):
-        return {_clean(str(k)): _clean_json(v) for k, v in value.items()}
-    return value
 
 
 def _arguments(args: Any) -> str:
     """Tool arguments as valid text whose JSON, once decoded, is valid text too."""
     try:
         if not isinstance(args, str):  # some servers send an object instead of a JSON string
-            return json.dumps(_clean_json(args), ensure_ascii=False)
-        args = _clean(args)
+            return json.dumps(without_surrogates_in(args), ensure_ascii=False)
+        args = without_surrogates(args)
         if _SURROGATE_ESCAPE.search(args):
             try:
-                return json.dumps(_clean_json(json.loads(args)), ensure_ascii=False)
+                return json.dumps(without_surrogates_in(json.loads(args)), ensure_ascii=False)
             except ValueError:  # not JSON: the tool reports that to the model
                 pass
         return args
@@ -387,8 +373,8 @@ def parse_chat(data: dict[str, Any]) -> ChatResult:
             continue
         calls.append(
             ToolCall(
-                id=_clean(str(raw.get("id") or f"call_{uuid.uuid4().hex[:12]}")),
-                name=_clean(str(fn.get("name", ""))),
+                id=without_surrogates(str(raw.get("id") or f"call_{uuid.uuid4().hex[:12]}")),
+                name=without_surrogates(str(fn.get("name", ""))),
                 arguments=_arguments(fn.get("arguments", "")),
             )
         )
@@ -397,7 +383,7 @@ def parse_chat(data: dict[str, Any]) -> ChatResult:
         prompt, completion = _tokens(data["usage"].get("prompt_tokens")), _tokens(data["usage"].get("completion_tokens"))
         if prompt is not None and completion is not None:
             usage = Usage(prompt, completion)
-    return ChatResult(content=_clean(_text(message.get("content"))), tool_calls=calls, usage=usage)
+    return ChatResult(content=without_surrogates(_text(message.get("content"))), tool_calls=calls, usage=usage)
 
 
 def _text(content: Any) -> str:

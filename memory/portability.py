@@ -11,6 +11,7 @@ from .agents import Agent
 from .archival import Archive
 from .clock import now
 from .db import Database, StorageError, sqlite3
+from .text import without_surrogates_in
 
 FORMAT = "mnemocord-export"
 VERSION = 1
@@ -75,6 +76,8 @@ async def import_agent(
     while writing leaves memory as it was. Vectors are computed after the commit.
     Raises ValueError when `data` is not a valid export, StorageError when writing failed.
     """
+    # a file from outside: lone surrogates (json.loads accepts their escapes) cannot be stored
+    data = without_surrogates_in(data)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f'missing "format": "{FORMAT}"')
     if data.get("version") != VERSION:

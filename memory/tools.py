@@ -19,7 +19,7 @@ from . import core, recall, search
 from .agents import Agent
 from .archival import Archive
 from .core import quote
-from .db import Database
+from .db import Database, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,8 @@ async def _execute(
         return await tool.handler(Call(db, archive, agent, args))
     except search.BadArgument as exc:
         return refused(f"Error: {exc}. Call {name} again with corrected arguments.")
+    except StorageError:  # not the model's doing: the turn says so to the person
+        raise
     except Exception as exc:  # a bug or an input nobody foresaw must not end the turn
         log.exception("%s: %s failed", agent.key, name)
         return Outcome(Status.FAILED, f"Error: {name} failed ({type(exc).__name__}). Try other arguments or another function.")

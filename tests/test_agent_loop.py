@@ -641,6 +641,11 @@ async def test_deeply_nested_arguments_are_refused_not_fatal(engine: Engine, fak
     result = await engine.send("dm:1", user("hi"))
     assert (result.outcome, result.reply) == (TurnOutcome.REPLY, "ok")
     assert "nested too deeply" in fake.chat_requests[1]["messages"][-1]["content"]
+    # a send_message call nested that deep is refused too, and storing it does not break the turn
+    deep_reply = '{"message": "hi", "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    fake.push(call("send_message", deep_reply), call("send_message", {"message": "fine"}))
+    result = await engine.send("dm:1", user("again"))
+    assert (result.outcome, result.reply) == (TurnOutcome.REPLY, "fine")
 
 
 async def test_the_empty_answer_nudge_never_reaches_a_person_or_memory(tmp_path: Path, fake: FakeOpenAI) -> None:

@@ -87,3 +87,10 @@ async def test_an_import_failing_midway_leaves_nothing(engine: Engine) -> None:
     after = await engine.memory.export(target.key)
     assert {k: v for k, v in after.items() if k != "exported_at"} == {k: v for k, v in before.items() if k != "exported_at"}
     assert after["passages"] == [] and after["messages"] == []
+
+
+async def test_an_export_with_half_an_emoji_imports(engine: Engine) -> None:
+    data = await _exported(engine)
+    data["messages"][0]["content"] = "half \ud83d emoji"
+    await engine.memory.import_data(data, "dm:8")
+    assert any(m.content == "half \ufffd emoji" for m in await engine.memory.messages_since("dm:8", 0))
