@@ -90,37 +90,39 @@ class Loop:
         return End(Ending.STEP_LIMIT, "", self.max_steps, edits)
 
     async def _execute(self, answer: ChatResult, seen: dict[tuple[str, str], int], edits: list[str]) -> tuple[list[str], bool]:
-        """Run an answer's calls and keep them with their results; every call id gets a result."""
-        stored = [
-            recall.Message(
-                role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in answer.tool_calls]
-            )
-        ]
+        """Run an answer's calls and keep them with their results; every call kept gets a result.
+
+        Calls past the cap are neither run nor kept: a thousand 19 KB calls in one answer would
+        otherwise be stored whole, and re-read and re-sent with every later prompt.
+        """
+        calls, dropped = answer.tool_calls[: self.max_calls_per_answer], len(answer.tool_calls) - self.max_calls_per_answer
+        stored = [recall.Message(role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in calls])]
         replies: list[str] = []
         looping = False
-        for n, call in enumerate(answer.tool_calls):
-            if n >= self.max_calls_per_answer:
+        for call in calls:
+            signature = (call.name, _normalized(call.arguments))
+            seen[signature] = seen.get(signature, 0) + 1
+            if seen[signature] > 1 and call.name != "send_message":
+                looping = looping or seen[signature] > REPEATS_BEFORE_STOP
                 outcome = tools.refused(
-                    f"Not run: at most {self.max_calls_per_answer} function calls are carried out per answer. "
-                    "Call it again in your next answer if it is still needed."
+                    f"Error: you already called {call.name} with these arguments in this turn; its result is above. "
+                    "Do not repeat it: answer the user with send_message."
                 )
             else:
-                signature = (call.name, _normalized(call.arguments))
-                seen[signature] = seen.get(signature, 0) + 1
-                if seen[signature] > 1 and call.name != "send_message":
-                    looping = looping or seen[signature] > REPEATS_BEFORE_STOP
-                    outcome = tools.refused(
-                        f"Error: you already called {call.name} with these arguments in this turn; its result is above. "
-                        "Do not repeat it: answer the user with send_message."
-                    )
-                else:
-                    outcome = await self.host.execute(call, self.tools)
+                outcome = await self.host.execute(call, self.tools)
             if outcome.reply:
                 replies.append(outcome.reply)
             tool = self.tools.get(call.name)
             if outcome.ok and tool is not None and tool.edits_memory:
                 edits.append(f"{call.name}: {outcome.text}")
             stored.append(recall.Message(role="tool", content=outcome.text, tool_call_id=call.id))
+        if dropped > 0:
+            stored.append(
+                event(
+                    f"{dropped} more function calls in that answer were not run: at most {self.max_calls_per_answer} "
+                    "are carried out per answer. Make the ones still needed in your next answer."
+                )
+            )
         await self.host.keep(stored)
         return replies, looping
 

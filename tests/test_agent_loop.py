@@ -591,20 +591,22 @@ async def test_the_token_correction_is_shared_by_concurrent_turns_and_corrects_b
 async def test_a_flood_of_calls_in_one_answer_is_capped(engine: Engine, fake: FakeOpenAI) -> None:
     note = "note " * 3800  # 19,000 characters
     fake.push(
-        flood("archival_memory_insert", lambda n: {"content": f"{n} {note}"}, 40), call("send_message", {"message": "saved"})
+        flood("archival_memory_insert", lambda n: {"content": f"{n} {note}"}, 1000), call("send_message", {"message": "saved"})
     )
     result = await engine.send("dm:1", user("save everything"))
     assert result.reply == "saved"
+    assert await engine.db.fetchval("SELECT count(*) FROM passages") == 8 * 20  # 8 inserts of 20 passages each
     second = fake.chat_requests[1]["messages"]
     results = [m["content"] for m in second if m["role"] == "tool"]
-    assert len(results) == 40  # every call id has a result
-    assert sum(r.startswith("Saved to archival memory") for r in results) == engine.settings.max_tool_calls_per_answer == 8
-    assert all(r.startswith("Not run: at most 8 function calls") for r in results[8:])
-    # the calls' 760 KB of arguments are clipped in the prompt, and stay valid JSON for the provider
+    assert len(results) == 8 and all(r.startswith("Saved to archival memory") for r in results)
+    assert "992 more function calls in that answer were not run" in second[-1]["content"]
+    # the calls kept are clipped in the prompt, and stay valid JSON for the provider
     assert len(json.dumps(second)) < 60_000
     for m in second:
         for c in m.get("tool_calls") or []:
             assert isinstance(json.loads(c["function"]["arguments"]), dict)
+    # the 19 MB of arguments of the calls not run are not stored either
+    assert await engine.db.fetchval("SELECT max(length(tool_calls)) FROM messages") < 200_000
 
 
 async def test_a_huge_reply_is_cut_for_the_person_and_its_call_clipped_in_later_prompts(engine: Engine, fake: FakeOpenAI) -> None:
