@@ -16,6 +16,7 @@ from memory.config import ConfigError, EngineSettings, load_settings
 from memory.db import StorageError
 from memory.documents import Unreadable
 from memory.engine import Engine
+from memory.llm import without_credentials
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +66,8 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
         sys.stdin.reconfigure(errors="replace")
     engine = await Engine.open(settings)
     print(
-        f"Chatting with agent {key} via {settings.llm_model} at {settings.llm_base_url}. `/file PATH` reads a document. Ctrl-D to quit."
+        f"Chatting with agent {key} via {settings.llm_model} at {without_credentials(settings.llm_base_url)}. "
+        "`/file PATH` reads a document. Ctrl-D to quit."
     )
     seen = await engine.memory.last_message_id(key)
     try:

@@ -117,12 +117,12 @@ class Turn:
                 s.context_window,
             )
             result.outcome, result.error, result.reply = TurnOutcome.OVERFLOW, str(exc), TOO_LARGE
-            await self._event(result, f"The request was too large for the model's context window: {exc}")
+            await self._event(result, f"The request was too large for the model's context window: {exc.brief}")
         except LLMError as exc:
             result.model_seconds += exc.seconds  # retries that failed are model time, not the engine's
             log.warning("%s: model call failed: %s", self.agent.key, exc)
             result.outcome, result.error, result.reply = TurnOutcome.ERROR, str(exc), APOLOGY
-            await self._event(result, f"The model call failed: {exc}")
+            await self._event(result, f"The model call failed: {exc.brief}")
         await self._append(result, [])  # the usage, if the turn's last messages did not carry it
         result.engine_seconds = time.perf_counter() - started - result.model_seconds
         return result

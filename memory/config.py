@@ -67,7 +67,8 @@ class EngineSettings(BaseSettings):
         if missing:
             raise ConfigError("\n".join(f"{m}: not set (see .env.example)" for m in missing))
         if not self.llm_base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"LLM_BASE_URL: must start with http:// or https://, got {self.llm_base_url!r}")
+            # not quoted back: it may hold user:password@
+            raise ConfigError("LLM_BASE_URL: must start with http:// or https://, e.g. http://localhost:11434/v1")
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -45,13 +45,16 @@ SHUTTING_DOWN = "shutting down"
 class LLMError(Exception):
     """The endpoint failed in a way retrying did not fix.
 
-    str() is one short sentence without secrets, fit to store in memory and to show the model;
-    `seconds` is the time the call spent, all attempts and pauses between them included.
+    str() is one short sentence without secrets, for the log and the person's error; `brief` is
+    the same without the endpoint's own words (an error body may quote anything), fit to store
+    in memory and show the model; `seconds` is the time the call spent, all attempts and pauses
+    between them included.
     """
 
-    def __init__(self, message: str, *, seconds: float = 0.0) -> None:
+    def __init__(self, message: str, *, seconds: float = 0.0, brief: str | None = None) -> None:
         super().__init__(message)
         self.seconds = seconds
+        self.brief = brief if brief is not None else message
 
 
 class ContextOverflowError(LLMError):
@@ -76,6 +79,11 @@ _URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
 REDACTED = "[redacted]"
 
 
+def basic_auth(url: httpx.URL) -> str:
+    """The credentials of `url` as an Authorization: Basic header carries them."""
+    return base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+
+
 def without_credentials(url: str) -> str:
     """The URL as it may be shown: user:password@ removed."""
     return _URL_CREDENTIALS.sub(r"\1", url)
@@ -92,6 +100,8 @@ class Redactor:
             for part in (parts.username, parts.password):
                 if part:
                     secrets.update((part, unquote(part)))
+            if parts.username or parts.password:  # as the Authorization header carries them
+                secrets.add(basic_auth(httpx.URL(url)))
         # longest first: a secret containing another is removed whole
         self._secrets = sorted((x for x in secrets if len(x) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
@@ -148,8 +158,7 @@ class LLMClient:
         self._headers = httpx.Headers({"Content-Type": "application/json"})
         given = httpx.URL(base_url)
         if given.username or given.password:  # as httpx itself does, they win over the key
-            pair = f"{given.username}:{given.password}".encode()
-            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            self._headers["Authorization"] = "Basic " + basic_auth(given)
         elif api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         # the limit of one attempt, from sending to the body's last byte: httpx's own timeouts are
@@ -231,6 +240,7 @@ class LLMClient:
                     response = await self._attempt(request)
             except TimeoutError:
                 problem, wait = f"timed out after {self.timeout:g} s", None
+                brief = problem
             except httpx.TimeoutException as exc:
                 cause = exc.__cause__
                 # the aiohttp transport reports a refused connection as a timeout
@@ -238,8 +248,10 @@ class LLMClient:
                     problem, wait = f"cannot reach {self.base_url} ({self.redact(str(cause))})", None
                 else:
                     problem, wait = f"timed out after {self.timeout:g} s", None
+                brief = problem
             except httpx.HTTPError as exc:
                 problem, wait = f"cannot reach {self.base_url} ({type(exc).__name__}: {self.redact(str(exc))})", None
+                brief = problem
             else:
                 if response.status_code < 300:
                     return _json(response.content, path)
@@ -249,15 +261,17 @@ class LLMClient:
                     "%s: HTTP %d from %s: %s", path, response.status_code, self.base_url, self.redact(text[:LOGGED_BODY_CHARS])
                 )
                 problem = self._status(response.status_code, text)
+                brief = f"HTTP {response.status_code} from the model endpoint"
                 if is_context_overflow(response.status_code, text):
-                    raise ContextOverflowError(problem)
+                    raise ContextOverflowError(problem, brief=f"{brief}: the request is larger than the model's context window")
                 if response.status_code != 429 and response.status_code < 500:
-                    raise LLMError(problem)
+                    raise LLMError(problem, brief=brief)
                 wait = _retry_after(response)
             attempt += 1
             backoff = wait if wait is not None else random.uniform(0, min(8.0, 0.5 * 2**attempt))
             if attempt > self.max_retries or time.monotonic() + backoff > deadline:
-                raise LLMError(f"{path}: {problem} (gave up after {attempt} attempts)")
+                gave_up = f"(gave up after {attempt} attempts)"
+                raise LLMError(f"{path}: {problem} {gave_up}", brief=f"{path}: {brief} {gave_up}")
             log.warning("%s: %s; retrying in %.1f s", path, problem, backoff)
             await self._pause(backoff)
 

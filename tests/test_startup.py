@@ -139,3 +139,26 @@ def test_a_start_does_not_build_the_full_text_word_pattern() -> None:
     probe = "import bot.main, memory.fulltext as f; print(f._words.cache_info().currsize)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0"
+
+
+async def test_url_credentials_are_not_echoed_by_a_config_error_or_the_chat_banner(fake: FakeOpenAI, tmp_path: Path) -> None:
+    base = {**os.environ, "DATABASE_PATH": str(tmp_path / "c.db"), "LLM_MODEL": "m", "PYTHONPATH": str(ROOT)}
+    for url in ("ftp://ann:hunter2secret@example.invalid/v1", " http://ann:hunter2secret@example.invalid/v1"):
+        done = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "chat"],
+            cwd=tmp_path,
+            env={**base, "LLM_BASE_URL": url},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1 and "LLM_BASE_URL" in done.stderr and "hunter2secret" not in done.stderr
+    url = fake.url.replace("http://", "http://ann:hunter2secret@")
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "chat"],
+        cwd=tmp_path,
+        env={**base, "LLM_BASE_URL": url},
+        input="",
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "Chatting with agent" in done.stdout and "hunter2secret" not in done.stdout + done.stderr
