@@ -54,7 +54,7 @@ class MnemoBot(discord.Client):
         self.members = Members(self._is_member)
         self.arrivals = Arrivals()
         self.tree = app_commands.CommandTree(self)
-        commands.register(self.tree, engine, settings)
+        commands.register(self.tree, engine, settings, self._takes)
         self.closing = False
         self.stopped = False
         self._in_flight: set[asyncio.Task[object]] = set()
@@ -69,6 +69,17 @@ class MnemoBot(discord.Client):
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("connected as %s (%s) to %d guilds", self.user, self.user.id, len(self.guilds))
+
+    async def _takes(self, interaction: discord.Interaction) -> bool:
+        """Slash commands: none once shutting down, and in DMs the same rule as messages."""
+        if self.closing:
+            return False
+        return interaction.guild_id is not None or await self._dm_admitted(interaction.user.id)
+
+    def cancel_in_flight(self) -> None:
+        """Shutdown's last resort, for handlers stuck on Discord: their messages are stored already."""
+        for task in self._in_flight:
+            task.cancel()
 
     async def drain(self) -> None:
         """Stop answering, and wait until the messages being handled are answered or kept."""

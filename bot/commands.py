@@ -32,9 +32,17 @@ COMMANDS_HASH = "discord_commands_hash"
 log = logging.getLogger(__name__)
 
 
-def register(tree: app_commands.CommandTree, engine: Engine, settings: BotSettings) -> None:
-    tree.add_command(MemoryCommands(engine, settings))
-    tree.add_command(AdminCommands(engine, settings))
+# whether the bot takes this interaction at all (beyond the allowlists): the client's DM rule, shutdown
+Gate = Callable[[discord.Interaction], Awaitable[bool]]
+
+
+async def _open(interaction: discord.Interaction) -> bool:
+    return True
+
+
+def register(tree: app_commands.CommandTree, engine: Engine, settings: BotSettings, gate: Gate = _open) -> None:
+    tree.add_command(MemoryCommands(engine, settings, gate))
+    tree.add_command(AdminCommands(engine, settings, gate))
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -113,13 +121,14 @@ async def _answer(interaction: discord.Interaction, text: str, *, filename: str 
 
 
 class MemoryCommands(app_commands.Group):
-    def __init__(self, engine: Engine, settings: BotSettings) -> None:
+    def __init__(self, engine: Engine, settings: BotSettings, gate: Gate) -> None:
         super().__init__(name="memory", description="Look into this conversation's long-term memory")
         self.memory = engine.memory
         self.settings = settings
+        self.gate = gate
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return _allowed(self.settings, interaction)
+        return _allowed(self.settings, interaction) and await self.gate(interaction)
 
     @app_commands.command(description="Core memory, summary, counts and context usage")
     async def view(self, interaction: discord.Interaction) -> None:
@@ -215,7 +224,7 @@ EXPLAIN = {
 
 
 class AdminCommands(app_commands.Group):
-    def __init__(self, engine: Engine, settings: BotSettings) -> None:
+    def __init__(self, engine: Engine, settings: BotSettings, gate: Gate) -> None:
         super().__init__(
             name="memory-admin",
             description="Change how the bot behaves in this conversation",
@@ -223,9 +232,10 @@ class AdminCommands(app_commands.Group):
         )
         self.memory = engine.memory
         self.settings = settings
+        self.gate = gate
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return _allowed(self.settings, interaction)
+        return _allowed(self.settings, interaction) and await self.gate(interaction)
 
     @manager_only
     @app_commands.command(description="Replace the bot's persona in this conversation")

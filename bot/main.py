@@ -25,6 +25,8 @@ log = logging.getLogger("mnemocord")
 # how long a stop waits for running turns before it ends their model calls: an endpoint that
 # never finishes must not keep the process alive (systemd's default stop timeout is 90 s)
 TURN_GRACE_SECONDS = 5.0
+# the start-up check of the model endpoint, in all
+ENDPOINT_CHECK_SECONDS = 10.0
 
 
 async def open_engine(settings: BotSettings) -> Engine:
@@ -57,8 +59,11 @@ async def check_endpoint(settings: BotSettings) -> None:
     # httpx sends a URL's user:password@ as Basic auth, which would replace the key's header
     headers = {"Authorization": f"Bearer {key}"} if key and not (url.username or url.password) else {}
     try:
-        async with httpx.AsyncClient(timeout=10) as client:
+        # a whole limit: httpx's own is per read, which an endpoint sending a byte at a time never trips
+        async with asyncio.timeout(ENDPOINT_CHECK_SECONDS), httpx.AsyncClient(timeout=ENDPOINT_CHECK_SECONDS) as client:
             response = await client.get(url, headers=headers)
+    except TimeoutError:
+        raise ConfigError(f"LLM_BASE_URL: {shown} did not answer within {ENDPOINT_CHECK_SECONDS:g} s") from None
     except httpx.HTTPError as exc:
         raise ConfigError(
             f"LLM_BASE_URL: cannot reach {shown} ({type(exc).__name__}: {redact(str(exc)) or 'no answer'})"
@@ -114,6 +119,10 @@ async def _drain(bot: MnemoBot, engine: Engine) -> None:
         log.warning("turns still running after %.0f s: ending their model calls", TURN_GRACE_SECONDS)
         for client in _model_clients(engine):
             client.abort()
+        done, _ = await asyncio.wait({draining}, timeout=TURN_GRACE_SECONDS)
+    if not done:  # stuck on Discord (a long rate limit, a download): their messages are stored
+        log.warning("message handlers still running after another %.0f s: cancelling them", TURN_GRACE_SECONDS)
+        bot.cancel_in_flight()
     await draining
 
 

@@ -102,7 +102,7 @@ class FakeOpenAI:
         self.default: Script | None = None
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []  # of every request, in order, to echo them back
-        self.fail_models: Error | None = None  # what GET /models answers instead of the model list
+        self.fail_models: Error | Drip | None = None  # what GET /models answers instead of the model list
         self.dripping = 0  # responses being dripped now
         self.usage_body: Any = None  # sent as the usage instead of the counted one, when set
         self.embedding_inputs: list[str] = []
@@ -145,6 +145,8 @@ class FakeOpenAI:
 
     async def _models(self, request: web.Request) -> web.Response:
         self.request_headers.append(dict(request.headers))
+        if isinstance(self.fail_models, Drip):
+            return await self._drip(self.fail_models, {"messages": []}, request)
         if self.fail_models:
             e = self.fail_models
             payload = e.body if isinstance(e.body, str) else json.dumps(e.body)

@@ -190,3 +190,18 @@ async def test_a_reply_over_the_limit_is_cut_and_the_whole_text_attached(
         assert "cut: the reply has" in sent[-1]["content"]
         (attached,) = sent[-1]["files"]
         assert attached["filename"] == "reply.txt" and attached["data"].decode() == long.strip()
+
+
+async def test_slash_commands_in_dms_follow_the_dm_rule(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    alice, guild = world["alice"], world["guild"]
+    stranger = fake_discord.add_user("stranger")
+    limited = settings.model_copy(update={"allowed_guilds": frozenset({int(guild["id"])})})
+    async with running(limited, fake_discord) as bot:
+        outside = await fake_discord.send_slash(fake_discord.dm_channel(stranger["id"])["id"], stranger["id"], "memory", "view")
+        member = await fake_discord.send_slash(fake_discord.dm_channel(alice["id"])["id"], alice["id"], "memory", "view")
+        await fake_discord.wait_for(lambda f: outside["responses"] and len(member["responses"]) >= 2)
+        assert "can't use this bot here" in outside["responses"][0]["data"]["content"]
+        assert "__persona__" in fake_discord.messages[member["original_message_id"]]["content"]
+        assert not await bot.engine.memory.exists(f"dm:{stranger['id']}")  # nothing was made for the stranger

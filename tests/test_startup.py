@@ -162,3 +162,17 @@ async def test_url_credentials_are_not_echoed_by_a_config_error_or_the_chat_bann
         text=True,
     )
     assert done.returncode == 0 and "Chatting with agent" in done.stdout and "hunter2secret" not in done.stdout + done.stderr
+
+
+async def test_a_dripping_endpoint_fails_the_start_check_within_its_limit(
+    fake: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot import main
+    from bot.config import BotSettings
+    from memory.config import ConfigError
+
+    monkeypatch.setattr(main, "ENDPOINT_CHECK_SECONDS", 0.5)
+    fake.fail_models = Drip(0.2)  # a byte every 0.2 s: httpx's per-read timeout never trips
+    settings = BotSettings(_env_file=None, database_path=tmp_path / "d.db", llm_base_url=fake.url, llm_model="m")  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="did not answer within 0.5 s"):
+        await asyncio.wait_for(main.check_endpoint(settings), 5)
