@@ -13,12 +13,12 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from . import agents, context, core, documents, portability, recall, search
+from . import agents, archival, context, core, documents, portability, recall, search
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
 from .core import Block
-from .db import Database
+from .db import Database, sqlite3
 
 
 class Engine(Protocol):
@@ -145,10 +145,12 @@ class MemoryAPI:
     async def forget(self, key: str, message_ids: list[int], passage_ids: list[int]) -> tuple[int, int]:
         """Delete these messages and passages of the agent (others' ids are ignored); returns how many of each."""
         agent = await self._agent(key)
+
+        def erase(c: sqlite3.Connection) -> tuple[int, int]:
+            return recall.forget(c, agent, message_ids), archival.delete(c, agent, passage_ids)
+
         async with self._engine.exclusive(key):
-            messages = await recall.delete(self._engine.db, agent, message_ids)
-            passages = await self._engine.archive.delete(agent, passage_ids)
-        return messages, passages
+            return await self._engine.db.transact(erase)  # whole: a failure leaves everything
 
     async def reset(self, key: str, scope: Scope) -> None:
         """Erase the conversation (recall and summary), the core blocks (to their defaults), archival memory, or all."""
@@ -156,14 +158,18 @@ class MemoryAPI:
             raise ValueError(f"unknown scope {scope!r}; use one of {list(SCOPES)}")
         engine = self._engine
         agent = await self._agent(key)
-        async with engine.exclusive(key):
+        defaults = agents.default_blocks(key, engine.settings)
+
+        def erase(c: sqlite3.Connection) -> None:
             if scope in ("conversation", "all"):
-                await recall.clear(engine.db, agent)
+                recall.wipe(c, agent)
             if scope in ("core", "all"):
-                for label, value, _, _ in agents.default_blocks(key, engine.settings):
-                    await core.set_value(engine.db, agent, label, value)
+                core.write_defaults(c, agent, defaults)
             if scope in ("archival", "all"):
-                await engine.archive.clear(agent)
+                archival.clear(c, agent)
+
+        async with engine.exclusive(key):
+            await engine.db.transact(erase)  # whole: a full disk midway leaves memory as it was
 
     async def set_block(self, key: str, label: str, value: str) -> str:
         """Overwrite a core block; returns the outcome as a sentence (refusals included)."""

@@ -352,23 +352,23 @@ class Archive:
         return await self.db.fetchval("SELECT count(*) FROM passages WHERE agent_id = ?", (agent.id,), 0)
 
     async def delete(self, agent: Agent, ids: list[int]) -> int:
-        if not ids:
-            return 0
-        in_ids = marks(len(ids))
-        return await self.db.transact(
-            lambda c: _delete_rows(
-                c,
-                agent.id,
-                c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)).fetchall(),
-            )
-        )
+        return await self.db.transact(lambda c: delete(c, agent, ids)) if ids else 0
 
     async def clear(self, agent: Agent) -> None:
-        await self.db.transact(
-            lambda c: _delete_rows(
-                c, agent.id, c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ?", (agent.id,)).fetchall()
-            )
-        )
+        await self.db.transact(lambda c: clear(c, agent))
+
+
+def delete(c: sqlite3.Connection, agent: Agent, ids: list[int]) -> int:
+    """`Archive.delete` inside a transaction; returns how many of `ids` were the agent's."""
+    if not ids:
+        return 0
+    rows = c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ? AND id IN ({marks(len(ids))})", (agent.id, *ids))
+    return _delete_rows(c, agent.id, rows.fetchall())
+
+
+def clear(c: sqlite3.Connection, agent: Agent) -> None:
+    """`Archive.clear` inside a transaction."""
+    _delete_rows(c, agent.id, c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ?", (agent.id,)).fetchall())
 
 
 _ROW = "id, content, context, created_at"

@@ -129,6 +129,15 @@ async def replace(db: Database, agent: Agent, label: str, old: str, new: str) ->
     return Edit(True, f"{action} {label!r} ({len(value)}/{block.limit} characters).")
 
 
+def write_defaults(c: sqlite3.Connection, agent: Agent, blocks: list[tuple[str, str, int, str]]) -> None:
+    """Blocks back to their defaults, inside a transaction; (label, value, limit, description)
+    as agents.default_blocks gives them, which always fit."""
+    c.executemany(
+        "UPDATE blocks SET value = ?, updated_at = ? WHERE agent_id = ? AND label = ?",
+        [(value, now(), agent.id, label) for label, value, _, _ in blocks],
+    )
+
+
 async def set_value(db: Database, agent: Agent, label: str, value: str) -> Edit:
     """Overwrite a whole block (persona edits by admins, consolidation, resets)."""
     block = await _get(db, agent, label)

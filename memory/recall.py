@@ -203,33 +203,33 @@ async def get(db: Database, agent: Agent, ids: list[int]) -> list[Message]:
 
 async def delete(db: Database, agent: Agent, ids: list[int]) -> int:
     """Delete specific messages (a user's "forget"); the engine itself never deletes."""
+    return await db.transact(lambda c: forget(c, agent, ids)) if ids else 0
+
+
+def forget(c: sqlite3.Connection, agent: Agent, ids: list[int]) -> int:
+    """`delete` inside a transaction; returns how many of `ids` were the agent's."""
     if not ids:
         return 0
-    in_ids = marks(len(ids))
-
-    def forget(c: sqlite3.Connection) -> int:
-        chosen = c.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({in_ids})", (agent.id, *ids)
-        ).fetchall()
-        doomed = {r["id"]: r for r in chosen}
-        # A call and its results must stay together or the provider rejects the
-        # context: a call leaves with its results (stored right after it, in one
-        # transaction), and a result on its own is blanked instead of deleted.
-        for r in chosen:
-            if r["role"] == "assistant" and r["tool_calls"]:
-                for result in c.execute(
-                    f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND role = 'tool' AND id BETWEEN ? AND ?",
-                    (agent.id, r["id"] + 1, r["id"] + len(json.loads(r["tool_calls"]))),
-                ):
-                    doomed[result["id"]] = result
-        alone = [r for r in chosen if r["role"] == "tool" and not _follows_doomed(r, doomed)]
-        for r in alone:
-            del doomed[r["id"]]
-            c.execute("UPDATE messages SET content = '[forgotten]' WHERE id = ?", (r["id"],))
-        _delete(c, agent, list(doomed.values()))
-        return len(chosen)
-
-    return await db.transact(forget)
+    chosen = c.execute(
+        f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND id IN ({marks(len(ids))})", (agent.id, *ids)
+    ).fetchall()
+    doomed = {r["id"]: r for r in chosen}
+    # A call and its results must stay together or the provider rejects the
+    # context: a call leaves with its results (stored right after it, in one
+    # transaction), and a result on its own is blanked instead of deleted.
+    for r in chosen:
+        if r["role"] == "assistant" and r["tool_calls"]:
+            for result in c.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ? AND role = 'tool' AND id BETWEEN ? AND ?",
+                (agent.id, r["id"] + 1, r["id"] + len(json.loads(r["tool_calls"]))),
+            ):
+                doomed[result["id"]] = result
+    alone = [r for r in chosen if r["role"] == "tool" and not _follows_doomed(r, doomed)]
+    for r in alone:
+        del doomed[r["id"]]
+        c.execute("UPDATE messages SET content = '[forgotten]' WHERE id = ?", (r["id"],))
+    _delete(c, agent, list(doomed.values()))
+    return len(chosen)
 
 
 def _follows_doomed(result: Any, doomed: dict[int, Any]) -> bool:
@@ -251,12 +251,13 @@ def _delete(c: sqlite3.Connection, agent: Agent, rows: Iterable[Any]) -> int:
 
 async def clear(db: Database, agent: Agent) -> None:
     """Forget the whole conversation: recall, the in-context queue and the summary."""
+    await db.transact(lambda c: wipe(c, agent))
 
-    def wipe(c: sqlite3.Connection) -> None:
-        _delete(c, agent, c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ?", (agent.id,)))
-        c.execute("UPDATE agents SET summary = '', summary_updated_at = NULL, pressure_warned = 0 WHERE id = ?", (agent.id,))
 
-    await db.transact(wipe)
+def wipe(c: sqlite3.Connection, agent: Agent) -> None:
+    """`clear` inside a transaction."""
+    _delete(c, agent, c.execute(f"SELECT {_COLUMNS} FROM messages WHERE agent_id = ?", (agent.id,)))
+    c.execute("UPDATE agents SET summary = '', summary_updated_at = NULL, pressure_warned = 0 WHERE id = ?", (agent.id,))
 
 
 async def search_messages(

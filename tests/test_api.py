@@ -160,12 +160,13 @@ async def test_notes_arriving_while_an_erase_is_under_way_are_dropped(
     engine: Engine, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     erasing, notes_sent = asyncio.Event(), asyncio.Event()
-    real_clear = recall.clear
+    real_transact = engine.db.transact
 
-    async def paused_clear(db: Any, agent: Any) -> None:  # the erase is between its steps when the notes come
-        erasing.set()
-        await notes_sent.wait()
-        await real_clear(db, agent)
+    async def paused(fn: Any) -> Any:  # the erase has begun, its transaction not yet run, when the notes come
+        if getattr(fn, "__name__", "") == "erase":
+            erasing.set()
+            await notes_sent.wait()
+        return await real_transact(fn)
 
     async def consolidation(body: dict[str, Any]) -> dict[str, Any]:
         if body["messages"][-1]["role"] == "tool":
@@ -174,7 +175,7 @@ async def test_notes_arriving_while_an_erase_is_under_way_are_dropped(
         notes_sent.set()
         return call("archival_memory_insert", {"content": "Notes: Ann's secret plans."})
 
-    monkeypatch.setattr(recall, "clear", paused_clear)
+    monkeypatch.setattr(engine.db, "transact", paused)
     await _consolidation_pending(engine, fake, consolidation)
     await engine.memory.reset("dm:1", "conversation")
     await engine.wait_background()
@@ -208,3 +209,18 @@ async def test_a_caller_cancelled_while_an_agent_is_made_leaves_it_usable(engine
     assert (await engine.agent("dm:77")) == agent
     fake.default = reply("hi")
     assert (await engine.send("dm:77", user("hello"))).reply == "hi"
+
+
+async def test_a_reset_failing_midway_erases_nothing(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.default = reply("ok")
+    await engine.send("dm:1", user("remember the blue door"))
+    await engine.memory.ingest("dm:1", "notes.txt", b"The blue door is at the end of the hall.")
+    await engine.memory.set_block("dm:1", "human", "Ann likes blue doors.")
+    # the archival part fails, as a full disk would, after the conversation and core were erased in the transaction
+    await engine.db.execute("CREATE TRIGGER no_delete BEFORE DELETE ON passages BEGIN SELECT RAISE(ABORT, 'disk trouble'); END")
+    with pytest.raises(Exception, match="disk trouble"):
+        await engine.memory.reset("dm:1", "all")
+    await engine.db.execute("DROP TRIGGER no_delete")
+    view = await engine.memory.view("dm:1")
+    assert view.messages >= 2 and view.passages == 1
+    assert any(b.value == "Ann likes blue doors." for b in view.blocks)
