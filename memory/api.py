@@ -13,7 +13,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from . import agents, archival, context, core, documents, portability, recall, search
+import orjson
+
+from . import agents, archival, context, core, documents, fulltext, portability, recall, search
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
@@ -132,15 +134,18 @@ class MemoryAPI:
         agent = await self._agent(key)
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         db = self._engine.db
-        # replies live in the arguments of send_message calls, so tool_calls is searched too
-        messages = await db.fetchall(
-            "SELECT id FROM messages WHERE agent_id = ?1 AND (content LIKE ?2 ESCAPE '\\' OR tool_calls LIKE ?2 ESCAPE '\\')",
-            (agent.id, pattern),
+        said = await db.fetchall("SELECT id FROM messages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern))
+        # replies live in send_message's arguments, stored as escaped JSON ("café" as caf\\u00e9):
+        # read them as the words they are
+        needle = text.casefold()
+        calls = await db.fetchall(
+            "SELECT id, role, tool_calls FROM messages WHERE agent_id = ? AND tool_calls IS NOT NULL", (agent.id,)
         )
+        replied = [r[0] for r in calls if needle in fulltext.said(r[1], "", orjson.loads(r[2])).casefold()]
         passages = await db.fetchall(
             "SELECT id FROM passages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern)
         )
-        return Matches([r[0] for r in messages], [r[0] for r in passages])
+        return Matches(sorted({r[0] for r in said} | set(replied)), [r[0] for r in passages])
 
     async def forget(self, key: str, message_ids: list[int], passage_ids: list[int]) -> tuple[int, int]:
         """Delete these messages and passages of the agent (others' ids are ignored); returns how many of each."""

@@ -224,3 +224,12 @@ async def test_a_reset_failing_midway_erases_nothing(engine: Engine, fake: FakeO
     view = await engine.memory.view("dm:1")
     assert view.messages >= 2 and view.passages == 1
     assert any(b.value == "Ann likes blue doors." for b in view.blocks)
+
+
+async def test_forget_by_text_finds_replies_with_accents_and_quotes(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(call("send_message", {"message": 'Your "café au lait" order is noted.'}))
+    await engine.send("dm:1", user("one coffee please"))
+    found = await engine.memory.find("dm:1", 'Café au lait" order')
+    assert len(found.message_ids) == 1  # the assistant message holding the reply (its JSON escapes é and ")
+    assert await engine.memory.forget("dm:1", found.message_ids, []) == (1, 0)
+    assert (await engine.memory.search("dm:1", "lait")).messages.total == 0
