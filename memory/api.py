@@ -12,9 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import agents, context, core, documents, portability, recall, search
+from . import agents, context, core, documents, events, portability, recall, search
 from .agents import Agent
 from .core import Block
+from .events import Event as ScheduledEvent
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -225,6 +226,18 @@ class MemoryAPI:
         Returns counts; raises ValueError when `data` is not a valid export.
         """
         return await portability.import_agent(self._engine, data, key)
+
+    async def events(self, key: str) -> list[ScheduledEvent]:
+        """The agent's pending scheduled events, soonest first."""
+        return await events.pending(self._engine.db, await self._agent(key))
+
+    async def event(self, key: str, event_id: int) -> ScheduledEvent | None:
+        """One of the agent's events (any state), or None."""
+        return await events.get(self._engine.db, await self._agent(key), event_id)
+
+    async def cancel_event(self, key: str, event_id: int) -> bool:
+        """Cancel a pending event of the agent; False when it has none with that id."""
+        return await events.cancel(self._engine.db, await self._agent(key), event_id)
 
 
 _MISSING = object()

@@ -19,13 +19,13 @@ from typing import Any
 
 import httpx
 
-from . import agents, context, core, recall, tools
+from . import agents, context, core, events, recall, tools
 from .agent import Turn, TurnOutcome, TurnResult
 from .agents import Agent
 from .api import MemoryAPI
 from .archival import Archive
 from .config import EngineSettings
-from .db import Database
+from .db import Database, sqlite3
 from .embeddings import Embedder
 from .llm import ChatResult, LLMClient, LLMError, ToolCall
 from .loop import Loop
@@ -69,6 +69,8 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
         self._embedding: asyncio.Task[None] | None = None
         self.memory = MemoryAPI(self)
+        # fires nothing until an adapter starts it with the way to deliver answers
+        self.events = events.Scheduler(self, max_pending=settings.max_pending_events)
 
     @classmethod
     async def open(
@@ -116,9 +118,11 @@ class Engine:
 
     async def close(self) -> None:
         """Let running turns finish, stop background work, close the database."""
+        await self.events.stop()
         workers = [m.worker for m in self._mailboxes.values() if m.worker and not m.worker.done()]
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
+        await self.events.finish()
         background = [*self._background, *([self._embedding] if self._embedding else [])]
         for task in background:
             task.cancel()
@@ -152,14 +156,40 @@ class Engine:
         assert future is not None
         return await future
 
-    async def _arrive(self, key: str, message: recall.Message, *, answer: bool = False) -> asyncio.Future[TurnResult] | None:
+    async def wake(
+        self, key: str, message: recall.Message, claim: Callable[[sqlite3.Connection], bool]
+    ) -> asyncio.Future[TurnResult] | None:
+        """A system event the agent must answer (a scheduled event firing), stored only if `claim`
+        returns True in the same transaction; None if it did not. The future has the answer."""
+        return await self._arrive(key, message, answer=True, claim=claim)
+
+    async def _arrive(
+        self,
+        key: str,
+        message: recall.Message,
+        *,
+        answer: bool = False,
+        claim: Callable[[sqlite3.Connection], bool] | None = None,
+    ) -> asyncio.Future[TurnResult] | None:
         """The one way in for messages: stored at once, in call order, waiting for the next turn.
 
         Raises StorageError when it cannot be stored: the caller must say so, nothing else will.
         """
         message.content, message.author = valid(message.content), valid(message.author)
         agent = await self.agent(key)
-        await recall.append(self.db, agent, [message], state=recall.WAITING)
+        if claim is None:
+            await recall.append(self.db, agent, [message], state=recall.WAITING)
+        else:
+            recall.prepare([message])
+
+            def store(c: sqlite3.Connection) -> bool:
+                if not claim(c):
+                    return False
+                recall.insert(c, agent, [message], recall.WAITING)
+                return True
+
+            if not await self.db.transact(store):
+                return None
         if not answer:
             return None
         box = self._mailboxes.setdefault(key, _Mailbox())

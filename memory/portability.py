@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from . import archival, core, recall, search
+from . import archival, core, events, recall, search
 from .agents import Agent
 from .clock import now
 from .db import StorageError, sqlite3
@@ -29,6 +29,7 @@ async def export_agent(engine: Engine, agent: Agent) -> dict[str, Any]:
     passages = await db.fetchall(
         "SELECT id, content, tags, source, created_at FROM passages WHERE agent_id = ? ORDER BY id", (agent.id,)
     )
+    scheduled = await db.transact(lambda c: events.export_rows(c, agent))
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -64,6 +65,7 @@ async def export_agent(engine: Engine, agent: Agent) -> dict[str, Any]:
             }
             for p in passages
         ],
+        "events": scheduled,
     }
 
 
@@ -102,6 +104,7 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
             (str(p["content"]), [str(t) for t in p.get("tags") or []], str(p.get("source", "")), _stamp(p["created_at"]))
             for p in data["passages"]
         ]
+        scheduled = events.checked_rows(data.get("events"))  # absent in exports made before events
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"missing or malformed field {exc}") from None
     for m, _ in messages:
@@ -141,6 +144,7 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
         recall.insert(c, agent, in_context, recall.IN_CONTEXT)
         for found, tags, source, created_at in pieces:
             archival.store(c, agent, found, tags, source, created_at)
+        events.import_rows(c, agent, scheduled)
 
     # one transaction: an error anywhere leaves memory as it was
     try:
@@ -148,7 +152,15 @@ async def import_agent(engine: Engine, data: dict[str, Any], key: str | None = N
     except sqlite3.Error as exc:
         raise StorageError(f"the import failed and changed nothing: {exc}") from exc
     await engine.archive.embed_pending(agent)
-    return {"agent": agent.key, "blocks": len(blocks), "messages": len(messages), "passages": len(passages)}
+    if scheduled:
+        engine.events.changed()
+    return {
+        "agent": agent.key,
+        "blocks": len(blocks),
+        "messages": len(messages),
+        "passages": len(passages),
+        "events": len(scheduled),
+    }
 
 
 def _stamp(value: object) -> str:
