@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from memory import events, recall
+from memory.agent import TurnResult
 from memory.api import Ingested
 from memory.config import ConfigError, EngineSettings, load_settings
 from memory.db import StorageError
@@ -65,9 +66,9 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
     )
     seen = await engine.memory.last_message_id(key)
 
-    async def deliver(_: str, text: str, event: events.Event) -> bool:
+    async def deliver(_: str, result: TurnResult, event: events.Event) -> bool:
         # printed between prompts: the input line stays where it is
-        print(f"\nbot> (event #{event.id}) {text}\nyou> ", end="", flush=True)
+        print(f"\nbot> (event #{event.id}) {result.reply}\nyou> ", end="", flush=True)
         return True
 
     await engine.events.start(deliver, only=key)

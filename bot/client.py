@@ -10,6 +10,7 @@ import discord
 from discord import app_commands
 
 from memory import clock, events, recall
+from memory.agent import TurnResult
 from memory.documents import Unreadable
 from memory.engine import Engine
 
@@ -149,7 +150,7 @@ class MnemoBot(discord.Client):
             await self._send(message, result.reply)
         return "answered"
 
-    async def _deliver_event(self, key: str, text: str, event: events.Event) -> bool:
+    async def _deliver_event(self, key: str, result: TurnResult, event: events.Event) -> bool:
         """Post a scheduled event's answer where it was set; False when that place is gone or closed to the bot."""
         kind, _, raw = key.partition(":")
         if kind not in ("dm", "channel") or not raw.isdigit():
@@ -171,7 +172,7 @@ class MnemoBot(discord.Client):
                     return False
             if not isinstance(channel, discord.abc.Messageable):
                 return False
-            for part in split_message(text):
+            for part in split_message(result.reply or ""):
                 await channel.send(part)
         except discord.HTTPException as exc:  # gone (NotFound), closed to the bot (Forbidden), or refused
             log.warning("could not deliver event #%d to %s: %s", event.id, key, exc)

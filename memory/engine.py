@@ -157,41 +157,41 @@ class Engine:
         return await future
 
     async def wake(
-        self, key: str, message: recall.Message, claim: Callable[[sqlite3.Connection], bool]
-    ) -> asyncio.Future[TurnResult] | None:
-        """A system event the agent must answer (a scheduled event firing), stored only if `claim`
-        returns True in the same transaction; None if it did not. The future has the answer."""
-        return await self._arrive(key, message, answer=True, claim=claim)
+        self, batch: list[tuple[Agent, recall.Message, Callable[[sqlite3.Connection], bool]]]
+    ) -> list[asyncio.Future[TurnResult] | None]:
+        """System events agents must answer (scheduled events firing), each stored only if its claim
+        returns True, all in one transaction; then queued like any message. A future per event carries
+        its answer (None: not claimed, e.g. cancelled meanwhile)."""
+        for _, message, _ in batch:
+            message.content = valid(message.content)
+        recall.prepare([message for _, message, _ in batch])
 
-    async def _arrive(
-        self,
-        key: str,
-        message: recall.Message,
-        *,
-        answer: bool = False,
-        claim: Callable[[sqlite3.Connection], bool] | None = None,
-    ) -> asyncio.Future[TurnResult] | None:
+        def store(c: sqlite3.Connection) -> list[bool]:
+            claimed = []
+            for agent, message, claim in batch:
+                claimed.append(claim(c))
+                if claimed[-1]:
+                    recall.insert(c, agent, [message], recall.WAITING)
+            return claimed
+
+        claimed = await self.db.transact(store)
+        return [self._queue(agent, message) if ok else None for (agent, message, _), ok in zip(batch, claimed, strict=True)]
+
+    async def _arrive(self, key: str, message: recall.Message, *, answer: bool = False) -> asyncio.Future[TurnResult] | None:
         """The one way in for messages: stored at once, in call order, waiting for the next turn.
 
         Raises StorageError when it cannot be stored: the caller must say so, nothing else will.
         """
         message.content, message.author = valid(message.content), valid(message.author)
         agent = await self.agent(key)
-        if claim is None:
-            await recall.append(self.db, agent, [message], state=recall.WAITING)
-        else:
-            recall.prepare([message])
-
-            def store(c: sqlite3.Connection) -> bool:
-                if not claim(c):
-                    return False
-                recall.insert(c, agent, [message], recall.WAITING)
-                return True
-
-            if not await self.db.transact(store):
-                return None
+        await recall.append(self.db, agent, [message], state=recall.WAITING)
         if not answer:
             return None
+        return self._queue(agent, message)
+
+    def _queue(self, agent: Agent, message: recall.Message) -> asyncio.Future[TurnResult]:
+        """A stored message waits for the agent's next turn; the future carries that turn's result."""
+        key = agent.key
         box = self._mailboxes.setdefault(key, _Mailbox())
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))

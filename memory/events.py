@@ -55,8 +55,8 @@ FIRE_BATCH = 500
 RETRY_SECONDS = 5.0
 MAX_WHEN_CHARS = 100
 
-Deliver = Callable[[str, str, "Event"], Awaitable[bool]]
-"""(agent key, the agent's answer, the event) -> whether it reached its place."""
+Deliver = Callable[[str, "TurnResult", "Event"], Awaitable[bool]]
+"""(agent key, the turn that answered the event (its reply is set), the event) -> whether it reached its place."""
 
 
 class BadWhen(ValueError):
@@ -390,10 +390,19 @@ class Scheduler:
             " ORDER BY e.due_at, e.id LIMIT ?",
             (stamp(now), *params, FIRE_BATCH),
         )
-        # concurrently: the database commits the claims of many together
-        await asyncio.gather(*(self._fire(_event(tuple(r)[:9]), r[9], now) for r in rows))
+        fired = [self._occurrence(_event(tuple(r)[:9]), now) for r in rows]
+        # one transaction for the whole pass: each occurrence is spent where its system event is stored
+        answers = await self.engine.wake(
+            [(Agent(e.agent_id, r[9]), message, claim) for (e, message, claim), r in zip(fired, rows, strict=True)]
+        )
+        for (event, _, _), r, answer in zip(fired, rows, answers, strict=True):
+            if answer is not None:
+                task = asyncio.create_task(self._answer(r[9], event, answer))
+                self._answers.add(task)
+                task.add_done_callback(self._answers.discard)
 
-    async def _fire(self, event: Event, key: str, now: datetime) -> None:
+    def _occurrence(self, event: Event, now: datetime) -> tuple[Event, recall.Message, Callable[[sqlite3.Connection], bool]]:
+        """The system event of this occurrence, and the claim that spends it."""
         due = parse_stamp(event.due_at)
         following = next_due(due, event.repeat, now)
         text = (
@@ -407,7 +416,7 @@ class Scheduler:
         text += ". Act on it now."
 
         def claim(c: sqlite3.Connection) -> bool:
-            # the occurrence is spent in the transaction that stores its system event: at most once
+            # a cancel or an edit since the read leaves the row unmatched: nothing fires
             args: tuple[str, ...] = ()
             if following is None:
                 sql = "UPDATE events SET state = 'fired' WHERE id = ? AND state = 'pending' AND due_at = ?"
@@ -415,18 +424,14 @@ class Scheduler:
                 sql, args = "UPDATE events SET due_at = ? WHERE id = ? AND state = 'pending' AND due_at = ?", (stamp(following),)
             return c.execute(sql, (*args, event.id, event.due_at)).rowcount == 1
 
-        answer = await self.engine.wake(key, recall.Message(role="system", content=text), claim)
-        if answer is not None:
-            task = asyncio.create_task(self._answer(key, event, answer))
-            self._answers.add(task)
-            task.add_done_callback(self._answers.discard)
+        return event, recall.Message(role="system", content=text), claim
 
     async def _answer(self, key: str, event: Event, answer: asyncio.Future[TurnResult]) -> None:
         result = await answer
         if not result.reply or self._deliver is None:  # merged: the turn's other message carried the answer there
             return
         try:
-            delivered = await self._deliver(key, result.reply, event)
+            delivered = await self._deliver(key, result, event)
         except Exception:
             log.exception("%s: delivering event #%d failed", key, event.id)
             delivered = False
