@@ -61,12 +61,13 @@ class MnemoBot(discord.Client):
                 await commands.sync_if_changed(self.tree, self.engine, self.application_id)
             except discord.HTTPException as exc:  # chat still works without slash commands
                 log.warning("could not register slash commands (%s); try `mnemocord sync` later", exc)
-        # events due while the bot was down fire now: their answers go out by REST, which works before the gateway is up
-        await self.engine.events.start(self._deliver_event)
 
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("connected as %s (%s) to %d guilds", self.user, self.user.id, len(self.guilds))
+        # here, not in setup_hook: `mnemocord sync` logs in too, and must not fire events.
+        # Events that came due while the bot was down fire now; a reconnect keeps the running timer.
+        await self.engine.events.start(self._deliver_event)
 
     async def drain(self) -> None:
         """Stop answering, and wait until the messages being handled are answered or kept."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from bot.config import BotSettings
@@ -10,6 +14,7 @@ from memory import events
 from tests.fakediscord import FakeDiscord
 from tests.fakeopenai import FakeOpenAI, call, reply
 from tests.test_bot import MANAGE_CHANNELS, eventually, fake_discord, last_user_text, running, settings, world  # noqa: F401  (fixtures)
+from tests.test_cli import base_env
 
 
 async def test_dm_reminder_arrives_in_that_dm_after_a_restart(
@@ -93,3 +98,34 @@ async def test_events_listed_and_cancelled_by_their_setter_or_a_manager_and_a_va
 
         await eventually(failed)
     assert "Retro time!" not in str(fake_discord.bot_messages())
+
+
+async def test_events_fire_in_the_terminal_chat(tmp_path: Path, fake: FakeOpenAI) -> None:
+    fake.push(
+        call("schedule_event", {"when": "PT1S", "note": "stretch"}),
+        call("send_message", {"message": "In a second."}),
+        call("send_message", {"message": "Stretch now!"}),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "chat",
+        cwd=tmp_path,
+        env={**os.environ, **base_env(tmp_path, fake)},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"remind me in a second to stretch\n")
+    await proc.stdin.drain()
+    lines = []
+    while not any("(event #1)" in line for line in lines):
+        line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        assert line, "the chat ended before the event fired"
+        lines.append(line)
+    proc.stdin.close()
+    await asyncio.wait_for(proc.wait(), 10)
+    assert "bot> (event #1) Stretch now!" in "".join(lines)
+    assert "Scheduled event #1" in str(fake.chat_requests[-1]["messages"])
