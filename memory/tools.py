@@ -213,6 +213,8 @@ async def _cancel_event(c: Call) -> Outcome:
     try:
         event_id = int(str(raw).lstrip("#"))
     except ValueError:
+        event_id = 0
+    if not 0 < event_id < 2**63:  # SQLite's integers
         return refused(f"Error: event_id must be an event's number, not {quote(str(raw))}.")
     if await events.cancel(c.db, c.agent, event_id):
         return ok(f"Event #{event_id} cancelled.")

@@ -120,6 +120,10 @@ async def test_schedule_event_says_the_exact_utc_time_and_id_and_refuses_what_it
     assert "3 pending events: #1 " in before and "#2 " in before and "daily: water plants" in before
     assert "2 pending events: " in after and "water plants" not in after
     assert fake.chat_requests[-1]["messages"][-1]["content"] == "Event #2 cancelled."
+    for wrong in ("two", 10**30, 2):
+        fake.push(call("cancel_event", {"event_id": wrong}), reply("hm"))
+        await engine.send("dm:1", user("cancel it again"))
+        assert fake.chat_requests[-1]["messages"][-1]["content"].startswith("Error: ")
     # the system part stays the same from request to request while events do not change
     fake.push(reply("fine"))
     await engine.send("dm:1", user("thanks"))
