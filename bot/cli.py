@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memory import recall
+from memory import events, recall
 from memory.api import Ingested
 from memory.config import ConfigError, EngineSettings, load_settings
 from memory.db import StorageError
@@ -70,6 +70,13 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
         "`/file PATH` reads a document. Ctrl-D to quit."
     )
     seen = await engine.memory.last_message_id(key)
+
+    async def deliver(_: str, reply: str, event: events.Event) -> bool:
+        # printed between prompts: the input line stays where it is
+        print(f"\nbot> (event #{event.id}) {reply}\nyou> ", end="", flush=True)
+        return True
+
+    await engine.events.start(deliver, only=key)
     try:
         while True:
             try:
@@ -156,7 +163,7 @@ async def _import(settings: EngineSettings, path: Path, key: str | None) -> None
     finally:
         await engine.close()
     print(
-        f"Imported into {counts['agent']}: {counts['blocks']} blocks, {counts['messages']} messages, {counts['passages']} passages."
+        f"Imported into {counts['agent']}: {counts['blocks']} blocks, {counts['messages']} messages, {counts['passages']} passages, {counts['events']} events."
     )
 
 

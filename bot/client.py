@@ -11,7 +11,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from memory import clock, recall
+from memory import clock, events, recall
 from memory.db import StorageError, StorageFull
 from memory.documents import Unreadable
 from memory.engine import Engine
@@ -69,6 +69,9 @@ class MnemoBot(discord.Client):
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("connected as %s (%s) to %d guilds", self.user, self.user.id, len(self.guilds))
+        # here, not in setup_hook: `mnemocord sync` logs in too, and must not fire events.
+        # Events that came due while the bot was down fire now; a reconnect keeps the running timer.
+        await self.engine.events.start(self._deliver_event)
 
     async def _takes(self, interaction: discord.Interaction) -> bool:
         """Slash commands: none once shutting down, and in DMs the same rule as messages."""
@@ -167,6 +170,35 @@ class MnemoBot(discord.Client):
         if result.reply:
             await self._send(message, result.reply, whole=result.full_reply)
         return "answered"
+
+    async def _deliver_event(self, key: str, reply: str, event: events.Event) -> bool:
+        """Post a scheduled event's answer where it was set; False when that place is gone or closed to the bot."""
+        kind, _, raw = key.partition(":")
+        if kind not in ("dm", "channel") or not raw.isdigit():
+            return False
+        setter = int(event.set_by_id) if event.set_by_id.isdigit() else 0
+        try:
+            channel: object
+            if kind == "dm":
+                user_id = int(raw)
+                if not (allowed(self.settings, user_id, None, None) and await self._dm_admitted(user_id)):
+                    return False
+                user = self.get_user(user_id) or await self.fetch_user(user_id)
+                channel = user.dm_channel or await user.create_dm()
+            else:
+                channel = self.get_channel(int(raw)) or await self.fetch_channel(int(raw))
+                guild = getattr(channel, "guild", None)
+                parent = getattr(channel, "parent_id", None) or int(raw)  # a thread counts as its channel
+                if guild is None or not allowed(self.settings, setter, guild.id, parent):
+                    return False
+            if not isinstance(channel, discord.abc.Messageable):
+                return False
+            for part in split_message(reply):
+                await channel.send(part)
+        except discord.HTTPException as exc:  # gone (NotFound), closed to the bot (Forbidden), or refused
+            log.warning("could not deliver event #%d to %s: %s", event.id, key, exc)
+            return False
+        return True
 
     async def _dm_admitted(self, user_id: int) -> bool:
         if self.settings.dm_policy != "members":

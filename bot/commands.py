@@ -19,6 +19,7 @@ from typing import Literal
 import discord
 from discord import app_commands
 
+from memory import events
 from memory.api import parse_ids
 from memory.engine import Engine
 
@@ -103,6 +104,20 @@ def _may_change(interaction: discord.Interaction) -> bool:
 manager_only = app_commands.check(_may_change)
 
 
+def _manages(interaction: discord.Interaction) -> bool:
+    perms = interaction.permissions
+    return interaction.guild is None or perms.manage_channels or perms.manage_guild or perms.administrator
+
+
+def _when(stamp: str) -> str:
+    # Discord shows the time in each reader's own time zone
+    return f"<t:{int(events.parse_stamp(stamp).timestamp())}:f>"
+
+
+def _again(repeat: str) -> str:
+    return "" if repeat == "none" else f" ({repeat})"
+
+
 def _key(interaction: discord.Interaction) -> str:
     return agent_key(interaction.channel, interaction.user)
 
@@ -168,6 +183,32 @@ class MemoryCommands(app_commands.Group):
             file=discord.File(io.BytesIO(payload), filename=name),
             ephemeral=True,
         )
+
+    @app_commands.command(description="Scheduled events (reminders) here; cancel one by its number")
+    @app_commands.describe(cancel="the number of a pending event to cancel (its setter or channel managers)")
+    async def events(self, interaction: discord.Interaction, cancel: app_commands.Range[int, 1, 2**53] | None = None) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        key = _key(interaction)
+        if cancel is None:
+            pending = await self.memory.events(key)
+            lines = [f"**Pending events of `{key}`** ({len(pending)})"]
+            lines += [
+                f"`#{e.id}` {_when(e.due_at)}{_again(e.repeat)}, set by {e.set_by or '?'}: {_clip(e.note)}" for e in pending
+            ]
+            if pending:
+                lines.append("`/memory events cancel:<number>` cancels one.")
+            await _answer(interaction, "\n".join(lines) if pending else "No events are pending here.")
+            return
+        event = await self.memory.event(key, cancel)
+        if event is None or event.state != "pending":
+            text = f"There is no pending event #{cancel} here."
+        elif event.set_by_id != str(interaction.user.id) and not _manages(interaction):
+            text = f"Only the person who set event #{cancel}, or someone with Manage Channels, can cancel it."
+        elif await self.memory.cancel_event(key, cancel):
+            text = f"Cancelled event #{cancel}: {_clip(event.note)}"
+        else:  # it fired or was cancelled meanwhile
+            text = f"Event #{cancel} is no longer pending."
+        await interaction.followup.send(text, ephemeral=True)
 
     @manager_only
     @app_commands.command(description="Delete messages or passages: ids from /memory search (m12, p3) or text")

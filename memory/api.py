@@ -7,6 +7,7 @@ pass still running drops its notes: `Engine.exclusive`) is kept in one place.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 from contextlib import AbstractAsyncContextManager
@@ -15,12 +16,14 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from . import agents, archival, context, core, documents, fulltext, portability, recall, search
+from . import agents, archival, context, core, documents, events, portability, recall, search
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
 from .core import Block
 from .db import Database, sqlite3
+from .events import Event as ScheduledEvent
+from .events import Scheduler
 
 
 class Engine(Protocol):
@@ -29,6 +32,7 @@ class Engine(Protocol):
     db: Database
     archive: Archive
     settings: EngineSettings
+    events: Scheduler
 
     async def agent(self, key: str) -> Agent: ...
 
@@ -135,13 +139,13 @@ class MemoryAPI:
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         db = self._engine.db
         said = await db.fetchall("SELECT id FROM messages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern))
-        # replies live in send_message's arguments, stored as escaped JSON ("café" as caf\\u00e9):
-        # read them as the words they are
+        # replies and saved notes live in function calls' arguments, stored as escaped JSON ("café"
+        # as caf\\u00e9): read them as the words they are
         needle = text.casefold()
         calls = await db.fetchall(
-            "SELECT id, role, tool_calls FROM messages WHERE agent_id = ? AND tool_calls IS NOT NULL", (agent.id,)
+            "SELECT id, tool_calls FROM messages WHERE agent_id = ? AND tool_calls IS NOT NULL", (agent.id,)
         )
-        replied = [r[0] for r in calls if needle in fulltext.said(r[1], "", orjson.loads(r[2])).casefold()]
+        replied = [r[0] for r in calls if needle in _words_in_calls(orjson.loads(r[1])).casefold()]
         passages = await db.fetchall(
             "SELECT id FROM passages WHERE agent_id = ? AND content LIKE ? ESCAPE '\\'", (agent.id, pattern)
         )
@@ -249,7 +253,45 @@ class MemoryAPI:
 
         Returns counts; raises ValueError when `data` is not a valid export.
         """
-        return await portability.import_agent(self._engine.db, self._engine.archive, self._agent, data, key)
+        counts = await portability.import_agent(self._engine.db, self._engine.archive, self._agent, data, key)
+        if counts["events"]:
+            self._engine.events.changed()  # the timer re-arms for them
+        return counts
+
+    async def events(self, key: str) -> list[ScheduledEvent]:
+        """The agent's pending scheduled events, soonest first."""
+        return await events.pending(self._engine.db, await self._agent(key))
+
+    async def event(self, key: str, event_id: int) -> ScheduledEvent | None:
+        """One of the agent's events (any state), or None."""
+        return await events.get(self._engine.db, await self._agent(key), event_id)
+
+    async def cancel_event(self, key: str, event_id: int) -> bool:
+        """Cancel a pending event of the agent; False when it has none with that id."""
+        return await events.cancel(self._engine.db, await self._agent(key), event_id)
 
 
 _MISSING = object()
+
+
+def _words_in_calls(calls: Any) -> str:
+    """The text in function calls' arguments: every string in them, decoded."""
+    out: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    for call in calls if isinstance(calls, list) else []:
+        arguments = call.get("function", {}).get("arguments", "") if isinstance(call, dict) else ""
+        try:
+            walk(json.loads(arguments))
+        except (ValueError, TypeError, RecursionError):  # not JSON: the raw text is what was said
+            out.append(str(arguments))
+    return "\n".join(out)

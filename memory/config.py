@@ -47,6 +47,8 @@ class EngineSettings(BaseSettings):
     max_tool_calls_per_answer: int = Field(8, ge=1, le=100)
     # A longer reply is cut with a note (TurnResult.full_reply keeps the whole text).
     max_reply_chars: int = Field(8000, ge=100)
+    # Scheduled events (reminders) one agent may have pending at once.
+    max_pending_events: int = Field(25, ge=1, le=10_000)
 
     # the default persona (agents.DEFAULT_PERSONA) must fit, or creating and resetting an agent could not write it
     persona_limit: int = Field(2000, ge=200)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from . import core, recall, tokens, tools
+from . import core, events, recall, tokens, tools
 from .agents import Agent
 from .clock import minute, now
 from .config import EngineSettings
@@ -95,6 +95,7 @@ class Snapshot(NamedTuple):
     passages: int
     core_changed: str | None  # when a core block last changed
     history: list[recall.Message]  # the in-context messages
+    events: str = ""  # the pending scheduled events, as the memory status shows them
 
 
 async def build(db: Database, agent: Agent, window: int) -> Prompt:
@@ -121,6 +122,7 @@ def read(c: sqlite3.Connection, agent: Agent) -> Snapshot:
         passages,
         changed,
         recall.read_in_context(c, agent),
+        events.status(c, agent),
     )
 
 
@@ -134,6 +136,8 @@ def assemble(snapshot: Snapshot, window: int) -> Prompt:
         f"{snapshot.out_of_context} older messages are in recall memory; {snapshot.passages} passages in archival memory; "
         f"core memory last changed {minute(changed) if changed else 'never'} UTC.",
     ]
+    if snapshot.events:
+        parts.append(snapshot.events)
     if snapshot.summary:
         parts += ["### Summary of earlier conversation", snapshot.summary]
     system = "\n".join(parts)

@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 
-from . import agents, context, core, recall, tools
+from . import agents, context, core, events, recall, tools
 from .agent import Turn, TurnOutcome, TurnResult
 from .agents import Agent
 from .api import MemoryAPI
 from .archival import Archive
 from .config import EngineSettings
-from .db import Database, StorageFull
+from .db import Database, StorageFull, sqlite3
 from .embeddings import Embedder
 from .llm import ChatResult, LLMClient, LLMError, ToolCall
 from .loop import Loop
@@ -79,6 +79,8 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
         self._embedding: asyncio.Task[None] | None = None
         self.memory = MemoryAPI(self)
+        # fires nothing until an adapter starts it with the way to deliver answers
+        self.events = events.Scheduler(self, max_pending=settings.max_pending_events)
 
     @classmethod
     async def open(
@@ -126,9 +128,11 @@ class Engine:
 
     async def close(self) -> None:
         """Let running turns finish, stop background work, close the database."""
+        await self.events.stop()
         workers = [m.worker for m in self._mailboxes.values() if m.worker and not m.worker.done()]
         if workers:
             await asyncio.gather(*workers, return_exceptions=True)
+        await self.events.finish()
         background = [*self._background, *([self._embedding] if self._embedding else [])]
         for task in background:
             task.cancel()
@@ -172,6 +176,27 @@ class Engine:
         assert future is not None
         return await future
 
+    async def wake(
+        self, batch: list[tuple[Agent, recall.Message, Callable[[sqlite3.Connection], bool]]]
+    ) -> list[asyncio.Future[TurnResult] | None]:
+        """System events agents must answer (scheduled events firing), each stored only if its claim
+        returns True, all in one transaction; then queued like any message. A future per event carries
+        its answer (None: not claimed, e.g. cancelled meanwhile)."""
+        for _, message, _ in batch:
+            message.content = valid(message.content)
+        recall.prepare([message for _, message, _ in batch])
+
+        def store(c: sqlite3.Connection) -> list[bool]:
+            claimed = []
+            for agent, message, claim in batch:
+                claimed.append(claim(c))
+                if claimed[-1]:
+                    recall.insert(c, agent, [message], recall.WAITING)
+            return claimed
+
+        claimed = await self.db.transact(store)
+        return [self._queue(agent, message) if ok else None for (agent, message, _), ok in zip(batch, claimed, strict=True)]
+
     async def _arrive(self, key: str, message: recall.Message, *, answer: bool = False) -> asyncio.Future[TurnResult] | None:
         """The one way in for messages: stored at once, in call order, waiting for the next turn.
 
@@ -182,6 +207,11 @@ class Engine:
         await recall.append(self.db, agent, [message], state=recall.WAITING)
         if not answer:
             return None
+        return self._queue(agent, message)
+
+    def _queue(self, agent: Agent, message: recall.Message) -> asyncio.Future[TurnResult]:
+        """A stored message waits for the agent's next turn; the future carries that turn's result."""
+        key = agent.key
         box = self._mailboxes.setdefault(key, _Mailbox())
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))

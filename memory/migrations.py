@@ -187,6 +187,32 @@ def m005_passage_vectors(c: sqlite3.Connection) -> None:
     c.execute("DROP TABLE passages_vec")
 
 
+@migration
+def m006_events(c: sqlite3.Connection) -> None:
+    """Scheduled events (memory/events.py): the timer reads the earliest pending due time from
+    events_due; a prompt's memory status reads an agent's pending ones from events_agent."""
+    _script(
+        c,
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+            -- UTC, as memory/clock.py stamps: sortable as text
+            due_at TEXT NOT NULL,
+            note TEXT NOT NULL,
+            repeat TEXT NOT NULL DEFAULT 'none' CHECK (repeat IN ('none', 'daily', 'weekly')),
+            -- the person whose message the event was set after (name, platform id)
+            set_by TEXT NOT NULL DEFAULT '',
+            set_by_id TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'fired', 'cancelled', 'failed'))
+        );
+        CREATE INDEX events_due ON events(due_at) WHERE state = 'pending';
+        CREATE INDEX events_agent ON events(agent_id, state, due_at);
+        """,
+    )
+
+
 def _script(c: sqlite3.Connection, script: str) -> None:
     """Run statements one by one: executescript() would commit the open transaction."""
     statement = ""

@@ -6,7 +6,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import archival, core, recall, search
+from . import archival, core, events, recall, search
 from .agents import Agent
 from .archival import Archive
 from .clock import now
@@ -28,6 +28,7 @@ async def export_agent(db: Database, agent: Agent) -> dict[str, Any]:
     passages = await db.fetchall(
         "SELECT id, content, tags, source, created_at FROM passages WHERE agent_id = ? ORDER BY id", (agent.id,)
     )
+    scheduled = await db.transact(lambda c: events.export_rows(c, agent))
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -63,6 +64,7 @@ async def export_agent(db: Database, agent: Agent) -> dict[str, Any]:
             }
             for p in passages
         ],
+        "events": scheduled,
     }
 
 
@@ -105,6 +107,7 @@ async def import_agent(
             (str(p["content"]), [str(t) for t in p.get("tags") or []], str(p.get("source", "")), _stamp(p["created_at"]))
             for p in data["passages"]
         ]
+        scheduled = events.checked_rows(data.get("events"))  # absent in exports made before events
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"missing or malformed field {exc}") from None
     for m, _ in messages:
@@ -144,6 +147,7 @@ async def import_agent(
         recall.insert(c, agent, in_context, recall.IN_CONTEXT)
         for found, tags, source, created_at in pieces:
             archival.store(c, agent, found, tags, source, created_at)
+        events.import_rows(c, agent, scheduled)
 
     # one transaction: an error anywhere leaves memory as it was
     try:
@@ -151,7 +155,13 @@ async def import_agent(
     except sqlite3.Error as exc:
         raise StorageError(f"the import failed and changed nothing: {exc}") from exc
     await archive.embed_pending(agent)
-    return {"agent": agent.key, "blocks": len(blocks), "messages": len(messages), "passages": len(passages)}
+    return {
+        "agent": agent.key,
+        "blocks": len(blocks),
+        "messages": len(messages),
+        "passages": len(passages),
+        "events": len(scheduled),
+    }
 
 
 def _stamp(value: object) -> str:

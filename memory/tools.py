@@ -15,7 +15,7 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from . import core, recall, search
+from . import core, events, recall, search
 from .agents import Agent
 from .archival import Archive
 from .core import quote
@@ -200,6 +200,27 @@ async def _archival_memory_search(c: Call) -> Outcome:
     return ok(page.render("passages", max_chars=SEARCH_RESULT_CHARS))
 
 
+async def _schedule_event(c: Call) -> Outcome:
+    repeat = c.args.get("repeat")
+    done, text = await events.schedule(
+        c.db, c.agent, _str(c.args, "when"), _str(c.args, "note"), repeat if isinstance(repeat, str) else None
+    )
+    return ok(text) if done else refused(text)
+
+
+async def _cancel_event(c: Call) -> Outcome:
+    raw = c.args.get("event_id")
+    try:
+        event_id = int(str(raw).lstrip("#"))
+    except ValueError:
+        event_id = 0
+    if not 0 < event_id < 2**63:  # SQLite's integers
+        return refused(f"Error: event_id must be an event's number, not {quote(str(raw))}.")
+    if await events.cancel(c.db, c.agent, event_id):
+        return ok(f"Event #{event_id} cancelled.")
+    return refused(f"Error: no pending event #{event_id} here; your memory status lists the pending ones.")
+
+
 _STR = {"type": "string"}
 _DATE = {"type": "string", "description": "YYYY-MM-DD"}
 _PAGE = {"type": "integer", "description": "1-based"}
@@ -256,6 +277,15 @@ TOOLS: dict[str, Tool] = {
             ("query",),
             _archival_memory_search,
         ),
+        # kept short: every schema token is paid on every step
+        Tool(
+            "schedule_event",
+            "Wake yourself later (reminders). when: ISO time with offset, or 'in 20 minutes', 'PT2H'.",
+            {"when": _STR, "note": _STR, "repeat": {"enum": list(events.REPEATS)}},
+            ("when", "note"),
+            _schedule_event,
+        ),
+        Tool("cancel_event", "Cancel a pending event.", {"event_id": {"type": "integer"}}, ("event_id",), _cancel_event),
     ]
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from memory import core, recall
+from memory import core, recall, tools
 from memory.agent import STUCK, TurnOutcome
 from memory.config import EngineSettings
 from memory.db import Database
@@ -64,7 +64,7 @@ async def test_plain_text_reply(engine: Engine, fake: FakeOpenAI) -> None:
     result = await engine.send("dm:1", user("hi"))
     assert (result.reply, result.outcome, result.steps) == ("Hello Ann!", "reply", 1)
     sent = fake.chat_requests[0]
-    assert sent["model"] == "fake-model" and len(sent["tools"]) == 6
+    assert sent["model"] == "fake-model" and len(sent["tools"]) == len(tools.TOOLS)
     assert sent["messages"][-1]["content"].endswith("ann (1001): hi")  # author name and id
 
 

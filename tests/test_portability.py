@@ -32,7 +32,13 @@ async def _exported(engine: Engine) -> dict[str, Any]:
 
 async def test_import_loads_an_export_into_another_agent(engine: Engine) -> None:
     data = await _exported(engine)
-    assert await engine.memory.import_data(data, "dm:2") == {"agent": "dm:2", "blocks": 2, "messages": 1, "passages": 1}
+    assert await engine.memory.import_data(data, "dm:2") == {
+        "agent": "dm:2",
+        "blocks": 2,
+        "messages": 1,
+        "passages": 1,
+        "events": 0,
+    }
     other = await engine.agent("dm:2")
     assert "Noor keeps bees." in core.render(await core.blocks(engine.db, other))
     assert (await recall.search_messages(engine.db, other, "swarmed")).total == 1
