@@ -107,6 +107,8 @@ class MnemoBot(discord.Client):
             external_id=str(message.id),
             created_at=clock.stamp(message.created_at),
         )
+        if message.guild is not None:
+            await self._note_guild(key, message.guild.id)
         # the engine stores a message at the call only for an agent it has loaded; loaded here, while
         # earlier messages may still be in hand, the call below needs no await before storing
         await self.engine.agent(key)
@@ -180,6 +182,7 @@ class MnemoBot(discord.Client):
                 await attachment.read(),
                 content_type=attachment.content_type,
                 source=f"discord attachment {attachment.id}",
+                origin=str(message.id),
             )
         except Unreadable as exc:
             await self._send(message, str(exc))
@@ -217,3 +220,65 @@ class MnemoBot(discord.Client):
         except discord.HTTPException as exc:
             log.warning("could not send to channel %s: %s", message.channel.id, exc)
         return first
+
+    # --- stored copies follow Discord: edits, deletes, deleted channels (memory/erasure.py) ---
+
+    async def _note_guild(self, key: str, guild_id: int) -> None:
+        """Remember which server a channel agent belongs to, for `mnemocord purge --guild` (once per agent: cached)."""
+        if await self.engine.memory.option(key, "guild") != str(guild_id):
+            await self.engine.memory.set_option(key, "guild", str(guild_id))
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        # Discord also sends updates without content (link embeds appearing): those change no text
+        if "content" not in payload.data or self.stopped:
+            return
+        message = payload.message
+        try:
+            changed = await self.engine.memory.message_edited(str(payload.message_id), message.clean_content)
+        except Exception:
+            log.exception("could not apply the edit of message %s", payload.message_id)
+            changed = 0
+        self.dispatch("memory_followed", "edit", changed)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self._deleted([payload.message_id])
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        await self._deleted(sorted(payload.message_ids))
+
+    async def _deleted(self, ids: list[int]) -> None:
+        if self.stopped:
+            return
+        try:
+            erased = await self.engine.memory.message_deleted([str(i) for i in ids])
+        except Exception:
+            log.exception("could not forget deleted messages %s", ids[:5])
+            erased = None
+        self.dispatch("memory_followed", "delete", erased)
+
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        # Discord deletes a channel's threads with it without an event for each: those in the cache go too
+        threads = [t.id for t in channel.guild.threads if t.parent_id == channel.id]
+        await self._erase([channel.id, *threads])
+
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        await self._erase([payload.thread_id])
+
+    async def _erase(self, channel_ids: list[int]) -> None:
+        if self.stopped:
+            return
+        erased = None
+        try:
+            for channel_id in channel_ids:
+                erased = await self.engine.memory.erase(f"channel:{channel_id}")
+                if erased.agents:
+                    log.info("channel %s was deleted: its memory is erased", channel_id)
+        except Exception:
+            log.exception("could not erase the memory of deleted channels %s", channel_ids)
+        self.dispatch("memory_followed", "channel_delete", erased)
+
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        # kept on purpose: a re-invite resumes; `mnemocord purge --guild` erases it
+        log.info(
+            "removed from server %s (%s); its memory is kept until `mnemocord purge --guild %s`", guild.name, guild.id, guild.id
+        )

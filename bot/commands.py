@@ -22,6 +22,7 @@ from discord import app_commands
 from memory.api import parse_ids
 from memory.engine import Engine
 
+from . import privacy
 from .access import allowed
 from .config import BotSettings
 from .routing import agent_key
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 def register(tree: app_commands.CommandTree, engine: Engine, settings: BotSettings) -> None:
     tree.add_command(MemoryCommands(engine, settings))
     tree.add_command(AdminCommands(engine, settings))
+    privacy.register(tree, engine)
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -148,6 +150,8 @@ class MemoryCommands(app_commands.Group):
         lines.append("Use `/memory forget m123` or `p45` to delete one.")
         await _answer(interaction, "\n".join(lines))
 
+    # a channel's memory holds every stored message with author ids and the agent's notes on people
+    @manager_only
     @app_commands.command(description="Download this conversation's whole memory as JSON")
     async def export(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)

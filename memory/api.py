@@ -12,9 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import agents, context, core, documents, portability, recall, search
+from . import agents, context, core, documents, erasure, portability, recall, search
 from .agents import Agent
 from .core import Block
+from .db import marks
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -200,9 +201,12 @@ class MemoryAPI:
         )
         return await recall.get(self._engine.db, agent, [r[0] for r in rows]) if rows else []
 
-    async def ingest(self, key: str, name: str, data: bytes, *, content_type: str | None = None, source: str = "") -> Ingested:
+    async def ingest(
+        self, key: str, name: str, data: bytes, *, content_type: str | None = None, source: str = "", origin: str | None = None
+    ) -> Ingested:
         """Read a document (text or PDF) into archival memory, tagged "document" and its name.
 
+        `origin` is the platform id of the message it came with: deleting that message deletes these passages.
         Raises documents.Unreadable (its text is for the person) when it holds no text this can read.
         """
         text = await documents.extract(name, data, content_type)
@@ -210,6 +214,10 @@ class MemoryAPI:
         ids = await self._engine.archive.insert(
             agent, text, tags=["document", name], source=source or name, max_chars=documents.MAX_DOCUMENT_CHARS
         )
+        if origin is not None:
+            for i in range(0, len(ids), erasure.BATCH):
+                part = ids[i : i + erasure.BATCH]
+                await self._engine.db.execute(f"UPDATE passages SET origin = ? WHERE id IN ({marks(len(part))})", (origin, *part))
         return Ingested(name, len(text), len(ids))
 
     async def exists(self, key: str) -> bool:
@@ -225,6 +233,39 @@ class MemoryAPI:
         Returns counts; raises ValueError when `data` is not a valid export.
         """
         return await portability.import_agent(self._engine, data, key)
+
+    # --- stored data follows what people do in Discord (memory/erasure.py) ---
+
+    async def message_deleted(self, external_ids: list[str]) -> erasure.Erased:
+        """Messages deleted where they were posted: gone from recall, the indexes and the context window,
+        with the passages read from their attachments."""
+        return await erasure.delete_external(self._engine, external_ids)
+
+    async def message_edited(self, external_id: str, content: str) -> int:
+        """A message edited where it was posted: its stored text and index row replaced; returns how many rows."""
+        return await erasure.edit_external(self._engine, external_id, content)
+
+    async def erase(self, key: str) -> erasure.Erased:
+        """Erase an agent's whole memory (its channel or thread was deleted, or its server purged)."""
+        return await erasure.erase_agent(self._engine, key)
+
+    async def forget_person(self, user_id: str) -> erasure.Erased:
+        """Everything held from one person: their DM agent's whole memory, and every message they
+        wrote in any other agent's recall with the passages read from its attachments."""
+        dm = await erasure.erase_agent(self._engine, f"dm:{user_id}")
+        return dm + await erasure.forget_author(self._engine, user_id)
+
+    async def purge_guild(self, guild_id: str) -> erasure.Erased:
+        """Erase the memory of every channel and thread agent of a server."""
+        total = erasure.Erased()
+        for key in await erasure.agents_of_guild(self._engine, guild_id):
+            total += await erasure.erase_agent(self._engine, key)
+        return total
+
+    def forget_options(self, key: str) -> None:
+        """Drop the cached options of an agent whose options were erased."""
+        for cached in [k for k in self._options if k[0] == key]:
+            del self._options[cached]
 
 
 _MISSING = object()

@@ -188,6 +188,24 @@ def m005_passage_vectors(c: sqlite3.Connection) -> None:
     c.execute("DROP TABLE passages_vec")
 
 
+@migration
+def m007_people(c: sqlite3.Connection) -> None:
+    """Stored data follows Discord: messages found by their Discord id, passages by the message they came from.
+
+    Edits, deletes and "forget me" look messages up by `external_id` (one index
+    probe instead of a scan per event), and a deleted message takes the passages
+    read from its attachments with it (`passages.origin`: that message's id).
+    """
+    _script(
+        c,
+        """
+        CREATE INDEX messages_external ON messages(external_id) WHERE external_id IS NOT NULL;
+        ALTER TABLE passages ADD COLUMN origin TEXT;
+        CREATE INDEX passages_origin ON passages(origin) WHERE origin IS NOT NULL;
+        """,
+    )
+
+
 def _script(c: sqlite3.Connection, script: str) -> None:
     """Run statements one by one: executescript() would commit the open transaction."""
     statement = ""

@@ -1,0 +1,224 @@
+"""Stored data follows Discord: edits, deletes (single, bulk, in the context window), deleted channels and
+threads, a server the bot left, "forget me" by slash command and by CLI, who may export a channel's memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bot.client import MnemoBot
+from bot.config import BotSettings
+from memory import recall
+from memory.config import EngineSettings
+from memory.engine import Engine
+from tests.fakediscord import FakeDiscord
+from tests.fakeopenai import FakeOpenAI, reply
+from tests.test_bot import chat_requests, fake_discord, running, settings, world  # noqa: F401  (fixtures)
+from tests.test_bot_edges import outcome_of
+from tests.test_cli import base_env, run_cli
+
+
+async def followed(bot: MnemoBot, fake_discord: FakeDiscord, event: str, data: dict[str, Any]) -> Any:
+    """Send a gateway event and wait until the bot has applied it to memory."""
+    done = bot.wait_for("memory_followed", timeout=5)
+    await fake_discord.dispatch(event, data)
+    return await done
+
+
+async def texts(bot: MnemoBot, key: str) -> list[str]:
+    agent = await bot.engine.agent(key)
+    rows = await bot.engine.db.fetchall(
+        "SELECT content FROM messages WHERE agent_id = ? AND role = 'user' ORDER BY id", (agent.id,)
+    )
+    return [r[0] for r in rows]
+
+
+async def hits(bot: MnemoBot, key: str, query: str) -> tuple[int, int]:
+    """How many recall and archival matches `query` has, as `/memory search` finds them."""
+    found = await bot.engine.memory.search(key, query)
+    return found.messages.total, found.passages.total
+
+
+async def post(
+    bot: MnemoBot, fake_discord: FakeDiscord, channel: dict[str, Any], user: dict[str, Any], text: str, **kw: Any
+) -> Any:
+    handled = bot.wait_for("message_handled", check=lambda m, _: m.content == text, timeout=5)
+    message = await fake_discord.send_message(channel["id"], user["id"], text, **kw)
+    await handled
+    return message
+
+
+async def test_edit_replaces_the_text_and_its_index_entry_and_deletes_remove_them(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, bob = world["general"], world["alice"], world["bob"]
+    key = f"channel:{general['id']}"
+    async with running(settings, fake_discord) as bot:
+        first = await post(bot, fake_discord, general, alice, "my locker code is 4417")
+        otters = await post(bot, fake_discord, general, bob, "otters hold hands while sleeping")
+        walrus = await post(bot, fake_discord, general, bob, "walrus tusks grow forever")
+        narwhal = await post(bot, fake_discord, general, alice, "narwhal tusks are teeth")
+        assert await hits(bot, key, "locker 4417") == (1, 0)
+
+        edited = {**FakeDiscord._wire(first), "content": "my locker code is secret"}
+        await followed(bot, fake_discord, "MESSAGE_UPDATE", edited)
+        assert await hits(bot, key, "4417") == (0, 0)
+        assert await hits(bot, key, "secret") == (1, 0)
+        assert (await texts(bot, key))[0] == "my locker code is secret"
+
+        await followed(bot, fake_discord, "MESSAGE_DELETE", {"id": otters["id"], "channel_id": general["id"]})
+        assert await hits(bot, key, "otters") == (0, 0)
+        await followed(
+            bot, fake_discord, "MESSAGE_DELETE_BULK", {"ids": [walrus["id"], narwhal["id"]], "channel_id": general["id"]}
+        )
+        assert await hits(bot, key, "tusks") == (0, 0)
+        assert await texts(bot, key) == ["my locker code is secret"]
+        # the index forgot exactly what it held: an integrity check of the contentless index passes
+        await bot.engine.db.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+
+
+async def test_a_deleted_message_leaves_the_context_window_and_takes_its_attachment_passages(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    key = f"dm:{alice['id']}"
+    fake.default = lambda body: reply("noted")
+    async with running(settings, fake_discord) as bot:
+        doc = ("The quokka recipe: flour, sugar and zucchini. " * 40).encode()
+        with_doc = await post(
+            bot, fake_discord, dm, alice, "my secret quokka recipe", attachments=[("recipe.txt", doc, "text/plain")]
+        )
+        await post(bot, fake_discord, dm, alice, "and something else")
+        assert (await hits(bot, key, "quokka"))[1] > 0
+        await followed(bot, fake_discord, "MESSAGE_DELETE", {"id": with_doc["id"], "channel_id": dm["id"]})
+        assert await hits(bot, key, "quokka zucchini") == (0, 0)
+        assert await bot.engine.archive.count(await bot.engine.agent(key)) == 0
+        await post(bot, fake_discord, dm, alice, "what did I tell you?")
+    prompt = str(chat_requests(fake)[-1]["messages"])
+    assert "something else" in prompt and "quokka" not in prompt
+
+
+async def test_deleted_channel_and_thread_erase_their_agents_and_a_server_left_is_kept(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, guild = world["general"], world["alice"], world["guild"]
+    other = fake_discord.add_text_channel(guild["id"], "other")
+    async with running(settings, fake_discord) as bot:
+        thread = fake_discord.add_thread(general["id"], "plans", owner_id=alice["id"])
+        await fake_discord.wait_for(lambda f: bot.get_channel(int(thread["id"])) is not None)
+        for channel in (general, other, thread):
+            await post(bot, fake_discord, channel, alice, f"hello in {channel['name']}")
+        await followed(
+            bot,
+            fake_discord,
+            "THREAD_DELETE",
+            {"id": thread["id"], "guild_id": guild["id"], "parent_id": general["id"], "type": 11},
+        )
+        assert await texts(bot, f"channel:{thread['id']}") == []
+        assert await texts(bot, f"channel:{general['id']}") == ["hello in general"]
+        await followed(bot, fake_discord, "CHANNEL_DELETE", {**other, "guild_id": guild["id"]})
+        assert await texts(bot, f"channel:{other['id']}") == []
+        assert await texts(bot, f"channel:{general['id']}") == ["hello in general"]
+
+        removed = bot.wait_for("guild_remove", timeout=5)
+        await fake_discord.dispatch("GUILD_DELETE", {"id": guild["id"]})
+        await removed
+        assert await texts(bot, f"channel:{general['id']}") == ["hello in general"]
+        erased = await bot.engine.memory.purge_guild(str(guild["id"]))
+        assert (erased.agents, erased.messages) == (1, 1)
+        assert await texts(bot, f"channel:{general['id']}") == []
+
+
+async def test_forget_me_erases_a_persons_data_everywhere_after_confirmation(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, bob = world["general"], world["alice"], world["bob"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.default = lambda body: reply("ok")
+    async with running(settings, fake_discord) as bot:
+        await post(bot, fake_discord, dm, alice, "my DM secret is heron")
+        doc = b"Alice's flamingo diary, page one. " * 20
+        await post(
+            bot,
+            fake_discord,
+            general,
+            alice,
+            f"<@{fake_discord.bot_user_id}> read my diary",
+            attachments=[("diary.txt", doc, "text/plain")],
+        )
+        await post(bot, fake_discord, general, alice, "alice likes pelicans")
+        await post(bot, fake_discord, general, bob, "bob likes pelicans too")
+        channel_key = f"channel:{general['id']}"
+        assert (await hits(bot, channel_key, "flamingo"))[1] > 0
+
+        asked = await fake_discord.send_slash(general["id"], alice["id"], "forget-me")
+        await fake_discord.wait_for(lambda f: asked["responses"])
+        assert [b["label"] for b in fake_discord.buttons(asked)] == ["Confirm", "Cancel"]
+        assert len(await texts(bot, channel_key)) == 3  # nothing happens before the click
+        by_bob = await fake_discord.click_button(asked, fake_discord.buttons(asked)[0]["custom_id"], bob["id"])
+        await fake_discord.wait_for(lambda f: by_bob["responses"])
+        assert len(await texts(bot, channel_key)) == 3
+        click = await fake_discord.click_button(asked, fake_discord.buttons(asked)[0]["custom_id"], alice["id"])
+        await fake_discord.wait_for(lambda f: len(click["responses"]) >= 2)
+        answer = fake_discord.messages[asked["original_message_id"]]["content"]
+
+        assert await texts(bot, channel_key) == ["bob likes pelicans too"]
+        assert await hits(bot, channel_key, "flamingo diary") == (0, 0)
+        assert await texts(bot, f"dm:{alice['id']}") == []
+        assert await hits(bot, f"dm:{alice['id']}", "heron") == (0, 0)
+    # her DM (message + reply), her 2 channel messages, the diary's passages
+    assert answer.startswith("Done. Erased 4 messages and ") and "DM memory" in answer
+
+
+async def test_exporting_a_channels_memory_needs_manage_channels(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, admin = world["general"], world["alice"], world["admin"]
+    async with running(settings, fake_discord) as bot:
+        assert (
+            await outcome_of(bot, "chatter", lambda: fake_discord.send_message(general["id"], alice["id"], "chatter"))
+            == "recorded"
+        )
+        refused = await fake_discord.send_slash(general["id"], alice["id"], "memory", "export")
+        (r,) = await fake_discord.wait_for(lambda f: refused["responses"])
+        assert "Manage Channels" in r["data"]["content"] and not r["data"].get("attachments")
+        allowed = await fake_discord.send_slash(general["id"], admin["id"], "memory", "export")
+        await fake_discord.wait_for(lambda f: len(allowed["responses"]) >= 2)
+        assert fake_discord.messages[allowed["original_message_id"]]["attachments"]
+
+
+async def test_cli_forget_user_and_purge_guild(tmp_path: Path, fake: FakeOpenAI) -> None:
+    env = base_env(tmp_path, fake)
+    settings = EngineSettings(_env_file=None, database_path=tmp_path / "cli.db", llm_base_url=fake.url, llm_model="m")  # type: ignore[call-arg]
+
+    def said(text: str, author_id: str) -> recall.Message:
+        return recall.Message(role="user", content=text, author="x", author_id=author_id, external_id=text)
+
+    engine = await Engine.open(settings)
+    await engine.record("dm:111", said("dm words", "111"))
+    await engine.record("channel:5", said("from 111", "111"))
+    await engine.record("channel:5", said("from 222", "222"))
+    await engine.record("channel:6", said("kept", "222"))
+    await engine.memory.set_option("channel:5", "guild", "900")
+    await engine.close()
+
+    code, out, err = await run_cli("forget-user", "111", env=env)
+    assert code == 0, err
+    assert "2 messages" in out and "DM agent" in out
+    code, out, err = await run_cli("purge", "--guild", "900", env=env)
+    assert code == 0, err
+    assert "1 channel agents, 1 messages" in out
+    code, _, err = await run_cli("purge", "--guild", "nine hundred", env=env)
+    assert code != 0 and "not a Discord id" in err and "Traceback" not in err
+
+    engine = await Engine.open(settings)
+    try:
+        left = await engine.db.fetchall(
+            "SELECT a.key, m.content FROM messages m JOIN agents a ON a.id = m.agent_id ORDER BY m.id"
+        )
+        assert [tuple(r) for r in left] == [("channel:6", "kept")]
+        plan = await engine.db.fetchall("EXPLAIN QUERY PLAN SELECT id FROM messages WHERE external_id IN ('1', '2')")
+        assert "messages_external" in str([tuple(r) for r in plan])
+    finally:
+        await engine.close()
