@@ -190,7 +190,7 @@ async def _erase(settings: EngineSettings, command: str, target: str) -> None:
     try:
         if command == "forget-user":
             erased = await engine.memory.forget_person(target)
-            what = f"user {target}: {erased.messages} messages and {erased.passages} passages"
+            what = f"user {target}: {erased.messages} messages, {erased.passages} passages, {erased.person_blocks} person blocks"
             what += ", and their DM agent's whole memory" if erased.agents else ""
         else:
             erased = await engine.memory.purge_guild(target)

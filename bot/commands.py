@@ -130,6 +130,9 @@ class MemoryCommands(app_commands.Group):
         lines = [f"**Memory of `{v.key}`**"]
         for b in v.blocks:
             lines.append(f"__{b.label}__ ({len(b.value)}/{b.limit} characters)\n{b.value or '*(empty)*'}")
+        if interaction.guild is not None:  # the caller's own person block; others' are not shown
+            mine = await self.memory.person_block(v.key, str(interaction.user.id))
+            lines.append(f"__about you__ (`/memory clear-person` empties it)\n{mine or '*(empty)*'}")
         lines.append(f"__summary__\n{v.summary or '*(none yet)*'}")
         lines.append(
             f"Recall: {v.messages} messages ({v.in_context} in context). Archival: {v.passages} passages.\n"
@@ -162,6 +165,24 @@ class MemoryCommands(app_commands.Group):
             f"The whole memory of `{key}` ({len(payload) / 1e3:.0f} kB). `mnemocord import {name}` loads it into another bot.",
             file=discord.File(io.BytesIO(payload), filename=name),
             ephemeral=True,
+        )
+
+    @app_commands.command(name="clear-person", description="Empty what I keep about you here (managers: about anyone)")
+    @app_commands.describe(person="whose block to empty (default: yours; someone else's needs Manage Channels)")
+    async def clear_person(self, interaction: discord.Interaction, person: discord.User | None = None) -> None:
+        if interaction.guild is None:
+            await interaction.response.send_message(
+                "In DMs I keep one block about you: `/memory reset core` empties it.", ephemeral=True
+            )
+            return
+        target = person or interaction.user
+        if target.id != interaction.user.id:
+            _may_change(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        cleared = await self.memory.clear_person(_key(interaction), str(target.id))
+        whose = "your" if target.id == interaction.user.id else f"{target.display_name}'s"
+        await interaction.followup.send(
+            f"Emptied {whose} block here." if cleared else f"{whose.capitalize()} block here was already empty.", ephemeral=True
         )
 
     @manager_only

@@ -16,8 +16,8 @@ from memory.erasure import Erased
 def described(erased: Erased) -> str:
     """What was erased, in counts, for the person."""
     return (
-        f"Done. Erased {erased.messages} messages and {erased.passages} archival passages"
-        f"{' (your DM memory included)' if erased.agents else ''}."
+        f"Done. Erased {erased.messages} messages, {erased.passages} archival passages and {erased.person_blocks}"
+        f" notes about you in channels{' (your DM memory included)' if erased.agents else ''}."
     )
 
 

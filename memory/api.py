@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import agents, context, core, documents, erasure, portability, recall, search
+from . import agents, context, core, documents, erasure, people, portability, recall, search
 from .agents import Agent
 from .core import Block
 from .db import marks
@@ -149,6 +149,7 @@ class MemoryAPI:
             if scope in ("core", "all"):
                 for label, value, _, _ in agents.default_blocks(key, engine.settings):
                     await core.set_value(engine.db, agent, label, value)
+                await engine.db.execute("DELETE FROM people WHERE agent_id = ?", (agent.id,))
             if scope in ("archival", "all"):
                 await engine.archive.clear(agent)
 
@@ -261,6 +262,16 @@ class MemoryAPI:
         for key in await erasure.agents_of_guild(self._engine, guild_id):
             total += await erasure.erase_agent(self._engine, key)
         return total
+
+    async def person_block(self, key: str, user_id: str) -> str:
+        """One person's block in a channel agent ("" when it holds nothing)."""
+        return await people.block(self._engine.db, await self._agent(key), user_id)
+
+    async def clear_person(self, key: str, user_id: str) -> bool:
+        """Empty one person's block in a channel agent; whether it held something."""
+        agent = await self._agent(key)
+        async with self._engine.exclusive(key):
+            return await people.clear(self._engine.db, agent, user_id)
 
     def forget_options(self, key: str) -> None:
         """Drop the cached options of an agent whose options were erased."""

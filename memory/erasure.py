@@ -34,9 +34,15 @@ class Erased:
     messages: int = 0
     passages: int = 0
     agents: int = 0
+    person_blocks: int = 0
 
     def __add__(self, other: Erased) -> Erased:
-        return Erased(self.messages + other.messages, self.passages + other.passages, self.agents + other.agents)
+        return Erased(
+            self.messages + other.messages,
+            self.passages + other.passages,
+            self.agents + other.agents,
+            self.person_blocks + other.person_blocks,
+        )
 
 
 async def _agents_of(engine: Engine, sql: str, values: list[str]) -> dict[str, list[int]]:
@@ -111,6 +117,7 @@ async def erase_agent(engine: Engine, key: str) -> Erased:
         await engine.archive.clear(agent)
         await _reset_blocks(engine, agent)
         await engine.db.execute("UPDATE agents SET options = '{}' WHERE id = ?", (agent.id,))
+        await engine.db.execute("DELETE FROM people WHERE agent_id = ?", (agent.id,))
     engine.memory.forget_options(key)
     return Erased(counted[0], counted[1], 1)
 
@@ -138,7 +145,8 @@ async def forget_author(engine: Engine, author_id: str) -> Erased:
     total = Erased()
     for key in messages.keys() | passages.keys():
         total += await _delete(engine, key, messages.get(key, []), passages.get(key, []))
-    return total
+    blocks = await engine.db.execute("DELETE FROM people WHERE user_id = ?", (author_id,))
+    return total + Erased(person_blocks=blocks)
 
 
 async def agents_of_guild(engine: Engine, guild_id: str) -> list[str]:

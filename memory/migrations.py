@@ -190,7 +190,9 @@ def m005_passage_vectors(c: sqlite3.Connection) -> None:
 
 @migration
 def m007_people(c: sqlite3.Connection) -> None:
-    """Stored data follows Discord: messages found by their Discord id, passages by the message they came from.
+    """People in channels: person blocks, and stored data that follows Discord.
+
+    Person blocks live in their own table, so core memory's queries never carry them.
 
     Edits, deletes and "forget me" look messages up by `external_id` (one index
     probe instead of a scan per event), and a deleted message takes the passages
@@ -202,6 +204,17 @@ def m007_people(c: sqlite3.Connection) -> None:
         CREATE INDEX messages_external ON messages(external_id) WHERE external_id IS NOT NULL;
         ALTER TABLE passages ADD COLUMN origin TEXT;
         CREATE INDEX passages_origin ON passages(origin) WHERE origin IS NOT NULL;
+        -- a channel agent's block about each person (memory/people.py); a row only once something is written
+        CREATE TABLE people (
+            agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL,
+            value TEXT NOT NULL,
+            char_limit INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (agent_id, user_id)
+        );
+        -- "forget me" finds a person's blocks in every agent
+        CREATE INDEX people_user ON people(user_id);
         """,
     )
 

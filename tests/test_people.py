@@ -3,17 +3,18 @@ threads, a server the bot left, "forget me" by slash command and by CLI, who may
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from bot.client import MnemoBot
 from bot.config import BotSettings
-from memory import recall
+from memory import people, recall, tokens
 from memory.config import EngineSettings
 from memory.engine import Engine
 from tests.fakediscord import FakeDiscord
-from tests.fakeopenai import FakeOpenAI, reply
-from tests.test_bot import chat_requests, fake_discord, running, settings, world  # noqa: F401  (fixtures)
+from tests.fakeopenai import FakeOpenAI, call, reply
+from tests.test_bot import chat_requests, fake_discord, last_user_text, running, settings, world  # noqa: F401  (fixtures)
 from tests.test_bot_edges import outcome_of
 from tests.test_cli import base_env, run_cli
 
@@ -168,7 +169,7 @@ async def test_forget_me_erases_a_persons_data_everywhere_after_confirmation(
         assert await texts(bot, f"dm:{alice['id']}") == []
         assert await hits(bot, f"dm:{alice['id']}", "heron") == (0, 0)
     # her DM (message + reply), her 2 channel messages, the diary's passages
-    assert answer.startswith("Done. Erased 4 messages and ") and "DM memory" in answer
+    assert answer.startswith("Done. Erased 4 messages, ") and "DM memory" in answer
 
 
 async def test_exporting_a_channels_memory_needs_manage_channels(
@@ -222,3 +223,86 @@ async def test_cli_forget_user_and_purge_guild(tmp_path: Path, fake: FakeOpenAI)
         assert "messages_external" in str([tuple(r) for r in plan])
     finally:
         await engine.close()
+
+
+def person_model(body: dict[str, Any]) -> dict[str, Any]:
+    """NOTE <label>|<text> appends to a block, FIX <label> rewrites "Alice keeps"; tool results are sent back as the answer."""
+    last = body["messages"][-1]
+    if last["role"] == "tool":
+        return call("send_message", {"message": "result: " + last["content"]})
+    text = last_user_text(body)
+    if "NOTE " in text:
+        label, content = text.split("NOTE ", 1)[1].split("|", 1)
+        return call("core_memory_append", {"label": label.strip(), "content": content})
+    if "FIX " in text:
+        label = text.split("FIX ", 1)[1].strip()
+        return call("core_memory_replace", {"label": label, "old_content": "Alice keeps", "new_content": "Alice kept"})
+    return reply("ok")
+
+
+async def test_person_blocks_stay_in_their_channel_and_only_their_person_sees_them(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, bob, admin, guild = world["general"], world["alice"], world["bob"], world["admin"], world["guild"]
+    other = fake_discord.add_text_channel(guild["id"], "other")
+    dm = fake_discord.dm_channel(alice["id"])
+    me = f"<@{fake_discord.bot_user_id}>"
+    fake.default = person_model
+
+    def last_system() -> str:
+        return str(chat_requests(fake)[-1]["messages"][0]["content"])
+
+    async def answer(channel: dict[str, Any]) -> str:
+        return str(fake_discord.bot_messages(channel["id"])[-1]["content"])
+
+    async def view(user: dict[str, Any]) -> str:
+        asked = await fake_discord.send_slash(general["id"], user["id"], "memory", "view")
+        await fake_discord.wait_for(lambda f: len(asked["responses"]) >= 2)
+        return str(fake_discord.messages[asked["original_message_id"]]["content"])
+
+    async with running(settings, fake_discord) as bot:
+        thread = fake_discord.add_thread(general["id"], "plans", owner_id=alice["id"])
+        await fake_discord.wait_for(lambda f: bot.get_channel(int(thread["id"])) is not None)
+        await post(bot, fake_discord, general, alice, f"{me} NOTE person:alice|Alice keeps honeybees.")
+        assert f"Appended to 'person:{alice['id']}'" in await answer(general)
+        await post(bot, fake_discord, general, bob, f"{me} hi")
+        assert f'<person id="{alice["id"]}" name="alice"' in last_system() and "Alice keeps honeybees." in last_system()
+
+        # the same person elsewhere: another channel, a thread of the same channel, her DM
+        await post(bot, fake_discord, thread, alice, f"{me} hello from the thread")
+        assert "honeybees" not in str(chat_requests(fake)[-1]) and "person:<id>" in last_system()
+        await post(bot, fake_discord, other, alice, f"{me} FIX person:{alice['id']}")
+        assert "does not occur" in await answer(other)
+        await post(bot, fake_discord, dm, alice, "NOTE person:alice|Alice's DM secret.")
+        assert "channels only" in await answer(dm)
+        assert "honeybees" not in str(chat_requests(fake)[-2:])
+        for key in (f"channel:{other['id']}", f"channel:{thread['id']}", f"dm:{alice['id']}"):
+            assert "honeybees" not in json.dumps(await bot.engine.memory.export(key))
+            assert await hits(bot, key, "honeybees") == (0, 0)
+
+        # a member sees their own block, not others'; clearing someone else's needs Manage Channels
+        assert "honeybees" in await view(alice)
+        assert "honeybees" not in await view(bob)
+        refused = await fake_discord.send_slash(general["id"], bob["id"], "memory", "clear-person", {"person": alice["id"]})
+        (r,) = await fake_discord.wait_for(lambda f: refused["responses"])
+        assert "Manage Channels" in r["data"]["content"]
+        assert "honeybees" in await view(alice)
+        cleared = await fake_discord.send_slash(general["id"], alice["id"], "memory", "clear-person")
+        await fake_discord.wait_for(lambda f: len(cleared["responses"]) >= 2)
+        assert "honeybees" not in await view(alice)
+
+        # "forget me" takes her blocks in every channel
+        await post(bot, fake_discord, general, alice, f"{me} NOTE person:{alice['id']}|Alice keeps wasps.")
+        await post(bot, fake_discord, other, admin, f"{me} NOTE person:alice|Alice keeps wasps too.")
+        erased = await bot.engine.memory.forget_person(str(alice["id"]))
+        assert erased.person_blocks == 2
+        assert await bot.engine.memory.person_block(f"channel:{general['id']}", str(alice["id"])) == ""
+
+
+def test_person_blocks_in_the_prompt_most_recent_first_within_their_budget() -> None:
+    blocks = [people.Person(str(i), f"p{i}", f"fact {i} " * 30, 600) for i in range(6)]
+    shown = people.render(blocks, budget=300)
+    assert shown.startswith(people.HEADER)
+    assert shown.index('id="0"') < shown.index('id="1"')  # in the order given: most recent speakers first
+    assert 'id="5"' not in shown and "person:5" in shown.splitlines()[-1]  # named, for the model to read
+    assert tokens.count(shown) < 300 + tokens.count(shown.splitlines()[-1]) + tokens.count(people.HEADER)
