@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+from collections import OrderedDict
 
 import aiohttp
 import discord
@@ -20,6 +22,11 @@ from .format import split_message
 from .routing import agent_key, is_addressed, is_ignored
 
 log = logging.getLogger(__name__)
+
+# Discord message ids handled by this process, remembered so catch-up and the gateway never both take one
+SEEN_IDS = 10_000
+# what a reply to a message sent while the bot was down starts with
+LATE = "*(late: I was offline when you wrote this)*\n"
 
 # Typing shows only for turns still running after this long: a quick answer needs no
 # indicator, and skipping it saves a REST call per turn (a product choice, not a limit).
@@ -53,6 +60,8 @@ class MnemoBot(discord.Client):
         self.closing = False
         self.stopped = False
         self._in_flight: set[asyncio.Task[object]] = set()
+        self._seen: OrderedDict[int, None] = OrderedDict()
+        self._catching_up: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         if self.sync_commands:
@@ -64,6 +73,9 @@ class MnemoBot(discord.Client):
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("connected as %s (%s) to %d guilds", self.user, self.user.id, len(self.guilds))
+        # on_ready comes at start and after a session that could not resume: both may have missed messages
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self._catch_up())
 
     async def drain(self) -> None:
         """Stop answering, and wait until the messages being handled are answered or kept."""
@@ -72,10 +84,13 @@ class MnemoBot(discord.Client):
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
         self.stopped = True  # no await since the loop: nothing can slip in before the engine closes
 
-    async def on_message(self, message: discord.Message) -> None:
-        """Handles one message; dispatches `message_handled(message, outcome)` when done with it."""
+    async def on_message(self, message: discord.Message, late: bool = False) -> None:
+        """Handles one message; dispatches `message_handled(message, outcome)` when done with it.
+
+        `late`: read from history by catch-up, sent while the bot was down.
+        """
         me = self.user
-        if self.stopped or me is None:
+        if self.stopped or me is None or not self._first_sight(message.id):
             return
         if is_ignored(message, me):
             self.dispatch("message_handled", message, "ignored")
@@ -88,12 +103,14 @@ class MnemoBot(discord.Client):
         ticket = self.arrivals.take(key)  # before any await: handlers start in gateway order
         outcome = "failed"
         try:
-            outcome = await self._handle(message, me, key, ticket)
+            outcome = await self._handle(message, me, key, ticket, late)
         finally:
             ticket.release()
             self.dispatch("message_handled", message, outcome)
 
-    async def _handle(self, message: discord.Message, me: discord.ClientUser, key: str, ticket: Ticket) -> str:
+    async def _handle(
+        self, message: discord.Message, me: discord.ClientUser, key: str, ticket: Ticket, late: bool = False
+    ) -> str:
         channel_id = getattr(message.channel, "parent_id", None) or message.channel.id  # a thread counts as its channel
         if not allowed(self.settings, message.author.id, message.guild.id if message.guild else None, channel_id):
             return "refused"
@@ -146,8 +163,8 @@ class MnemoBot(discord.Client):
         finally:
             typing.cancel()
         if result.reply:
-            await self._send(message, result.reply)
-        return "answered"
+            await self._send(message, (LATE if late else "") + result.reply)
+        return "answered late" if late else "answered"
 
     async def _dm_admitted(self, user_id: int) -> bool:
         if self.settings.dm_policy != "members":
@@ -282,3 +299,62 @@ class MnemoBot(discord.Client):
         log.info(
             "removed from server %s (%s); its memory is kept until `mnemocord purge --guild %s`", guild.name, guild.id, guild.id
         )
+
+    # --- catch-up: messages sent while the bot was down ---
+
+    def _first_sight(self, message_id: int) -> bool:
+        """Whether this process has not taken this message yet (the gateway and catch-up may both bring it)."""
+        if message_id in self._seen:
+            return False
+        self._seen[message_id] = None
+        if len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
+        return True
+
+    async def _catch_up(self) -> None:
+        """Read each conversation's history after the newest message stored from it, oldest first, and take
+        each message as if it had just arrived (answers marked late). Dispatches `caught_up(count)`."""
+        taken = 0
+        limit, hours = self.settings.catch_up_messages, self.settings.catch_up_hours
+        if limit and hours:
+            horizon = discord.utils.time_snowflake(discord.utils.utcnow() - datetime.timedelta(hours=hours))
+            try:
+                points = await self.engine.memory.last_external_ids()
+            except Exception:
+                log.exception("catch-up: could not read where conversations stopped")
+                points = []
+            for key, last in points:
+                if self.closing:
+                    break
+                try:
+                    taken += await self._catch_up_one(key, max(last, horizon), limit)
+                except (discord.HTTPException, aiohttp.ClientError, TimeoutError) as exc:  # e.g. no longer allowed to read it
+                    log.warning("catch-up: could not read the history of %s (%s)", key, exc)
+                except Exception:
+                    log.exception("catch-up of %s failed", key)
+        if taken:
+            log.info("catch-up: %d messages sent while the bot was down", taken)
+        self.dispatch("caught_up", taken)
+
+    async def _catch_up_one(self, key: str, after: int, limit: int) -> int:
+        kind, _, raw_id = key.partition(":")
+        if not raw_id.isdigit() or kind not in ("dm", "channel"):
+            return 0
+        channel: discord.abc.Messageable | None
+        if kind == "dm":
+            user = self.get_user(int(raw_id)) or await self.fetch_user(int(raw_id))
+            channel = user.dm_channel or await user.create_dm()
+        else:
+            found = self.get_channel(int(raw_id))
+            channel = found if isinstance(found, discord.abc.Messageable) else None
+        if channel is None:  # a channel of a server the bot left, or deleted
+            return 0
+        history = [m async for m in channel.history(limit=limit, after=discord.Object(after), oldest_first=True)]
+        # stored already: taken live by an earlier process after the newest stored one was written
+        stored = await self.engine.memory.stored_external([str(m.id) for m in history])
+        me = self.user
+        fresh = [m for m in history if str(m.id) not in stored and m.id not in self._seen and me and not is_ignored(m, me)]
+        # one at a time, in order: each takes its ticket before the next, as gateway messages do
+        handlers = [asyncio.ensure_future(self.on_message(m, late=True)) for m in fresh]
+        await asyncio.gather(*handlers)
+        return len(fresh)

@@ -273,6 +273,25 @@ class MemoryAPI:
         async with self._engine.exclusive(key):
             return await people.clear(self._engine.db, agent, user_id)
 
+    async def last_external_ids(self) -> list[tuple[str, int]]:
+        """(agent key, newest stored platform message id) of every agent that stored one: where catch-up starts."""
+        rows = await self._engine.db.fetchall(
+            "SELECT a.key, (SELECT max(CAST(external_id AS INTEGER)) FROM messages WHERE agent_id = a.id AND external_id IS NOT NULL)"
+            " FROM agents a ORDER BY a.id"
+        )
+        return [(key, int(last)) for key, last in rows if last]
+
+    async def stored_external(self, external_ids: list[str]) -> set[str]:
+        """Which of these platform message ids are stored already (by any agent)."""
+        found: set[str] = set()
+        for i in range(0, len(external_ids), erasure.BATCH):
+            part = external_ids[i : i + erasure.BATCH]
+            rows = await self._engine.db.fetchall(
+                f"SELECT external_id FROM messages WHERE external_id IN ({marks(len(part))})", part
+            )
+            found.update(r[0] for r in rows)
+        return found
+
     def forget_options(self, key: str) -> None:
         """Drop the cached options of an agent whose options were erased."""
         for cached in [k for k in self._options if k[0] == key]:

@@ -442,6 +442,24 @@ class FakeDiscord:
             await self._send(conn, {"op": 0, "t": "MESSAGE_CREATE", "d": event})
         return message
 
+    def post_offline(self, channel_id: Id, author_id: Id, content: str) -> Json:
+        """A user posts while no client is connected: no MESSAGE_CREATE; only history reads find it.
+
+        Mentions are parsed from ``content`` as in ``send_message``.
+        """
+        message = self._build_message(
+            self._channel(channel_id),
+            self._user(author_id),
+            content,
+            message_type=0,
+            reference=None,
+            allowed_mentions=None,
+            attachments=[],
+            embeds=[],
+        )
+        self.messages[message["id"]] = message
+        return message
+
     async def send_dm(self, user_id: Id, content: str, **kwargs: Any) -> Json:
         """Shortcut: ``user_id`` writes ``content`` in their DM with the bot."""
         return await self.send_message(self.dm_channel(user_id)["id"], user_id, content, **kwargs)

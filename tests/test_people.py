@@ -306,3 +306,42 @@ def test_person_blocks_in_the_prompt_most_recent_first_within_their_budget() -> 
     assert shown.index('id="0"') < shown.index('id="1"')  # in the order given: most recent speakers first
     assert 'id="5"' not in shown and "person:5" in shown.splitlines()[-1]  # named, for the model to read
     assert tokens.count(shown) < 300 + tokens.count(shown.splitlines()[-1]) + tokens.count(people.HEADER)
+
+
+async def test_messages_sent_while_down_are_caught_up_on_start_once(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, bob, guild = world["general"], world["alice"], world["bob"], world["guild"]
+    unseen = fake_discord.add_text_channel(guild["id"], "unseen")
+    dm = fake_discord.dm_channel(alice["id"])
+    me = f"<@{fake_discord.bot_user_id}>"
+    fake.default = lambda body: reply("answer to: " + last_user_text(body).rsplit(": ", 1)[-1])
+    async with running(settings, fake_discord) as bot:
+        await post(bot, fake_discord, dm, alice, "hello")
+        await post(bot, fake_discord, general, bob, "first chatter")
+    # while the bot is down
+    fake_discord.post_offline(dm["id"], alice["id"], "are you there?")
+    fake_discord.post_offline(general["id"], bob["id"], "chatter while down")
+    fake_discord.post_offline(general["id"], alice["id"], f"{me} what did bob say?")
+    fake_discord.post_offline(unseen["id"], alice["id"], f"{me} nobody stored anything here")
+
+    async def no_wait(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    async with running(settings, fake_discord) as bot:
+        await fake_discord.wait_for(lambda f: len(f.bot_messages(dm["id"])) == 2 and len(f.bot_messages(general["id"])) == 1)
+        late_dm = fake_discord.bot_messages(dm["id"])[-1]["content"]
+        assert late_dm.startswith("*(late") and late_dm.endswith("answer to: are you there?")
+        assert fake_discord.bot_messages(general["id"])[0]["content"].endswith("what did bob say?")
+        assert fake_discord.bot_messages(unseen["id"]) == []
+        channel_texts = await texts(bot, f"channel:{general['id']}")
+        assert channel_texts[:2] == ["first chatter", "chatter while down"] and len(channel_texts) == 3
+
+        # a session that could not resume reads history again: nothing is taken twice
+        bot.before_identify_hook = no_wait  # type: ignore[method-assign]
+        again = bot.wait_for("caught_up", timeout=10)
+        await fake_discord.disconnect_client(resume=False)
+        assert await again == 0
+        assert len(await texts(bot, f"channel:{general['id']}")) == 3
+        assert len(await texts(bot, f"dm:{alice['id']}")) == 2
+    assert len(fake_discord.bot_messages(dm["id"])) == 2 and len(fake_discord.bot_messages(general["id"])) == 1
