@@ -87,10 +87,15 @@ class NotManager(app_commands.CheckFailure):
 
 
 def _may_change(interaction: discord.Interaction) -> bool:
-    perms = interaction.permissions
-    if interaction.guild is None or perms.manage_channels or perms.manage_guild or perms.administrator:
+    if _is_manager(interaction):
         return True
     raise NotManager()
+
+
+def _is_manager(interaction: discord.Interaction) -> bool:
+    """The DM's owner, or in a server someone who may manage the channel."""
+    perms = interaction.permissions
+    return interaction.guild is None or perms.manage_channels or perms.manage_guild or perms.administrator
 
 
 # in guilds, for commands that change memory; in DMs the user owns their agent
@@ -148,8 +153,13 @@ class MemoryCommands(app_commands.Group):
         found = await self.memory.search(_key(interaction), query)
         lines = [f"**Messages** ({found.messages.total} matches)"]
         lines += [f"`m{h.id}` {h.created_at[:10]} {h.label}: {_clip(h.text)}" for h in found.messages.hits] or ["*(none)*"]
-        lines.append(f"**Archival passages** ({found.passages.total} {'matches' if not found.passages.note else 'best matches'})")
-        lines += [f"`p{h.id}` {h.created_at[:10]}: {_clip(h.text)}" for h in found.passages.hits] or ["*(none)*"]
+        if _is_manager(interaction):
+            lines.append(
+                f"**Archival passages** ({found.passages.total} {'matches' if not found.passages.note else 'best matches'})"
+            )
+            lines += [f"`p{h.id}` {h.created_at[:10]}: {_clip(h.text)}" for h in found.passages.hits] or ["*(none)*"]
+        else:  # the agent's notes may be about other people
+            lines.append("*(Archival passages, the notes I keep, are shown to channel managers only.)*")
         lines.append("Use `/memory forget m123` or `p45` to delete one.")
         await _answer(interaction, "\n".join(lines))
 

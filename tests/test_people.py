@@ -172,7 +172,7 @@ async def test_forget_me_erases_a_persons_data_everywhere_after_confirmation(
     assert answer.startswith("Done. Erased 4 messages, ") and "DM memory" in answer
 
 
-async def test_exporting_a_channels_memory_needs_manage_channels(
+async def test_exporting_a_channels_memory_needs_manage_channels_and_search_hides_notes_from_members(
     settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
 ) -> None:
     general, alice, admin = world["general"], world["alice"], world["admin"]
@@ -187,6 +187,15 @@ async def test_exporting_a_channels_memory_needs_manage_channels(
         allowed = await fake_discord.send_slash(general["id"], admin["id"], "memory", "export")
         await fake_discord.wait_for(lambda f: len(allowed["responses"]) >= 2)
         assert fake_discord.messages[allowed["original_message_id"]]["attachments"]
+
+        # search: a member sees the channel's messages, not the agent's notes (which may be about others)
+        await bot.engine.archive.insert(await bot.engine.agent(f"channel:{general['id']}"), "chatter note about bob")
+        for user, sees_notes in ((alice, False), (admin, True)):
+            searched = await fake_discord.send_slash(general["id"], user["id"], "memory", "search", {"query": "chatter"})
+            await fake_discord.wait_for(lambda f, asked=searched: len(asked["responses"]) >= 2)
+            shown = fake_discord.messages[searched["original_message_id"]]["content"]
+            assert "chatter" in shown.split("**Archival")[0]
+            assert ("note about bob" in shown) is sees_notes
 
 
 async def test_cli_forget_user_and_purge_guild(tmp_path: Path, fake: FakeOpenAI) -> None:
