@@ -15,7 +15,7 @@ from memory import clock, recall
 from memory.documents import Unreadable
 from memory.engine import Engine
 
-from . import attachments, commands, wire
+from . import attachments, commands, confirm, wire
 from .access import Arrivals, Members, RateLimiter, Ticket, allowed
 from .config import BotSettings
 from .format import split_message
@@ -57,6 +57,8 @@ class MnemoBot(discord.Client):
         self.arrivals = Arrivals()
         self.tree = app_commands.CommandTree(self)
         commands.register(self.tree, engine, settings)
+        # confirmation buttons sent by an earlier process still answer
+        self.add_dynamic_items(confirm.ConfirmButton)
         self.closing = False
         self.stopped = False
         self._in_flight: set[asyncio.Task[object]] = set()

@@ -14,7 +14,7 @@ import io
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 from discord import app_commands
@@ -22,7 +22,7 @@ from discord import app_commands
 from memory.api import parse_ids
 from memory.engine import Engine
 
-from . import privacy
+from . import confirm, privacy
 from .access import allowed
 from .config import BotSettings
 from .routing import agent_key
@@ -122,6 +122,7 @@ async def _answer(interaction: discord.Interaction, text: str, *, filename: str 
 class MemoryCommands(app_commands.Group):
     def __init__(self, engine: Engine, settings: BotSettings) -> None:
         super().__init__(name="memory", description="Look into this conversation's long-term memory")
+        self.engine = engine
         self.memory = engine.memory
         self.settings = settings
 
@@ -228,16 +229,20 @@ class MemoryCommands(app_commands.Group):
         self, interaction: discord.Interaction, scope: Literal["conversation", "core", "archival", "all"] = "all"
     ) -> None:
         key = _key(interaction)
-
-        async def do_reset() -> str:
-            await self.memory.reset(key, scope)
-            return f"Done: {EXPLAIN[scope]} of `{key}` erased."
-
+        done = f"Done: {EXPLAIN[scope]} of `{key}` erased."
+        view = await confirm.ask(self.engine, interaction.user.id, "reset", {"key": key, "scope": scope, "done": done})
         await interaction.response.send_message(
-            f"Erase {EXPLAIN[scope]} of `{key}`? This cannot be undone (`/memory export` first to keep a copy).",
-            view=Confirm(interaction.user.id, do_reset),
+            f"Erase {EXPLAIN[scope]} of `{key}`? This cannot be undone (`/memory export` first to keep a copy). "
+            + confirm.EXPIRY_NOTE,
+            view=view,
             ephemeral=True,
         )
+
+
+@confirm.action("reset")
+async def _confirmed_reset(engine: Engine, args: dict[str, Any]) -> str:
+    await engine.memory.reset(args["key"], args["scope"])
+    return str(args["done"])
 
 
 NOT_ALLOWED = "Changing a channel's memory needs the Manage Channels or Manage Server permission."

@@ -7,15 +7,18 @@ pass still running drops its notes: `Engine.exclusive`) is kept in one place.
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import agents, context, core, documents, erasure, people, portability, recall, search
+from . import agents, clock, context, core, documents, erasure, people, portability, recall, search
 from .agents import Agent
 from .core import Block
-from .db import marks
+from .db import marks, sqlite3
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -65,6 +68,16 @@ class Matches:
 
     message_ids: list[int]
     passage_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A stored request waiting for its confirmation button."""
+
+    user_id: str
+    action: str
+    args: dict[str, Any]
+    expired: bool
 
 
 @dataclass(frozen=True)
@@ -291,6 +304,31 @@ class MemoryAPI:
             )
             found.update(r[0] for r in rows)
         return found
+
+    async def add_confirmation(self, user_id: str, action: str, args: dict[str, Any], minutes: float) -> str:
+        """Store a request that `user_id` may confirm for `minutes`; returns its token. Expired ones are dropped."""
+        token = secrets.token_hex(16)
+        stamp = clock.now()
+        expires = clock.stamp(datetime.now(UTC) + timedelta(minutes=minutes))
+
+        def add(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM confirmations WHERE expires_at < ?", (stamp,))
+            c.execute("INSERT INTO confirmations VALUES (?, ?, ?, ?, ?)", (token, user_id, action, json.dumps(args), expires))
+
+        await self._engine.db.transact(add)
+        return token
+
+    async def confirmation(self, token: str) -> Pending | None:
+        row = await self._engine.db.fetchone(
+            "SELECT user_id, action, args, expires_at FROM confirmations WHERE token = ?", (token,)
+        )
+        if row is None:
+            return None
+        return Pending(row[0], row[1], json.loads(row[2]), row[3] < clock.now())
+
+    async def take_confirmation(self, token: str) -> bool:
+        """Use up a request; False when an earlier call took it."""
+        return await self._engine.db.execute("DELETE FROM confirmations WHERE token = ?", (token,)) == 1
 
     def forget_options(self, key: str) -> None:
         """Drop the cached options of an agent whose options were erased."""

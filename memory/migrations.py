@@ -215,6 +215,14 @@ def m007_people(c: sqlite3.Connection) -> None:
         );
         -- "forget me" finds a person's blocks in every agent
         CREATE INDEX people_user ON people(user_id);
+        -- confirmation buttons' requests: a click after a restart still finds what to do, until expires_at
+        CREATE TABLE confirmations (
+            token TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            args TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+        );
         """,
     )
 

@@ -3,6 +3,7 @@ threads, a server the bot left, "forget me" by slash command and by CLI, who may
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -354,3 +355,48 @@ async def test_messages_sent_while_down_are_caught_up_on_start_once(
         assert len(await texts(bot, f"channel:{general['id']}")) == 3
         assert len(await texts(bot, f"dm:{alice['id']}")) == 2
     assert len(fake_discord.bot_messages(dm["id"])) == 2 and len(fake_discord.bot_messages(general["id"])) == 1
+
+
+async def test_confirmation_buttons_work_after_a_restart_once_and_expire(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, admin = world["general"], world["alice"], world["admin"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.default = lambda body: reply("ok")
+
+    def shown(asked: dict[str, Any]) -> str:
+        return str(fake_discord.messages[asked["original_message_id"]]["content"])
+
+    async with running(settings, fake_discord) as bot:
+        await post(bot, fake_discord, dm, alice, "my DM secret is heron")
+        await post(bot, fake_discord, general, alice, "chatter to keep")
+        forget = await fake_discord.send_slash(dm["id"], alice["id"], "forget-me")
+        reset = await fake_discord.send_slash(general["id"], admin["id"], "memory", "reset", {"scope": "conversation"})
+        stale = await fake_discord.send_slash(general["id"], admin["id"], "memory", "reset", {"scope": "all"})
+        await fake_discord.wait_for(lambda f: forget["responses"] and reset["responses"] and stale["responses"])
+        assert "15 minutes" in shown(forget)
+
+    async with running(settings, fake_discord) as bot:  # a new process: the buttons still answer
+        # the stale request's time ran out (its stored expiry, as a clock would see it later)
+        await bot.engine.db.execute(
+            "UPDATE confirmations SET expires_at = '2000-01-01T00:00:00Z' WHERE action = 'reset' AND args LIKE '%\"all\"%'"
+        )
+        click = await fake_discord.click_button(stale, fake_discord.buttons(stale)[0]["custom_id"], admin["id"])
+        await fake_discord.wait_for(lambda f: click["responses"])
+        assert "expired" in shown(stale)
+        assert await texts(bot, f"channel:{general['id']}") == ["chatter to keep"]
+
+        # two clicks before the buttons are gone: one erases, the other is told it was answered
+        button = fake_discord.buttons(forget)[0]["custom_id"]
+        first, second = await asyncio.gather(
+            fake_discord.click_button(forget, button, alice["id"]), fake_discord.click_button(forget, button, alice["id"])
+        )
+        await fake_discord.wait_for(lambda f: first["responses"] and second["responses"] and "Done" in shown(forget))
+        answers = [str(r.get("data", {}).get("content")) for r in first["responses"] + second["responses"]]
+        assert sum("already answered" in a for a in answers) == 1
+        assert shown(forget).startswith("Done. Erased 3 messages")
+        assert await texts(bot, f"dm:{alice['id']}") == [] and await texts(bot, f"channel:{general['id']}") == []
+
+        click = await fake_discord.click_button(reset, fake_discord.buttons(reset)[0]["custom_id"], admin["id"])
+        await fake_discord.wait_for(lambda f: len(click["responses"]) >= 2)
+        assert "erased" in shown(reset)
