@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot.client import MnemoBot
 from bot.config import BotSettings
 from memory import people, recall, tokens
@@ -400,3 +402,21 @@ async def test_confirmation_buttons_work_after_a_restart_once_and_expire(
         click = await fake_discord.click_button(reset, fake_discord.buttons(reset)[0]["custom_id"], admin["id"])
         await fake_discord.wait_for(lambda f: len(click["responses"]) >= 2)
         assert "erased" in shown(reset)
+
+
+async def test_person_blocks_go_with_a_channel_export_and_come_back_on_import(tmp_path: Path, fake: FakeOpenAI) -> None:
+    settings = EngineSettings(_env_file=None, database_path=tmp_path / "e.db", llm_base_url=fake.url, llm_model="m")  # type: ignore[call-arg]
+    engine = await Engine.open(settings)
+    try:
+        agent = await engine.agent("channel:7")
+        assert (await people.append(engine.db, agent, "person:42", "Sam bakes bread.")).ok
+        data = await engine.memory.export("channel:7")
+        assert data["people"] == [{"user_id": "42", "value": "Sam bakes bread.", "limit": settings.person_limit}]
+        await engine.memory.import_data(data, "channel:8")
+        assert await engine.memory.person_block("channel:8", "42") == "Sam bakes bread."
+        data["people"][0]["user_id"] = "not an id"
+        with pytest.raises(ValueError, match="not a Discord id"):
+            await engine.memory.import_data(data, "channel:9")
+        assert await engine.memory.person_block("channel:9", "42") == ""
+    finally:
+        await engine.close()
