@@ -316,7 +316,7 @@ class MnemoBot(discord.Client):
     async def _catch_up(self) -> None:
         """Read each conversation's history after the newest message stored from it, oldest first, and take
         each message as if it had just arrived (answers marked late). Dispatches `caught_up(count)`."""
-        taken = 0
+        taken: list[asyncio.Future[None]] = []
         limit, hours = self.settings.catch_up_messages, self.settings.catch_up_hours
         if limit and hours:
             horizon = discord.utils.time_snowflake(discord.utils.utcnow() - datetime.timedelta(hours=hours))
@@ -334,14 +334,17 @@ class MnemoBot(discord.Client):
                     log.warning("catch-up: could not read the history of %s (%s)", key, exc)
                 except Exception:
                     log.exception("catch-up of %s failed", key)
+        # the next conversation's history is read while these are answered
+        await asyncio.gather(*taken, return_exceptions=True)
         if taken:
-            log.info("catch-up: %d messages sent while the bot was down", taken)
-        self.dispatch("caught_up", taken)
+            log.info("catch-up: %d messages sent while the bot was down", len(taken))
+        self.dispatch("caught_up", len(taken))
 
-    async def _catch_up_one(self, key: str, after: int, limit: int) -> int:
+    async def _catch_up_one(self, key: str, after: int, limit: int) -> list[asyncio.Future[None]]:
+        """Start handling the messages of one conversation sent after message id `after`, oldest first."""
         kind, _, raw_id = key.partition(":")
         if not raw_id.isdigit() or kind not in ("dm", "channel"):
-            return 0
+            return []
         channel: discord.abc.Messageable | None
         if kind == "dm":
             user = self.get_user(int(raw_id)) or await self.fetch_user(int(raw_id))
@@ -350,13 +353,11 @@ class MnemoBot(discord.Client):
             found = self.get_channel(int(raw_id))
             channel = found if isinstance(found, discord.abc.Messageable) else None
         if channel is None:  # a channel of a server the bot left, or deleted
-            return 0
+            return []
         history = [m async for m in channel.history(limit=limit, after=discord.Object(after), oldest_first=True)]
         # stored already: taken live by an earlier process after the newest stored one was written
         stored = await self.engine.memory.stored_external([str(m.id) for m in history])
         me = self.user
         fresh = [m for m in history if str(m.id) not in stored and m.id not in self._seen and me and not is_ignored(m, me)]
-        # one at a time, in order: each takes its ticket before the next, as gateway messages do
-        handlers = [asyncio.ensure_future(self.on_message(m, late=True)) for m in fresh]
-        await asyncio.gather(*handlers)
-        return len(fresh)
+        # started in order: each takes its conversation's ticket before the next, as gateway messages do
+        return [asyncio.ensure_future(self.on_message(m, late=True)) for m in fresh]

@@ -349,14 +349,21 @@ async def test_messages_sent_while_down_are_caught_up_on_start_once(
         channel_texts = await texts(bot, f"channel:{general['id']}")
         assert channel_texts[:2] == ["first chatter", "chatter while down"] and len(channel_texts) == 3
 
+        # the gateway bringing a message catch-up already took (a replay) is not answered again
+        replayed = next(m for m in fake_discord.messages.values() if m["content"] == "are you there?")
+        await fake_discord.dispatch("MESSAGE_CREATE", FakeDiscord._wire(replayed))
+        await post(bot, fake_discord, dm, alice, "and now?")
+        answers = [m["content"] for m in fake_discord.bot_messages(dm["id"])]
+        assert len(answers) == 3 and answers[-1] == "answer to: and now?"
+
         # a session that could not resume reads history again: nothing is taken twice
         bot.before_identify_hook = no_wait  # type: ignore[method-assign]
         again = bot.wait_for("caught_up", timeout=10)
         await fake_discord.disconnect_client(resume=False)
         assert await again == 0
         assert len(await texts(bot, f"channel:{general['id']}")) == 3
-        assert len(await texts(bot, f"dm:{alice['id']}")) == 2
-    assert len(fake_discord.bot_messages(dm["id"])) == 2 and len(fake_discord.bot_messages(general["id"])) == 1
+        assert len(await texts(bot, f"dm:{alice['id']}")) == 3
+    assert len(fake_discord.bot_messages(dm["id"])) == 3 and len(fake_discord.bot_messages(general["id"])) == 1
 
 
 async def test_confirmation_buttons_work_after_a_restart_once_and_expire(
