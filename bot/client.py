@@ -276,9 +276,8 @@ class MnemoBot(discord.Client):
         self.dispatch("memory_followed", "delete", erased)
 
     async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
-        # Discord deletes a channel's threads with it without an event for each: those in the cache go too
-        threads = [t.id for t in channel.guild.threads if t.parent_id == channel.id]
-        await self._erase([channel.id, *threads])
+        # its threads: discord.py dispatches raw_thread_delete for each one it knew
+        await self._erase([channel.id])
 
     async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
         await self._erase([payload.thread_id])

@@ -110,8 +110,9 @@ async def test_deleted_channel_and_thread_erase_their_agents_and_a_server_left_i
     other = fake_discord.add_text_channel(guild["id"], "other")
     async with running(settings, fake_discord) as bot:
         thread = fake_discord.add_thread(general["id"], "plans", owner_id=alice["id"])
-        await fake_discord.wait_for(lambda f: bot.get_channel(int(thread["id"])) is not None)
-        for channel in (general, other, thread):
+        side = fake_discord.add_thread(other["id"], "side", owner_id=alice["id"])
+        await fake_discord.wait_for(lambda f: bot.get_channel(int(thread["id"])) and bot.get_channel(int(side["id"])))
+        for channel in (general, other, thread, side):
             await post(bot, fake_discord, channel, alice, f"hello in {channel['name']}")
         await followed(
             bot,
@@ -121,8 +122,12 @@ async def test_deleted_channel_and_thread_erase_their_agents_and_a_server_left_i
         )
         assert await texts(bot, f"channel:{thread['id']}") == []
         assert await texts(bot, f"channel:{general['id']}") == ["hello in general"]
-        await followed(bot, fake_discord, "CHANNEL_DELETE", {**other, "guild_id": guild["id"]})
+        erasures: list[str] = []
+        both = bot.wait_for("memory_followed", check=lambda kind, _: erasures.append(kind) or len(erasures) == 2, timeout=5)
+        await fake_discord.dispatch("CHANNEL_DELETE", {**other, "guild_id": guild["id"]})
+        await both
         assert await texts(bot, f"channel:{other['id']}") == []
+        assert await texts(bot, f"channel:{side['id']}") == []  # its threads go with it
         assert await texts(bot, f"channel:{general['id']}") == ["hello in general"]
 
         removed = bot.wait_for("guild_remove", timeout=5)
