@@ -289,10 +289,11 @@ class MemoryAPI:
     async def last_external_ids(self) -> list[tuple[str, int]]:
         """(agent key, newest stored platform message id) of every agent that stored one: where catch-up starts."""
         rows = await self._engine.db.fetchall(
-            "SELECT a.key, (SELECT max(CAST(external_id AS INTEGER)) FROM messages WHERE agent_id = a.id AND external_id IS NOT NULL)"
-            " FROM agents a ORDER BY a.id"
+            "SELECT a.key, (SELECT max(CAST(external_id AS INTEGER)) FROM messages WHERE agent_id = a.id AND external_id IS NOT NULL),"
+            " CAST(json_extract(a.options, '$.' || ?) AS INTEGER) FROM agents a ORDER BY a.id",
+            (erasure.CAUGHT_UP,),
         )
-        return [(key, int(last)) for key, last in rows if last]
+        return [(key, max(int(last), int(floor or 0))) for key, last, floor in rows if last]
 
     async def stored_external(self, external_ids: list[str]) -> set[str]:
         """Which of these platform message ids are stored already (by any agent)."""

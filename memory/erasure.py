@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # ids per SQL statement (SQLite's default limit on parameters is 32,766)
 BATCH = 500
+# agent option: the newest platform message id catch-up may skip to, though no stored message has it
+CAUGHT_UP = "caught_up_through"
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,11 @@ async def forget_author(engine: Engine, author_id: str) -> Erased:
         (author_id,),
     )
     messages: dict[str, list[int]] = defaultdict(list)
-    for key, message_id, _ in rows:
+    newest: dict[str, int] = {}
+    for key, message_id, external_id in rows:
         messages[key].append(message_id)
+        if external_id and external_id.isdigit():
+            newest[key] = max(newest.get(key, 0), int(external_id))
     passages = await _agents_of(
         engine,
         "SELECT a.key, p.id FROM passages p JOIN agents a ON a.id = p.agent_id WHERE p.origin IN ({})",
@@ -145,6 +150,10 @@ async def forget_author(engine: Engine, author_id: str) -> Erased:
     total = Erased()
     for key in messages.keys() | passages.keys():
         total += await _delete(engine, key, messages.get(key, []), passages.get(key, []))
+    # their messages are still in the platform's history: catch-up must not read them back in
+    for key, external_id in newest.items():
+        if external_id > int(await engine.memory.option(key, CAUGHT_UP, 0) or 0):
+            await engine.memory.set_option(key, CAUGHT_UP, external_id)
     blocks = await engine.db.execute("DELETE FROM people WHERE user_id = ?", (author_id,))
     return total + Erased(person_blocks=blocks)
 

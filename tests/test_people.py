@@ -17,7 +17,15 @@ from memory.config import EngineSettings
 from memory.engine import Engine
 from tests.fakediscord import FakeDiscord
 from tests.fakeopenai import FakeOpenAI, call, reply
-from tests.test_bot import chat_requests, fake_discord, last_user_text, running, settings, world  # noqa: F401  (fixtures)
+from tests.test_bot import (  # noqa: F401  (fixtures)
+    chat_requests,
+    eventually,
+    fake_discord,
+    last_user_text,
+    running,
+    settings,
+    world,
+)
 from tests.test_bot_edges import outcome_of
 from tests.test_cli import base_env, run_cli
 
@@ -432,3 +440,25 @@ async def test_person_blocks_go_with_a_channel_export_and_come_back_on_import(tm
         assert await engine.memory.person_block("channel:9", "42") == ""
     finally:
         await engine.close()
+
+
+async def test_catch_up_does_not_read_back_what_forget_me_erased(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, bob = world["general"], world["alice"], world["bob"]
+    key = f"channel:{general['id']}"
+    async with running(settings, fake_discord) as bot:
+        await post(bot, fake_discord, general, bob, "bob was here")
+        await post(bot, fake_discord, general, alice, "alice was here")
+        await bot.engine.memory.forget_person(str(alice["id"]))
+        assert await texts(bot, key) == ["bob was here"]
+    fake_discord.post_offline(general["id"], bob["id"], "bob again while down")
+    async with running(settings, fake_discord) as bot:
+        # caught up once bob's message is back (catch-up goes oldest first: alice's would come before it)
+        stored = await eventually(lambda: _count_at_least(bot, key, 2))
+        assert stored == ["bob was here", "bob again while down"]
+
+
+async def _count_at_least(bot: MnemoBot, key: str, n: int) -> list[str] | None:
+    found = await texts(bot, key)
+    return found if len(found) >= n else None
