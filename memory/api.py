@@ -226,12 +226,8 @@ class MemoryAPI:
         text = await documents.extract(name, data, content_type)
         agent = await self._agent(key)
         ids = await self._engine.archive.insert(
-            agent, text, tags=["document", name], source=source or name, max_chars=documents.MAX_DOCUMENT_CHARS
+            agent, text, tags=["document", name], source=source or name, max_chars=documents.MAX_DOCUMENT_CHARS, origin=origin
         )
-        if origin is not None:
-            for i in range(0, len(ids), erasure.BATCH):
-                part = ids[i : i + erasure.BATCH]
-                await self._engine.db.execute(f"UPDATE passages SET origin = ? WHERE id IN ({marks(len(part))})", (origin, *part))
         return Ingested(name, len(text), len(ids))
 
     async def exists(self, key: str) -> bool:
