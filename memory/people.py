@@ -28,7 +28,8 @@ DEFAULT_LIMIT = 600
 # person blocks may take at most 1/PROMPT_SHARE of the context window
 PROMPT_SHARE = 10
 HEADER = (
-    'People (each person\'s own block, label "person:<id>"; blocks of people not shown here can be read and edited the same way):'
+    'People (each person\'s own block, label "person:<id>"; to read one not shown here, core_memory_append to it'
+    " with empty content):"
 )
 
 
@@ -125,8 +126,10 @@ def _edit(c: sqlite3.Connection, agent: Agent, label: str, change: str, content:
     name = f"person:{user_id}"
     if change == "append":
         content = content.strip()
-        if not content:
-            return Edit(False, "Error: content is empty; nothing was appended.")
+        if not content:  # how the model reads a block the prompt does not show; not an edit
+            return Edit(
+                False, f"Nothing was appended. {name} holds ({len(value)}/{limit} characters):\n{value or '(nothing yet)'}"
+            )
         new_value = f"{value}\n{content}" if value else content
     else:
         if not old:

@@ -12,7 +12,7 @@ import pytest
 
 from bot.client import MnemoBot
 from bot.config import BotSettings
-from memory import people, recall, tokens
+from memory import people, recall, tokens, tools
 from memory.config import EngineSettings
 from memory.engine import Engine
 from tests.fakediscord import FakeDiscord
@@ -462,3 +462,22 @@ async def test_catch_up_does_not_read_back_what_forget_me_erased(
 async def _count_at_least(bot: MnemoBot, key: str, n: int) -> list[str] | None:
     found = await texts(bot, key)
     return found if len(found) >= n else None
+
+
+async def test_the_model_reads_a_person_block_not_shown_by_appending_nothing(tmp_path: Path, fake: FakeOpenAI) -> None:
+    settings = EngineSettings(_env_file=None, database_path=tmp_path / "e.db", llm_base_url=fake.url, llm_model="m")  # type: ignore[call-arg]
+    engine = await Engine.open(settings)
+    try:
+        agent = await engine.agent("channel:7")
+        await people.append(engine.db, agent, "person:42", "Sam bakes bread.")
+        read = await tools.execute(
+            engine.db, engine.archive, agent, "core_memory_append", '{"label": "person:42", "content": ""}'
+        )
+        assert read.status is tools.Status.REFUSED  # not an edit: consolidation does not log it as one
+        assert read.text.endswith("person:42 holds (16/600 characters):\nSam bakes bread.")
+        unknown = await tools.execute(
+            engine.db, engine.archive, agent, "core_memory_append", '{"label": "person:Nobody", "content": "x"}'
+        )
+        assert "nobody named 'Nobody'" in unknown.text
+    finally:
+        await engine.close()
