@@ -63,6 +63,8 @@ class MnemoBot(discord.Client):
         self.stopped = False
         self._in_flight: set[asyncio.Task[object]] = set()
         self._seen: OrderedDict[int, None] = OrderedDict()
+        # Discord message ids deleted lately: a message deleted while its attachments were read is not stored
+        self._gone: OrderedDict[int, None] = OrderedDict()
         self._catching_up: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
@@ -155,6 +157,9 @@ class MnemoBot(discord.Client):
             note = await self._ingest(message, key, attachment)
             if note:
                 stored.content += ("\n" if stored.content else "") + note
+        if message.id in self._gone:  # deleted while its attachments were read: what they left goes too
+            await self.engine.memory.message_deleted([str(message.id)])
+            return "deleted"
         if not stored.content.strip():
             return "dropped"
         # the indicator runs beside the turn: its REST calls must not delay the answer
@@ -268,6 +273,10 @@ class MnemoBot(discord.Client):
     async def _deleted(self, ids: list[int]) -> None:
         if self.stopped:
             return
+        for i in ids:
+            self._gone[i] = None
+        while len(self._gone) > SEEN_IDS:
+            self._gone.popitem(last=False)
         try:
             erased = await self.engine.memory.message_deleted([str(i) for i in ids])
         except Exception:

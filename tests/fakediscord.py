@@ -216,6 +216,9 @@ class FakeDiscord:
         self.connection_count = 0  # websocket connections accepted
         self.ready_count = 0  # READY + GUILD_CREATE sequences written
         self.resume_count = 0  # RESUMED written
+        # an unset Event holds attachment downloads until it is set: what happens meanwhile can be tested
+        self.cdn_gate: asyncio.Event | None = None
+        self.cdn_waiting = 0  # downloads being held
 
         # --- plumbing ------------------------------------------------------------------
         self._by_token: dict[str, Json] = {}
@@ -1318,6 +1321,11 @@ class FakeDiscord:
         if path == "/gateway":
             return await self._gateway(request)
         if path.startswith("/attachments/"):
+            if self.cdn_gate is not None:
+                self.cdn_waiting += 1
+                self._changed()
+                await self.cdn_gate.wait()
+                self.cdn_waiting -= 1
             return self._cdn(path)
         if not path.startswith(API_PREFIX + "/"):
             self.unknown_requests.append((request.method, path))

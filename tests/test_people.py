@@ -481,3 +481,24 @@ async def test_the_model_reads_a_person_block_not_shown_by_appending_nothing(tmp
         assert "nobody named 'Nobody'" in unknown.text
     finally:
         await engine.close()
+
+
+async def test_a_message_deleted_while_its_attachment_is_read_leaves_nothing(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    key = f"dm:{alice['id']}"
+    fake.default = lambda body: reply("ok")
+    gate = fake_discord.cdn_gate = asyncio.Event()
+    async with running(settings, fake_discord) as bot:
+        handled = bot.wait_for("message_handled", check=lambda m, _: m.content == "my diary", timeout=5)
+        doc = b"Dear diary, the pelican stole my sandwich. " * 30
+        sent = await fake_discord.send_message(dm["id"], alice["id"], "my diary", attachments=[("diary.txt", doc, "text/plain")])
+        await fake_discord.wait_for(lambda f: f.cdn_waiting == 1)
+        await followed(bot, fake_discord, "MESSAGE_DELETE", {"id": sent["id"], "channel_id": dm["id"]})
+        gate.set()
+        _, outcome = await handled
+        assert outcome == "deleted"
+        assert await texts(bot, key) == []
+        assert await bot.engine.archive.count(await bot.engine.agent(key)) == 0
