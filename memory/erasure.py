@@ -11,6 +11,7 @@ pass that read the erased text drops its notes.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 
 # ids per SQL statement (SQLite's default limit on parameters is 32,766)
 BATCH = 500
+# the note a message gets for each document it brought (api.Ingested.note): an edit keeps these lines
+DOCUMENT_NOTE = re.compile(
+    r'\[Document `[^`\n]*` \([0-9]+ characters\) was saved to archival memory as [0-9]+ passages tagged "document";'
+    r" search it with archival_memory_search\.\]"
+)
 # agent option: the newest platform message id catch-up may skip to, though no stored message has it
 CAUGHT_UP = "caught_up_through"
 
@@ -80,7 +86,11 @@ async def _delete(engine: Engine, key: str, message_ids: list[int], passage_ids:
 
 
 async def edit_external(engine: Engine, external_id: str, content: str) -> int:
-    """Replace the text of the messages with this platform id (and their index rows); returns how many."""
+    """Replace the text of the messages with this platform id (and their index rows); returns how many.
+
+    The notes of the documents the message brought stay: the edit changes what the person wrote, and the
+    passages are still there.
+    """
     content = valid(content)
 
     def edit(c: sqlite3.Connection) -> int:
@@ -92,14 +102,16 @@ async def edit_external(engine: Engine, external_id: str, content: str) -> int:
         for r in rows:
             calls = json.loads(r["tool_calls"]) if r["tool_calls"] else None
             fulltext.unindex_messages(c, r["agent_id"], [(r["id"], r["role"], r["content"], calls)])
+            notes = [line for line in r["content"].split("\n") if DOCUMENT_NOTE.fullmatch(line)]
+            text = "\n".join([content, *notes]) if content else "\n".join(notes)
             shown = recall.Message(
-                role=r["role"], content=content, author=r["author"], author_id=r["author_id"], created_at=r["created_at"]
+                role=r["role"], content=text, author=r["author"], author_id=r["author_id"], created_at=r["created_at"]
             )
             c.execute(
                 "UPDATE messages SET content = ?, tokens = ? WHERE id = ?",
-                (content, tokens.count_message(shown.to_openai()), r["id"]),
+                (text, tokens.count_message(shown.to_openai()), r["id"]),
             )
-            fulltext.index_messages(c, r["agent_id"], [(r["id"], r["role"], content, calls)])
+            fulltext.index_messages(c, r["agent_id"], [(r["id"], r["role"], text, calls)])
         return len(rows)
 
     return await engine.db.transact(edit)

@@ -103,6 +103,10 @@ async def test_a_deleted_message_leaves_the_context_window_and_takes_its_attachm
         )
         await post(bot, fake_discord, dm, alice, "and something else")
         assert (await hits(bot, key, "quokka"))[1] > 0
+        # an edit changes her words; the note that the document arrived stays
+        await followed(bot, fake_discord, "MESSAGE_UPDATE", {**FakeDiscord._wire(with_doc), "content": "my recipe"})
+        (edited, *_) = await texts(bot, key)
+        assert edited.startswith("my recipe\n[Document `recipe.txt` (") and "secret" not in edited
         await followed(bot, fake_discord, "MESSAGE_DELETE", {"id": with_doc["id"], "channel_id": dm["id"]})
         assert await hits(bot, key, "quokka zucchini") == (0, 0)
         assert await bot.engine.archive.count(await bot.engine.agent(key)) == 0
