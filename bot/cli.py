@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     ing = sub.add_parser("ingest", help="read a document (text or PDF) into an agent's archival memory")
     ing.add_argument("file", type=Path)
     ing.add_argument("--agent", required=True, help="agent key, e.g. dm:<user id> or local:terminal")
+    forget = sub.add_parser("forget-user", help="erase everything stored from one Discord user (a data-deletion request)")
+    forget.add_argument("user_id", type=_discord_id, help="the person's Discord user id")
+    purge = sub.add_parser("purge", help="erase the memory of every channel and thread of a server the bot left")
+    purge.add_argument("--guild", type=_discord_id, required=True, help="the server's Discord id")
     args = parser.parse_args(argv)
 
     try:
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
                 asyncio.run(_import(settings, args.file, args.agent))
             elif args.command == "ingest":
                 asyncio.run(_ingest(settings, args.file, args.agent))
+            elif args.command in ("forget-user", "purge"):
+                asyncio.run(_erase(settings, args.command, args.user_id if args.command == "forget-user" else args.guild))
             else:
                 asyncio.run(_export(settings, args.agent, args.output))
     except (ConfigError, StorageError) as exc:
@@ -182,6 +188,29 @@ async def _export(settings: EngineSettings, key: str, output: Path | None) -> No
         output.write_text(text, encoding="utf-8")
     else:
         print(text)
+
+
+def _discord_id(text: str) -> str:
+    """A Discord id (a snowflake): digits only, as argparse's type check."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and 0 < len(text) <= 20):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a Discord id (digits, e.g. 123456789012345678)")
+    return text
+
+
+async def _erase(settings: EngineSettings, command: str, target: str) -> None:
+    engine = await Engine.open(settings)
+    try:
+        if command == "forget-user":
+            erased = await engine.memory.forget_person(target)
+            what = f"user {target}: {erased.messages} messages, {erased.passages} passages, {erased.person_blocks} person blocks"
+            what += ", and their DM agent's whole memory" if erased.agents else ""
+        else:
+            erased = await engine.memory.purge_guild(target)
+            what = f"server {target}: {erased.agents} channel agents, {erased.messages} messages, {erased.passages} passages"
+    finally:
+        await engine.close()
+    print(f"Erased for {what}.")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import aiohttp
@@ -16,13 +18,18 @@ from memory.db import StorageError, StorageFull
 from memory.documents import Unreadable
 from memory.engine import Engine
 
-from . import attachments, commands, wire
+from . import attachments, commands, confirm, wire
 from .access import Arrivals, Members, RateLimiter, Ticket, allowed
 from .config import BotSettings
 from .format import split_message
 from .routing import agent_key, is_addressed, is_ignored
 
 log = logging.getLogger(__name__)
+
+# Discord message ids handled by this process, remembered so catch-up and the gateway never both take one
+SEEN_IDS = 10_000
+# what a reply to a message sent while the bot was down starts with
+LATE = "*(late: I was offline when you wrote this)*\n"
 
 # Typing shows only for turns still running after this long: a quick answer needs no
 # indicator, and skipping it saves a REST call per turn (a product choice, not a limit).
@@ -55,9 +62,15 @@ class MnemoBot(discord.Client):
         self.arrivals = Arrivals()
         self.tree = app_commands.CommandTree(self)
         commands.register(self.tree, engine, settings, self._takes)
+        # confirmation buttons sent by an earlier process still answer
+        self.add_dynamic_items(confirm.ConfirmButton)
         self.closing = False
         self.stopped = False
         self._in_flight: set[asyncio.Task[object]] = set()
+        self._seen: OrderedDict[int, None] = OrderedDict()
+        # Discord message ids deleted lately: a message deleted while its attachments were read is not stored
+        self._gone: OrderedDict[int, None] = OrderedDict()
+        self._catching_up: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         if self.sync_commands:
@@ -72,6 +85,9 @@ class MnemoBot(discord.Client):
         # here, not in setup_hook: `mnemocord sync` logs in too, and must not fire events.
         # Events that came due while the bot was down fire now; a reconnect keeps the running timer.
         await self.engine.events.start(self._deliver_event)
+        # on_ready comes at start and after a session that could not resume: both may have missed messages
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self._catch_up())
 
     async def _takes(self, interaction: discord.Interaction) -> bool:
         """Slash commands: none once shutting down, and in DMs the same rule as messages."""
@@ -91,10 +107,13 @@ class MnemoBot(discord.Client):
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
         self.stopped = True  # no await since the loop: nothing can slip in before the engine closes
 
-    async def on_message(self, message: discord.Message) -> None:
-        """Handles one message; dispatches `message_handled(message, outcome)` when done with it."""
+    async def on_message(self, message: discord.Message, late: bool = False) -> None:
+        """Handles one message; dispatches `message_handled(message, outcome)` when done with it.
+
+        `late`: read from history by catch-up, sent while the bot was down.
+        """
         me = self.user
-        if self.stopped or me is None:
+        if self.stopped or me is None or not self._first_sight(message.id):
             return
         if is_ignored(message, me):
             self.dispatch("message_handled", message, "ignored")
@@ -107,7 +126,7 @@ class MnemoBot(discord.Client):
         ticket = self.arrivals.take(key)  # before any await: handlers start in gateway order
         outcome = "failed"
         try:
-            outcome = await self._handle(message, me, key, ticket)
+            outcome = await self._handle(message, me, key, ticket, late)
         except StorageError as exc:  # the message was not accepted: nobody else will say so
             log.error("%s: message %s not stored: %s", key, message.id, exc)
             if is_addressed(message, me):
@@ -117,7 +136,9 @@ class MnemoBot(discord.Client):
             ticket.release()
             self.dispatch("message_handled", message, outcome)
 
-    async def _handle(self, message: discord.Message, me: discord.ClientUser, key: str, ticket: Ticket) -> str:
+    async def _handle(
+        self, message: discord.Message, me: discord.ClientUser, key: str, ticket: Ticket, late: bool = False
+    ) -> str:
         channel_id = getattr(message.channel, "parent_id", None) or message.channel.id  # a thread counts as its channel
         if not allowed(self.settings, message.author.id, message.guild.id if message.guild else None, channel_id):
             return "refused"
@@ -131,6 +152,8 @@ class MnemoBot(discord.Client):
             external_id=str(message.id),
             created_at=clock.stamp(message.created_at),
         )
+        if message.guild is not None:
+            await self._note_guild(key, message.guild.id)
         # the engine stores a message at the call only for an agent it has loaded; loaded here, while
         # earlier messages may still be in hand, the call below needs no await before storing
         await self.engine.agent(key)
@@ -158,6 +181,9 @@ class MnemoBot(discord.Client):
             note = await self._ingest(message, key, attachment)
             if note:
                 stored.content += ("\n" if stored.content else "") + note
+        if message.id in self._gone:  # deleted while its attachments were read: what they left goes too
+            await self.engine.memory.message_deleted([str(message.id)])
+            return "deleted"
         if not stored.content.strip():
             return "dropped"
         # the indicator runs beside the turn: its REST calls must not delay the answer
@@ -168,8 +194,8 @@ class MnemoBot(discord.Client):
         finally:
             typing.cancel()
         if result.reply:
-            await self._send(message, result.reply, whole=result.full_reply)
-        return "answered"
+            await self._send(message, (LATE if late else "") + result.reply, whole=result.full_reply)
+        return "answered late" if late else "answered"
 
     async def _deliver_event(self, key: str, reply: str, event: events.Event) -> bool:
         """Post a scheduled event's answer where it was set; False when that place is gone or closed to the bot."""
@@ -233,6 +259,7 @@ class MnemoBot(discord.Client):
                 await attachment.read(),
                 content_type=attachment.content_type,
                 source=f"discord attachment {attachment.id}",
+                origin=str(message.id),
             )
         except Unreadable as exc:
             await self._send(message, str(exc))
@@ -275,3 +302,128 @@ class MnemoBot(discord.Client):
         except discord.HTTPException as exc:
             log.warning("could not send to channel %s: %s", message.channel.id, exc)
         return first
+
+    # --- stored copies follow Discord: edits, deletes, deleted channels (memory/erasure.py) ---
+
+    async def _note_guild(self, key: str, guild_id: int) -> None:
+        """Remember which server a channel agent belongs to, for `mnemocord purge --guild` (once per agent: cached)."""
+        if await self.engine.memory.option(key, "guild") != str(guild_id):
+            await self.engine.memory.set_option(key, "guild", str(guild_id))
+
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        # Discord also sends updates without content (link embeds appearing): those change no text
+        if "content" not in payload.data or self.stopped:
+            return
+        message = payload.message
+        try:
+            changed = await self.engine.memory.message_edited(str(payload.message_id), message.clean_content)
+        except Exception:
+            log.exception("could not apply the edit of message %s", payload.message_id)
+            changed = 0
+        self.dispatch("memory_followed", "edit", changed)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self._deleted([payload.message_id])
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        await self._deleted(sorted(payload.message_ids))
+
+    async def _deleted(self, ids: list[int]) -> None:
+        if self.stopped:
+            return
+        for i in ids:
+            self._gone[i] = None
+        while len(self._gone) > SEEN_IDS:
+            self._gone.popitem(last=False)
+        try:
+            erased = await self.engine.memory.message_deleted([str(i) for i in ids])
+        except Exception:
+            log.exception("could not forget deleted messages %s", ids[:5])
+            erased = None
+        self.dispatch("memory_followed", "delete", erased)
+
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        # its threads: discord.py dispatches raw_thread_delete for each one it knew
+        await self._erase([channel.id])
+
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        await self._erase([payload.thread_id])
+
+    async def _erase(self, channel_ids: list[int]) -> None:
+        if self.stopped:
+            return
+        erased = None
+        try:
+            for channel_id in channel_ids:
+                erased = await self.engine.memory.erase(f"channel:{channel_id}")
+                if erased.agents:
+                    log.info("channel %s was deleted: its memory is erased", channel_id)
+        except Exception:
+            log.exception("could not erase the memory of deleted channels %s", channel_ids)
+        self.dispatch("memory_followed", "channel_delete", erased)
+
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        # kept on purpose: a re-invite resumes; `mnemocord purge --guild` erases it
+        log.info(
+            "removed from server %s (%s); its memory is kept until `mnemocord purge --guild %s`", guild.name, guild.id, guild.id
+        )
+
+    # --- catch-up: messages sent while the bot was down ---
+
+    def _first_sight(self, message_id: int) -> bool:
+        """Whether this process has not taken this message yet (the gateway and catch-up may both bring it)."""
+        if message_id in self._seen:
+            return False
+        self._seen[message_id] = None
+        if len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
+        return True
+
+    async def _catch_up(self) -> None:
+        """Read each conversation's history after the newest message stored from it, oldest first, and take
+        each message as if it had just arrived (answers marked late). Dispatches `caught_up(count)`."""
+        taken: list[asyncio.Future[None]] = []
+        limit, hours = self.settings.catch_up_messages, self.settings.catch_up_hours
+        if limit and hours:
+            horizon = discord.utils.time_snowflake(discord.utils.utcnow() - datetime.timedelta(hours=hours))
+            try:
+                points = await self.engine.memory.last_external_ids()
+            except Exception:
+                log.exception("catch-up: could not read where conversations stopped")
+                points = []
+            for key, last in points:
+                if self.closing:
+                    break
+                try:
+                    taken += await self._catch_up_one(key, max(last, horizon), limit)
+                except (discord.HTTPException, aiohttp.ClientError, TimeoutError) as exc:  # e.g. no longer allowed to read it
+                    log.warning("catch-up: could not read the history of %s (%s)", key, exc)
+                except Exception:
+                    log.exception("catch-up of %s failed", key)
+        # the next conversation's history is read while these are answered
+        await asyncio.gather(*taken, return_exceptions=True)
+        if taken:
+            log.info("catch-up: %d messages sent while the bot was down", len(taken))
+        self.dispatch("caught_up", len(taken))
+
+    async def _catch_up_one(self, key: str, after: int, limit: int) -> list[asyncio.Future[None]]:
+        """Start handling the messages of one conversation sent after message id `after`, oldest first."""
+        kind, _, raw_id = key.partition(":")
+        if not raw_id.isdigit() or kind not in ("dm", "channel"):
+            return []
+        channel: discord.abc.Messageable | None
+        if kind == "dm":
+            user = self.get_user(int(raw_id)) or await self.fetch_user(int(raw_id))
+            channel = user.dm_channel or await user.create_dm()
+        else:
+            found = self.get_channel(int(raw_id))
+            channel = found if isinstance(found, discord.abc.Messageable) else None
+        if channel is None:  # a channel of a server the bot left, or deleted
+            return []
+        history = [m async for m in channel.history(limit=limit, after=discord.Object(after), oldest_first=True)]
+        # stored already: taken live by an earlier process after the newest stored one was written
+        stored = await self.engine.memory.stored_external([str(m.id) for m in history])
+        me = self.user
+        fresh = [m for m in history if str(m.id) not in stored and m.id not in self._seen and me and not is_ignored(m, me)]
+        # started in order: each takes its conversation's ticket before the next, as gateway messages do
+        return [asyncio.ensure_future(self.on_message(m, late=True)) for m in fresh]

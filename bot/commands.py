@@ -14,7 +14,7 @@ import io
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import discord
 from discord import app_commands
@@ -23,6 +23,7 @@ from memory import events
 from memory.api import parse_ids
 from memory.engine import Engine
 
+from . import confirm, privacy
 from .access import allowed
 from .config import BotSettings
 from .routing import agent_key
@@ -44,6 +45,7 @@ async def _open(interaction: discord.Interaction) -> bool:
 def register(tree: app_commands.CommandTree, engine: Engine, settings: BotSettings, gate: Gate = _open) -> None:
     tree.add_command(MemoryCommands(engine, settings, gate))
     tree.add_command(AdminCommands(engine, settings, gate))
+    privacy.register(tree, engine)
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -94,10 +96,15 @@ class NotManager(app_commands.CheckFailure):
 
 
 def _may_change(interaction: discord.Interaction) -> bool:
-    perms = interaction.permissions
-    if interaction.guild is None or perms.manage_channels or perms.manage_guild or perms.administrator:
+    if _is_manager(interaction):
         return True
     raise NotManager()
+
+
+def _is_manager(interaction: discord.Interaction) -> bool:
+    """The DM's owner, or in a server someone who may manage the channel."""
+    perms = interaction.permissions
+    return interaction.guild is None or perms.manage_channels or perms.manage_guild or perms.administrator
 
 
 # in guilds, for commands that change memory; in DMs the user owns their agent
@@ -138,6 +145,7 @@ async def _answer(interaction: discord.Interaction, text: str, *, filename: str 
 class MemoryCommands(app_commands.Group):
     def __init__(self, engine: Engine, settings: BotSettings, gate: Gate) -> None:
         super().__init__(name="memory", description="Look into this conversation's long-term memory")
+        self.engine = engine
         self.memory = engine.memory
         self.settings = settings
         self.gate = gate
@@ -152,6 +160,9 @@ class MemoryCommands(app_commands.Group):
         lines = [f"**Memory of `{v.key}`**"]
         for b in v.blocks:
             lines.append(f"__{b.label}__ ({len(b.value)}/{b.limit} characters)\n{b.value or '*(empty)*'}")
+        if interaction.guild is not None:  # the caller's own person block; others' are not shown
+            mine = await self.memory.person_block(v.key, str(interaction.user.id))
+            lines.append(f"__about you__ (`/memory clear-person` empties it)\n{mine or '*(empty)*'}")
         lines.append(f"__summary__\n{v.summary or '*(none yet)*'}")
         lines.append(
             f"Recall: {v.messages} messages ({v.in_context} in context). Archival: {v.passages} passages.\n"
@@ -167,11 +178,18 @@ class MemoryCommands(app_commands.Group):
         found = await self.memory.search(_key(interaction), query)
         lines = [f"**Messages** ({found.messages.total} matches)"]
         lines += [f"`m{h.id}` {h.created_at[:10]} {h.label}: {_clip(h.text)}" for h in found.messages.hits] or ["*(none)*"]
-        lines.append(f"**Archival passages** ({found.passages.total} {'matches' if not found.passages.note else 'best matches'})")
-        lines += [f"`p{h.id}` {h.created_at[:10]}: {_clip(h.text)}" for h in found.passages.hits] or ["*(none)*"]
+        if _is_manager(interaction):
+            lines.append(
+                f"**Archival passages** ({found.passages.total} {'matches' if not found.passages.note else 'best matches'})"
+            )
+            lines += [f"`p{h.id}` {h.created_at[:10]}: {_clip(h.text)}" for h in found.passages.hits] or ["*(none)*"]
+        else:  # the agent's notes may be about other people
+            lines.append("*(Archival passages, the notes I keep, are shown to channel managers only.)*")
         lines.append("Use `/memory forget m123` or `p45` to delete one.")
         await _answer(interaction, "\n".join(lines))
 
+    # a channel's memory holds every stored message with author ids and the agent's notes on people
+    @manager_only
     @app_commands.command(description="Download this conversation's whole memory as JSON")
     async def export(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -210,6 +228,24 @@ class MemoryCommands(app_commands.Group):
             text = f"Event #{cancel} is no longer pending."
         await interaction.followup.send(text, ephemeral=True)
 
+    @app_commands.command(name="clear-person", description="Empty what I keep about you here (managers: about anyone)")
+    @app_commands.describe(person="whose block to empty (default: yours; someone else's needs Manage Channels)")
+    async def clear_person(self, interaction: discord.Interaction, person: discord.User | None = None) -> None:
+        if interaction.guild is None:
+            await interaction.response.send_message(
+                "In DMs I keep one block about you: `/memory reset core` empties it.", ephemeral=True
+            )
+            return
+        target = person or interaction.user
+        if target.id != interaction.user.id:
+            _may_change(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        cleared = await self.memory.clear_person(_key(interaction), str(target.id))
+        whose = "your" if target.id == interaction.user.id else f"{target.display_name}'s"
+        await interaction.followup.send(
+            f"Emptied {whose} block here." if cleared else f"{whose.capitalize()} block here was already empty.", ephemeral=True
+        )
+
     @manager_only
     @app_commands.command(description="Delete messages or passages: ids from /memory search (m12, p3) or text")
     @app_commands.describe(target="m<id>, p<id> (several separated by spaces), or text the items contain")
@@ -243,16 +279,20 @@ class MemoryCommands(app_commands.Group):
         self, interaction: discord.Interaction, scope: Literal["conversation", "core", "archival", "all"] = "all"
     ) -> None:
         key = _key(interaction)
-
-        async def do_reset() -> str:
-            await self.memory.reset(key, scope)
-            return f"Done: {EXPLAIN[scope]} of `{key}` erased."
-
+        done = f"Done: {EXPLAIN[scope]} of `{key}` erased."
+        view = await confirm.ask(self.engine, interaction.user.id, "reset", {"key": key, "scope": scope, "done": done})
         await interaction.response.send_message(
-            f"Erase {EXPLAIN[scope]} of `{key}`? This cannot be undone (`/memory export` first to keep a copy).",
-            view=Confirm(interaction.user.id, do_reset),
+            f"Erase {EXPLAIN[scope]} of `{key}`? This cannot be undone (`/memory export` first to keep a copy). "
+            + confirm.EXPIRY_NOTE,
+            view=view,
             ephemeral=True,
         )
+
+
+@confirm.action("reset")
+async def _confirmed_reset(engine: Engine, args: dict[str, Any]) -> str:
+    await engine.memory.reset(args["key"], args["scope"])
+    return str(args["done"])
 
 
 NOT_ALLOWED = "Changing a channel's memory needs the Manage Channels or Manage Server permission."

@@ -30,6 +30,10 @@ class BotSettings(EngineSettings):
     allow_dms: Literal["members", "everyone", "nobody"] | None = None
     rate_limit_per_minute: int = Field(12, ge=1)
     max_attachment_bytes: int = Field(2_000_000, ge=1_000)
+    # On start, messages sent while the bot was down are read from each conversation's history:
+    # at most this many per conversation, and none older than this many hours (0 turns catch-up off).
+    catch_up_messages: int = Field(50, ge=0, le=1000)
+    catch_up_hours: float = Field(24.0, ge=0)
 
     @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
     @classmethod

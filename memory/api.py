@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections import OrderedDict
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import orjson
 
-from . import agents, archival, context, core, documents, events, portability, recall, search
+from . import agents, archival, clock, context, core, documents, erasure, events, people, portability, recall, search
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
 from .core import Block
-from .db import Database, sqlite3
+from .db import Database, marks, sqlite3
 from .events import Event as ScheduledEvent
 from .events import Scheduler
 
@@ -29,10 +31,20 @@ from .events import Scheduler
 class Engine(Protocol):
     """What the memory API needs of the engine (memory/engine.py), which owns it."""
 
-    db: Database
-    archive: Archive
-    settings: EngineSettings
-    events: Scheduler
+    @property
+    def db(self) -> Database: ...
+
+    @property
+    def archive(self) -> Archive: ...
+
+    @property
+    def settings(self) -> EngineSettings: ...
+
+    @property
+    def events(self) -> Scheduler: ...
+
+    @property
+    def memory(self) -> erasure.Options: ...
 
     async def agent(self, key: str) -> Agent: ...
 
@@ -84,6 +96,16 @@ class Matches:
 
     message_ids: list[int]
     passage_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A stored request waiting for its confirmation button."""
+
+    user_id: str
+    action: str
+    args: dict[str, Any]
+    expired: bool
 
 
 @dataclass(frozen=True)
@@ -174,6 +196,7 @@ class MemoryAPI:
                 recall.wipe(c, agent)
             if scope in ("core", "all"):
                 core.write_defaults(c, agent, defaults)
+                c.execute("DELETE FROM people WHERE agent_id = ?", (agent.id,))
             if scope in ("archival", "all"):
                 archival.clear(c, agent)
 
@@ -229,15 +252,18 @@ class MemoryAPI:
         )
         return await recall.get(self._engine.db, agent, [r[0] for r in rows]) if rows else []
 
-    async def ingest(self, key: str, name: str, data: bytes, *, content_type: str | None = None, source: str = "") -> Ingested:
+    async def ingest(
+        self, key: str, name: str, data: bytes, *, content_type: str | None = None, source: str = "", origin: str | None = None
+    ) -> Ingested:
         """Read a document (text or PDF) into archival memory, tagged "document" and its name.
 
+        `origin` is the platform id of the message it came with: deleting that message deletes these passages.
         Raises documents.Unreadable (its text is for the person) when it holds no text this can read.
         """
         text = await documents.extract(name, data, content_type)
         agent = await self._agent(key)
         ids = await self._engine.archive.insert(
-            agent, text, tags=["document", name], source=source or name, max_chars=documents.MAX_DOCUMENT_CHARS
+            agent, text, tags=["document", name], source=source or name, max_chars=documents.MAX_DOCUMENT_CHARS, origin=origin
         )
         return Ingested(name, len(text), len(ids))
 
@@ -269,6 +295,94 @@ class MemoryAPI:
     async def cancel_event(self, key: str, event_id: int) -> bool:
         """Cancel a pending event of the agent; False when it has none with that id."""
         return await events.cancel(self._engine.db, await self._agent(key), event_id)
+
+    # --- stored data follows what people do in Discord (memory/erasure.py) ---
+
+    async def message_deleted(self, external_ids: list[str]) -> erasure.Erased:
+        """Messages deleted where they were posted: gone from recall, the indexes and the context window,
+        with the passages read from their attachments."""
+        return await erasure.delete_external(self._engine, external_ids)
+
+    async def message_edited(self, external_id: str, content: str) -> int:
+        """A message edited where it was posted: its stored text and index row replaced; returns how many rows."""
+        return await erasure.edit_external(self._engine, external_id, content)
+
+    async def erase(self, key: str) -> erasure.Erased:
+        """Erase an agent's whole memory (its channel or thread was deleted, or its server purged)."""
+        return await erasure.erase_agent(self._engine, key)
+
+    async def forget_person(self, user_id: str) -> erasure.Erased:
+        """Everything held from one person: their DM agent's whole memory, and every message they
+        wrote in any other agent's recall with the passages read from its attachments."""
+        dm = await erasure.erase_agent(self._engine, f"dm:{user_id}")
+        return dm + await erasure.forget_author(self._engine, user_id)
+
+    async def purge_guild(self, guild_id: str) -> erasure.Erased:
+        """Erase the memory of every channel and thread agent of a server."""
+        total = erasure.Erased()
+        for key in await erasure.agents_of_guild(self._engine, guild_id):
+            total += await erasure.erase_agent(self._engine, key)
+        return total
+
+    async def person_block(self, key: str, user_id: str) -> str:
+        """One person's block in a channel agent ("" when it holds nothing)."""
+        return await people.block(self._engine.db, await self._agent(key), user_id)
+
+    async def clear_person(self, key: str, user_id: str) -> bool:
+        """Empty one person's block in a channel agent; whether it held something."""
+        agent = await self._agent(key)
+        async with self._engine.exclusive(key):
+            return await people.clear(self._engine.db, agent, user_id)
+
+    async def last_external_ids(self) -> list[tuple[str, int]]:
+        """(agent key, newest stored platform message id) of every agent that stored one: where catch-up starts."""
+        rows = await self._engine.db.fetchall(
+            "SELECT a.key, (SELECT max(CAST(external_id AS INTEGER)) FROM messages WHERE agent_id = a.id AND external_id IS NOT NULL),"
+            " CAST(json_extract(a.options, '$.' || ?) AS INTEGER) FROM agents a ORDER BY a.id",
+            (erasure.CAUGHT_UP,),
+        )
+        return [(key, max(int(last), int(floor or 0))) for key, last, floor in rows if last]
+
+    async def stored_external(self, external_ids: list[str]) -> set[str]:
+        """Which of these platform message ids are stored already (by any agent)."""
+        found: set[str] = set()
+        for i in range(0, len(external_ids), erasure.BATCH):
+            part = external_ids[i : i + erasure.BATCH]
+            rows = await self._engine.db.fetchall(
+                f"SELECT external_id FROM messages WHERE external_id IN ({marks(len(part))})", part
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    async def add_confirmation(self, user_id: str, action: str, args: dict[str, Any], minutes: float) -> str:
+        """Store a request that `user_id` may confirm for `minutes`; returns its token. Expired ones are dropped."""
+        token = secrets.token_hex(16)
+        stamp = clock.now()
+        expires = clock.stamp(datetime.now(UTC) + timedelta(minutes=minutes))
+
+        def add(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM confirmations WHERE expires_at < ?", (stamp,))
+            c.execute("INSERT INTO confirmations VALUES (?, ?, ?, ?, ?)", (token, user_id, action, json.dumps(args), expires))
+
+        await self._engine.db.transact(add)
+        return token
+
+    async def confirmation(self, token: str) -> Pending | None:
+        row = await self._engine.db.fetchone(
+            "SELECT user_id, action, args, expires_at FROM confirmations WHERE token = ?", (token,)
+        )
+        if row is None:
+            return None
+        return Pending(row[0], row[1], json.loads(row[2]), row[3] < clock.now())
+
+    async def take_confirmation(self, token: str) -> bool:
+        """Use up a request; False when an earlier call took it."""
+        return await self._engine.db.execute("DELETE FROM confirmations WHERE token = ?", (token,)) == 1
+
+    def forget_options(self, key: str) -> None:
+        """Drop the cached options of an agent whose options were erased."""
+        for cached in [k for k in self._options if k[0] == key]:
+            del self._options[cached]
 
 
 _MISSING = object()

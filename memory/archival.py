@@ -111,7 +111,9 @@ def pieces_of(content: str, max_chars: int = MAX_INSERT_CHARS) -> list[str]:
     return pieces
 
 
-def store(c: sqlite3.Connection, agent: Agent, pieces: list[str], tags: list[str], source: str, stamp: str) -> list[int]:
+def store(
+    c: sqlite3.Connection, agent: Agent, pieces: list[str], tags: list[str], source: str, stamp: str, origin: str | None = None
+) -> list[int]:
     """Insert passages inside a transaction (without vectors: `Archive.embed_pending` adds them); returns their ids.
 
     `tags` as `clean_tags` returns them. Each passage's context holds the end of the one
@@ -122,8 +124,9 @@ def store(c: sqlite3.Connection, agent: Agent, pieces: list[str], tags: list[str
     for piece in pieces:
         before = previous["content"][-CONTEXT_CHARS:] if previous else ""
         pid = c.execute(
-            "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (agent.id, piece, before, json.dumps(tags), source, stamp, text_hash(piece)),
+            "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash, origin)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (agent.id, piece, before, json.dumps(tags), source, stamp, text_hash(piece), origin),
         ).lastrowid
         ids.append(pid)
         fulltext.index_passages(c, agent.id, [(pid, piece, before, stamp)])
@@ -158,8 +161,11 @@ class Archive:
         source: str = "",
         created_at: str | None = None,
         max_chars: int = MAX_INSERT_CHARS,
+        origin: str | None = None,
     ) -> list[int]:
         """Store `content` as one or more passages; returns their ids.
+
+        `origin`: the platform id of the message it came with (deleting that message deletes them).
 
         A long text goes in several transactions of TRANSACTION_PIECES passages each, so other
         agents' writes interleave with it instead of waiting for the whole document; each
@@ -173,7 +179,7 @@ class Archive:
         for i in range(0, len(pieces), TRANSACTION_PIECES):
             part = pieces[i : i + TRANSACTION_PIECES]
             ids += await self.db.transact(
-                functools.partial(store, agent=agent, pieces=part, tags=tag_list, source=source, stamp=stamp)
+                functools.partial(store, agent=agent, pieces=part, tags=tag_list, source=source, stamp=stamp, origin=origin)
             )
         await self.embed_pending(agent)
         return ids

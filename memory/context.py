@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from . import core, events, recall, tokens, tools
+from . import core, events, people, recall, tokens, tools
 from .agents import Agent
 from .clock import minute, now
 from .config import EngineSettings
@@ -96,6 +96,7 @@ class Snapshot(NamedTuple):
     core_changed: str | None  # when a core block last changed
     history: list[recall.Message]  # the in-context messages
     events: str = ""  # the pending scheduled events, as the memory status shows them
+    people: list[people.Person] | None = None  # channel agents: the blocks of the people in the context window
 
 
 async def build(db: Database, agent: Agent, window: int) -> Prompt:
@@ -121,9 +122,19 @@ def read(c: sqlite3.Connection, agent: Agent) -> Snapshot:
         out_of_context,
         passages,
         changed,
-        recall.read_in_context(c, agent),
+        history := recall.read_in_context(c, agent),
         events.status(c, agent),
+        people.present(c, agent, _speakers(history)) if people.for_channel(agent) else None,
     )
+
+
+def _speakers(history: list[recall.Message]) -> list[tuple[str, str]]:
+    """(user id, current name) of the people with messages in the context window, most recent first."""
+    seen: dict[str, str] = {}
+    for m in reversed(history):
+        if m.role == "user" and m.author_id and m.author_id not in seen:
+            seen[m.author_id] = m.author
+    return list(seen.items())
 
 
 def assemble(snapshot: Snapshot, window: int) -> Prompt:
@@ -132,6 +143,7 @@ def assemble(snapshot: Snapshot, window: int) -> Prompt:
         INSTRUCTIONS,
         "### Core memory",
         core.render(snapshot.blocks),
+        *([people.render(snapshot.people, window // people.PROMPT_SHARE)] if snapshot.people is not None else []),
         "### Memory status",
         f"{snapshot.out_of_context} older messages are in recall memory; {snapshot.passages} passages in archival memory; "
         f"core memory last changed {minute(changed) if changed else 'never'} UTC.",

@@ -122,6 +122,8 @@ class Engine:
         else:
             log.info("EMBEDDING_MODEL is not set: archival search is keyword-only")
         engine = cls(settings, db, llm, Archive(db, embedder))
+        # the memory tools make person blocks with this limit, and they see the database, not the settings
+        await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('person_limit', ?)", (str(settings.person_limit),))
         if embedder:
             engine._embedding = asyncio.create_task(engine._catch_up_embeddings())
         return engine

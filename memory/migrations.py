@@ -213,6 +213,45 @@ def m006_events(c: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m007_people(c: sqlite3.Connection) -> None:
+    """People in channels: person blocks, and stored data that follows Discord.
+
+    Person blocks live in their own table, so core memory's queries never carry them.
+
+    Edits, deletes and "forget me" look messages up by `external_id` (one index
+    probe instead of a scan per event), and a deleted message takes the passages
+    read from its attachments with it (`passages.origin`: that message's id).
+    """
+    _script(
+        c,
+        """
+        CREATE INDEX messages_external ON messages(external_id) WHERE external_id IS NOT NULL;
+        ALTER TABLE passages ADD COLUMN origin TEXT;
+        CREATE INDEX passages_origin ON passages(origin) WHERE origin IS NOT NULL;
+        -- a channel agent's block about each person (memory/people.py); a row only once something is written
+        CREATE TABLE people (
+            agent_id INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL,
+            value TEXT NOT NULL,
+            char_limit INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (agent_id, user_id)
+        );
+        -- "forget me" finds a person's blocks in every agent
+        CREATE INDEX people_user ON people(user_id);
+        -- confirmation buttons' requests: a click after a restart still finds what to do, until expires_at
+        CREATE TABLE confirmations (
+            token TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            args TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+        );
+        """,
+    )
+
+
 def _script(c: sqlite3.Connection, script: str) -> None:
     """Run statements one by one: executescript() would commit the open transaction."""
     statement = ""

@@ -65,6 +65,13 @@ async def export_agent(db: Database, agent: Agent) -> dict[str, Any]:
             for p in passages
         ],
         "events": scheduled,
+        # person blocks of a channel agent (memory/people.py); absent from older exports
+        "people": [
+            {"user_id": r[0], "value": r[1], "limit": r[2]}
+            for r in await db.fetchall(
+                "SELECT user_id, value, char_limit FROM people WHERE agent_id = ? ORDER BY user_id", (agent.id,)
+            )
+        ],
     }
 
 
@@ -108,8 +115,14 @@ async def import_agent(
             for p in data["passages"]
         ]
         scheduled = events.checked_rows(data.get("events"))  # absent in exports made before events
+        persons = [(str(p["user_id"]), str(p["value"]), int(p["limit"])) for p in data.get("people") or []]
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"missing or malformed field {exc}") from None
+    for user_id, value, limit in persons:
+        if not (user_id.isascii() and user_id.isdigit() and len(user_id) <= 20):
+            raise ValueError(f"person block user_id {user_id[:40]!r} is not a Discord id")
+        if len(value) > limit:
+            raise ValueError(f"the person block of {user_id} holds {len(value)} characters, over its limit of {limit}")
     for m, _ in messages:
         if m.role not in recall.ROLES:
             raise ValueError(f"message role {m.role!r} is not one of {list(recall.ROLES)}")
@@ -143,6 +156,11 @@ async def import_agent(
                 (agent.id, label, value, limit, description, stamp),
             )
         c.execute("UPDATE agents SET summary = ? WHERE id = ?", (summary, agent.id))
+        c.executemany(
+            "INSERT INTO people(agent_id, user_id, value, char_limit, updated_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(agent_id, user_id) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            [(agent.id, user_id, value, limit, stamp) for user_id, value, limit in persons],
+        )
         recall.insert(c, agent, evicted, recall.EVICTED)
         recall.insert(c, agent, in_context, recall.IN_CONTEXT)
         for found, tags, source, created_at in pieces:

@@ -15,7 +15,7 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from . import core, events, recall, search
+from . import core, events, people, recall, search
 from .agents import Agent
 from .archival import Archive
 from .core import quote
@@ -155,14 +155,18 @@ async def _send_message(c: Call) -> Outcome:
 
 
 async def _core_memory_append(c: Call) -> Outcome:
-    return _edited(await core.append(c.db, c.agent, _str(c.args, "label"), _str(c.args, "content")))
+    label = _str(c.args, "label")
+    if people.is_person_label(label):
+        return _edited(await people.append(c.db, c.agent, label, _str(c.args, "content")))
+    return _edited(await core.append(c.db, c.agent, label, _str(c.args, "content")))
 
 
 async def _core_memory_replace(c: Call) -> Outcome:
     args = c.args
-    return _edited(
-        await core.replace(c.db, c.agent, _str(args, "label"), _str(args, "old_content"), _str(args, "new_content", ""))
-    )
+    label = _str(args, "label")
+    if people.is_person_label(label):
+        return _edited(await people.replace(c.db, c.agent, label, _str(args, "old_content"), _str(args, "new_content", "")))
+    return _edited(await core.replace(c.db, c.agent, label, _str(args, "old_content"), _str(args, "new_content", "")))
 
 
 async def _conversation_search(c: Call) -> Outcome:

@@ -216,6 +216,9 @@ class FakeDiscord:
         self.connection_count = 0  # websocket connections accepted
         self.ready_count = 0  # READY + GUILD_CREATE sequences written
         self.resume_count = 0  # RESUMED written
+        # an unset Event holds attachment downloads until it is set: what happens meanwhile can be tested
+        self.cdn_gate: asyncio.Event | None = None
+        self.cdn_waiting = 0  # downloads being held
 
         # --- plumbing ------------------------------------------------------------------
         self._by_token: dict[str, Json] = {}
@@ -440,6 +443,24 @@ class FakeDiscord:
         event = self._message_event_for(conn, message)
         if event is not None:
             await self._send(conn, {"op": 0, "t": "MESSAGE_CREATE", "d": event})
+        return message
+
+    def post_offline(self, channel_id: Id, author_id: Id, content: str) -> Json:
+        """A user posts while no client is connected: no MESSAGE_CREATE; only history reads find it.
+
+        Mentions are parsed from ``content`` as in ``send_message``.
+        """
+        message = self._build_message(
+            self._channel(channel_id),
+            self._user(author_id),
+            content,
+            message_type=0,
+            reference=None,
+            allowed_mentions=None,
+            attachments=[],
+            embeds=[],
+        )
+        self.messages[message["id"]] = message
         return message
 
     async def send_dm(self, user_id: Id, content: str, **kwargs: Any) -> Json:
@@ -1300,6 +1321,11 @@ class FakeDiscord:
         if path == "/gateway":
             return await self._gateway(request)
         if path.startswith("/attachments/"):
+            if self.cdn_gate is not None:
+                self.cdn_waiting += 1
+                self._changed()
+                await self.cdn_gate.wait()
+                self.cdn_waiting -= 1
             return self._cdn(path)
         if not path.startswith(API_PREFIX + "/"):
             self.unknown_requests.append((request.method, path))
