@@ -54,7 +54,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memory import agents, events  # noqa: E402
-from memory.agent import TurnResult  # noqa: E402
 from memory.clock import stamp  # noqa: E402
 from memory.config import EngineSettings  # noqa: E402
 from memory.db import Database  # noqa: E402
@@ -167,7 +166,7 @@ async def run(args: argparse.Namespace, url: str, path: Path, due_stamp: str) ->
     model: dict[int, float] = {}
     done = asyncio.Event()
 
-    async def deliver(key: str, result: TurnResult, event: events.Event) -> bool:
+    async def deliver(key: str, result: events.Answer, event: events.Event) -> bool:
         arrivals[event.id] = time.time()
         model[event.id] = result.model_seconds
         if len(arrivals) >= args.due:

@@ -77,9 +77,9 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
     )
     seen = await engine.memory.last_message_id(key)
 
-    async def deliver(_: str, reply: str, event: events.Event) -> bool:
+    async def deliver(_: str, result: events.Answer, event: events.Event) -> bool:
         # printed between prompts: the input line stays where it is
-        print(f"\nbot> (event #{event.id}) {reply}\nyou> ", end="", flush=True)
+        print(f"\nbot> (event #{event.id}) {result.reply}\nyou> ", end="", flush=True)
         return True
 
     await engine.events.start(deliver, only=key)

@@ -197,7 +197,7 @@ class MnemoBot(discord.Client):
             await self._send(message, (LATE if late else "") + result.reply, whole=result.full_reply)
         return "answered late" if late else "answered"
 
-    async def _deliver_event(self, key: str, reply: str, event: events.Event) -> bool:
+    async def _deliver_event(self, key: str, result: events.Answer, event: events.Event) -> bool:
         """Post a scheduled event's answer where it was set; False when that place is gone or closed to the bot."""
         kind, _, raw = key.partition(":")
         if kind not in ("dm", "channel") or not raw.isdigit():
@@ -219,7 +219,7 @@ class MnemoBot(discord.Client):
                     return False
             if not isinstance(channel, discord.abc.Messageable):
                 return False
-            for part in split_message(reply):
+            for part in split_message(result.reply or ""):
                 await channel.send(part)
         except discord.HTTPException as exc:  # gone (NotFound), closed to the bot (Forbidden), or refused
             log.warning("could not deliver event #%d to %s: %s", event.id, key, exc)

@@ -52,15 +52,19 @@ FIRE_BATCH = 100
 RETRY_SECONDS = 5.0
 MAX_WHEN_CHARS = 100
 
-Deliver = Callable[[str, str, "Event"], Awaitable[bool]]
-"""(agent key, the reply of the turn that answered the event, the event) -> whether it reached its place."""
-
 
 class Answer(Protocol):
-    """What the scheduler reads of a turn's result (memory/agent.py's TurnResult)."""
+    """What the scheduler and its adapter read of a turn's result (memory/agent.py's TurnResult)."""
 
     @property
     def reply(self) -> str | None: ...
+
+    @property
+    def model_seconds(self) -> float: ...
+
+
+Deliver = Callable[[str, Answer, "Event"], Awaitable[bool]]
+"""(agent key, the turn that answered the event (its reply is set), the event) -> whether it reached its place."""
 
 
 Claim = Callable[[sqlite3.Connection], bool]
@@ -448,7 +452,7 @@ class Scheduler:
         if not result.reply or self._deliver is None:  # merged: the turn's other message carried the answer there
             return
         try:
-            delivered = await self._deliver(key, result.reply, event)
+            delivered = await self._deliver(key, result, event)
         except Exception:
             log.exception("%s: delivering event #%d failed", key, event.id)
             delivered = False

@@ -84,8 +84,8 @@ class Inbox:
         self.got: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
         self.ok = True
 
-    async def __call__(self, key: str, reply: str, event: events.Event) -> bool:
-        await self.got.put((key, reply, event.id))
+    async def __call__(self, key: str, result: events.Answer, event: events.Event) -> bool:
+        await self.got.put((key, result.reply or "", event.id))
         return self.ok
 
 
