@@ -20,8 +20,9 @@ from . import confirm
 def described(erased: Erased) -> str:
     """What was erased, in counts, for the person."""
     return (
-        f"Done. Erased {erased.messages} messages, {erased.passages} archival passages and {erased.person_blocks}"
-        f" notes about you in channels{' (your DM memory included)' if erased.agents else ''}."
+        f"Done. Erased {erased.messages} messages, {erased.passages} archival passages, {erased.person_blocks}"
+        f" notes about you in channels and {erased.events} reminders you set"
+        f"{' (your DM memory included)' if erased.agents else ''}."
     )
 
 

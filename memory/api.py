@@ -199,9 +199,13 @@ class MemoryAPI:
                 c.execute("DELETE FROM people WHERE agent_id = ?", (agent.id,))
             if scope in ("archival", "all"):
                 archival.clear(c, agent)
+            if scope == "all":  # scheduled events are memory too: their notes say what was asked
+                c.execute("DELETE FROM events WHERE agent_id = ?", (agent.id,))
 
         async with engine.exclusive(key):
             await engine.db.transact(erase)  # whole: a full disk midway leaves memory as it was
+        if scope == "all":
+            engine.events.changed()
 
     async def set_block(self, key: str, label: str, value: str) -> str:
         """Overwrite a core block; returns the outcome as a sentence (refusals included)."""

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import agents, core, fulltext, recall, tokens
+from . import agents, archival, core, fulltext, recall, tokens
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
@@ -35,8 +35,17 @@ class Options(Protocol):
     async def set_option(self, key: str, name: str, value: Any) -> None: ...
 
 
+class Timer(Protocol):
+    """The scheduled events' timer (memory/events.py), told when events go."""
+
+    def changed(self) -> None: ...
+
+
 class Engine(Protocol):
     """What erasing needs of the engine (memory/engine.py)."""
+
+    @property
+    def events(self) -> Timer: ...
 
     @property
     def db(self) -> Database: ...
@@ -74,6 +83,7 @@ class Erased:
     passages: int = 0
     agents: int = 0
     person_blocks: int = 0
+    events: int = 0  # scheduled events: their notes hold what people asked to be reminded of
 
     def __add__(self, other: Erased) -> Erased:
         return Erased(
@@ -81,6 +91,7 @@ class Erased:
             self.passages + other.passages,
             self.agents + other.agents,
             self.person_blocks + other.person_blocks,
+            self.events + other.events,
         )
 
 
@@ -157,19 +168,21 @@ async def erase_agent(engine: Engine, key: str) -> Erased:
         "SELECT (SELECT count(*) FROM messages WHERE agent_id = ?1), (SELECT count(*) FROM passages WHERE agent_id = ?1)",
         (agent.id,),
     )
+    defaults = agents.default_blocks(agent.key, engine.settings)
+
+    def erase(c: sqlite3.Connection) -> int:
+        recall.wipe(c, agent)
+        archival.clear(c, agent)
+        core.write_defaults(c, agent, defaults)
+        c.execute("UPDATE agents SET options = '{}' WHERE id = ?", (agent.id,))
+        c.execute("DELETE FROM people WHERE agent_id = ?", (agent.id,))
+        return int(c.execute("DELETE FROM events WHERE agent_id = ?", (agent.id,)).rowcount)
+
     async with engine.exclusive(key):
-        await recall.clear(engine.db, agent)
-        await engine.archive.clear(agent)
-        await _reset_blocks(engine, agent)
-        await engine.db.execute("UPDATE agents SET options = '{}' WHERE id = ?", (agent.id,))
-        await engine.db.execute("DELETE FROM people WHERE agent_id = ?", (agent.id,))
+        scheduled = await engine.db.transact(erase)  # whole: a failure leaves the agent as it was
     engine.memory.forget_options(key)
-    return Erased(counted[0], counted[1], 1)
-
-
-async def _reset_blocks(engine: Engine, agent: Agent) -> None:
-    for label, value, _, _ in agents.default_blocks(agent.key, engine.settings):
-        await core.set_value(engine.db, agent, label, value)
+    engine.events.changed()
+    return Erased(counted[0], counted[1], 1, events=scheduled)
 
 
 async def forget_author(engine: Engine, author_id: str) -> Erased:
@@ -198,7 +211,10 @@ async def forget_author(engine: Engine, author_id: str) -> Erased:
         if external_id > int(await engine.memory.option(key, CAUGHT_UP, 0) or 0):
             await engine.memory.set_option(key, CAUGHT_UP, external_id)
     blocks = await engine.db.execute("DELETE FROM people WHERE user_id = ?", (author_id,))
-    return total + Erased(person_blocks=blocks)
+    # the reminders they set, in any agent: a note holds what they asked for, and would still fire
+    scheduled = await engine.db.execute("DELETE FROM events WHERE set_by_id = ?", (author_id,))
+    engine.events.changed()
+    return total + Erased(person_blocks=blocks, events=scheduled)
 
 
 async def agents_of_guild(engine: Engine, guild_id: str) -> list[str]:

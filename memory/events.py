@@ -314,8 +314,8 @@ def checked_rows(data: Any) -> list[tuple[str, str, str, str, str, str, str]]:
         if not isinstance(e, dict):
             raise ValueError("an event is not an object")
         try:
-            due, created = e["due_at"], e["created_at"]
-            parse_stamp(due), parse_stamp(created)
+            # stored as stamp() writes them: the timer compares them as text
+            due, created = stamp(parse_stamp(e["due_at"])), stamp(parse_stamp(e["created_at"]))
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"an event has no valid due_at / created_at ({FORMAT})") from None
         note = valid(str(e.get("note", ""))).strip()[:MAX_NOTE_CHARS]
@@ -395,14 +395,19 @@ class Scheduler:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), wait)
                     continue
-                await self._fire_due()
+                if not await self._fire_due():
+                    # due, yet nothing could be claimed (a row the text comparison misses): never spin on it
+                    log.warning("scheduled events: event due %s could not be fired; trying again in %.0f s", due, RETRY_SECONDS)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), RETRY_SECONDS)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a database error must not stop every event for good
                 log.exception("scheduled events: the timer failed; trying again in %.0f s", RETRY_SECONDS)
                 await asyncio.sleep(RETRY_SECONDS)
 
-    async def _fire_due(self) -> None:
+    async def _fire_due(self) -> int:
+        """Fire what is due now; returns how many rows it read."""
         now = self.now()
         scope, params = self._scope("e.agent_id")
         rows = await self.engine.db.fetchall(
@@ -421,6 +426,7 @@ class Scheduler:
                 task = asyncio.create_task(self._answer(r[9], event, answer))
                 self._answers.add(task)
                 task.add_done_callback(self._answers.discard)
+        return len(rows)
 
     def _occurrence(self, event: Event, now: datetime) -> tuple[Event, recall.Message, Callable[[sqlite3.Connection], bool]]:
         """The system event of this occurrence, and the claim that spends it."""
@@ -428,7 +434,7 @@ class Scheduler:
         following = next_due(due, event.repeat, now)
         text = (
             f"Scheduled event #{event.id}, set {minute(event.created_at)} UTC"
-            f"{' by ' + event.set_by if event.set_by else ''}: {event.note}; due {minute(event.due_at)} UTC, now {minute(stamp(now))} UTC"
+            f"{' by ' + event.set_by if event.set_by else ''}: {recall.quoted(event.note)}; due {minute(event.due_at)} UTC, now {minute(stamp(now))} UTC"
         )
         if now - due > LATE_AFTER:
             text += f" (late by {_span(now - due)}: I was not running)"

@@ -254,3 +254,25 @@ async def test_export_and_import_carry_events(engine: Engine, fake: FakeOpenAI) 
     assert (copied.note, copied.due_at, copied.set_by) == ("exam check-in", data["events"][0]["due_at"], "ann")
     with pytest.raises(ValueError, match="repeat or state"):
         await engine.memory.import_data({**data, "events": [{**data["events"][0], "repeat": "hourly"}]}, "dm:3")
+
+
+async def test_forget_me_and_reset_all_take_the_events_with_them(engine: Engine, fake: FakeOpenAI) -> None:
+    await schedule(engine, fake, {"when": "in 2 hours", "note": "take the pills"})  # set by user() 1001, in dm:1
+    await schedule(engine, fake, {"when": "in 3 hours", "note": "water the plants"}, key="channel:9")
+    await schedule(engine, fake, {"when": "in 4 hours", "note": "call mum"}, key="dm:2")
+    erased = await engine.memory.forget_person("1001")
+    assert erased.events == 3  # every reminder they set, in any agent
+    assert await engine.memory.events("dm:1") == [] and await engine.memory.events("channel:9") == []
+    await schedule(engine, fake, {"when": "in 5 hours", "note": "stretch"}, key="dm:7")
+    await engine.memory.reset("dm:7", "conversation")
+    assert len(await engine.memory.events("dm:7")) == 1  # only "all" erases them
+    await engine.memory.reset("dm:7", "all")
+    assert await engine.memory.events("dm:7") == []
+
+
+async def test_an_imported_time_in_another_spelling_is_stored_as_the_timer_reads_it(engine: Engine, fake: FakeOpenAI) -> None:
+    data = await engine.memory.export("dm:1")
+    data["events"] = [{"due_at": "2020-1-2T3:4:5Z", "note": "old one", "created_at": "2020-1-1T0:0:0Z"}]
+    await engine.memory.import_data(data, "dm:3")
+    (event,) = await engine.memory.events("dm:3")
+    assert event.due_at == "2020-01-02T03:04:05Z"  # as stamp() writes it: the timer compares the text
