@@ -235,9 +235,12 @@ async def schedule(db: Database, agent: Agent, when: str, note: str, repeat: str
         pending = c.execute("SELECT count(*) FROM events WHERE agent_id = ? AND state = 'pending'", (agent.id,)).fetchone()[0]
         if pending >= limit:
             return None
-        # who asked: the newest person's message (an event's own turn keeps its setter's name)
+        # who asked: the newest person's message this turn took in (messages arriving meanwhile wait
+        # outside the context window, so a bystander's later chatter is not taken for the asker)
         who = c.execute(
-            "SELECT author, author_id FROM messages WHERE agent_id = ? AND role = 'user' ORDER BY id DESC LIMIT 1", (agent.id,)
+            "SELECT author, author_id FROM messages WHERE agent_id = ? AND in_context = 1 AND role = 'user'"
+            " ORDER BY position DESC LIMIT 1",
+            (agent.id,),
         ).fetchone()
         author, author_id = who if who else ("", "")
         return int(

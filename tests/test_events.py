@@ -276,3 +276,21 @@ async def test_an_imported_time_in_another_spelling_is_stored_as_the_timer_reads
     await engine.memory.import_data(data, "dm:3")
     (event,) = await engine.memory.events("dm:3")
     assert event.due_at == "2020-01-02T03:04:05Z"  # as stamp() writes it: the timer compares the text
+
+
+async def test_the_setter_is_the_person_the_turn_answered_not_who_spoke_meanwhile(engine: Engine, fake: FakeOpenAI) -> None:
+    asked = asyncio.Event()
+
+    async def scheduling(body: dict[str, Any]) -> dict[str, Any]:
+        if body["messages"][-1]["role"] == "tool":
+            return reply("ok")
+        # a bystander speaks while the turn runs: stored, waiting for the next turn
+        await engine.record("channel:4", user("unrelated chatter", author="bob", author_id="2002"))
+        asked.set()
+        return call("schedule_event", {"when": "in 1 hour", "note": "stand-up"})
+
+    fake.default = scheduling
+    await engine.send("channel:4", user("remind me of the stand-up"))
+    assert asked.is_set()
+    (event,) = await engine.memory.events("channel:4")
+    assert (event.set_by, event.set_by_id) == ("ann", "1001")
