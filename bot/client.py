@@ -221,10 +221,10 @@ class MnemoBot(discord.Client):
                 return False
             for part in split_message(result.reply or ""):
                 await channel.send(part)
-        except discord.HTTPException as exc:  # gone (NotFound), closed to the bot (Forbidden), or refused
+        except (discord.NotFound, discord.Forbidden) as exc:  # gone, or closed to the bot: for good
             log.warning("could not deliver event #%d to %s: %s", event.id, key, exc)
             return False
-        return True
+        return True  # other failures (5xx, rate limits, the network) raise: the scheduler tries again
 
     async def _dm_admitted(self, user_id: int) -> bool:
         if self.settings.dm_policy != "members":

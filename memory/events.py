@@ -51,6 +51,8 @@ FIRE_BATCH = 100
 # after a database error the timer tries again this much later
 RETRY_SECONDS = 5.0
 MAX_WHEN_CHARS = 100
+# pauses before delivering an answer again after a passing failure (a refusal ends it at once)
+DELIVERY_RETRIES = (5.0, 30.0, 120.0)
 
 
 class Answer(Protocol):
@@ -460,11 +462,22 @@ class Scheduler:
         result = await answer
         if not result.reply or self._deliver is None:  # merged: the turn's other message carried the answer there
             return
-        try:
-            delivered = await self._deliver(key, result, event)
-        except Exception:
-            log.exception("%s: delivering event #%d failed", key, event.id)
-            delivered = False
+        delivered = None
+        for pause in (0.0, *DELIVERY_RETRIES):
+            await asyncio.sleep(pause)
+            try:
+                delivered = await self._deliver(key, result, event)
+                break
+            except Exception as exc:  # a passing failure (a 5xx, a network error): the place is not gone
+                log.warning(
+                    "%s: delivering event #%d failed (%r); %s",
+                    key,
+                    event.id,
+                    exc,
+                    "trying again" if pause != DELIVERY_RETRIES[-1] else "giving up",
+                )
+        if delivered is None:
+            return  # the event stays as it is: a repeating one comes again
         if not delivered:
             # the place is gone or closed to the bot: said once, and a repeating event stops
             log.warning("%s: event #%d could not be delivered; marked failed", key, event.id)

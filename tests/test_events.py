@@ -294,3 +294,26 @@ async def test_the_setter_is_the_person_the_turn_answered_not_who_spoke_meanwhil
     assert asked.is_set()
     (event,) = await engine.memory.events("channel:4")
     assert (event.set_by, event.set_by_id) == ("ann", "1001")
+
+
+async def test_a_passing_delivery_failure_is_tried_again_and_never_ends_a_repeating_event(
+    engine: Engine, fake: FakeOpenAI, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "DELIVERY_RETRIES", (0.0, 0.0))
+    await schedule(engine, fake, {"when": "PT1M", "note": "ping", "repeat": "weekly"}, key="channel:9")
+    inbox = Inbox()
+    failures = [RuntimeError("HTTP 503 from Discord")]
+
+    async def flaky(key: str, result: events.Answer, event: events.Event) -> bool:
+        if failures:
+            raise failures.pop()
+        return await inbox(key, result, event)
+
+    fake.push(reply("ping!"))
+    await engine.events.start(flaky)
+    clock.now += timedelta(minutes=1)
+    engine.events.changed()
+    assert await asyncio.wait_for(inbox.got.get(), 5) == ("channel:9", "ping!", 1)
+    await engine.events.finish()
+    (event,) = await engine.memory.events("channel:9")  # still pending: its next week comes
+    assert event.state == "pending"
