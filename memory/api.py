@@ -153,7 +153,8 @@ class MemoryAPI:
     async def search(self, key: str, query: str) -> Found:
         """Recall and archival matches. Raises search.BadArgument for a query that cannot be searched."""
         agent = await self._agent(key)
-        return Found(await recall.search_messages(self._engine.db, agent, query), await self._engine.archive.search(agent, query))
+        messages = await recall.search_messages(self._engine.db, agent, query, for_people=True)
+        return Found(messages, await self._engine.archive.search(agent, query))
 
     async def find(self, key: str, text: str) -> Matches:
         """Every message and passage containing `text` (case-insensitive for ASCII letters)."""

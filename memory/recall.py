@@ -60,11 +60,10 @@ class Message:
         return fulltext.said(self.role, self.content, self.tool_calls)
 
     def visible_text(self) -> str:
-        """The text a person saw (the reply for assistant rows, inner monologue left out)."""
+        """The text a person saw (the reply for assistant rows; inner monologue is never shown)."""
         if self.role != "assistant" or not self.tool_calls:
             return self.content
-        replies = [t for t in self.index_text().split("\n") if t and t != self.content]
-        return "\n".join(replies) or self.content
+        return "\n".join(t for t in self.index_text().split("\n") if t and t != self.content)
 
 
 # a name is shown as "name (id)": brackets, parentheses and colons in it could fake another header
@@ -270,12 +269,19 @@ async def search_messages(
     roles: list[str] | None = None,
     page: object = 1,
     page_size: int = search.PAGE_SIZE,
+    for_people: bool = False,
 ) -> search.Page:
     """Ranked full-text search; with an empty query, messages in the date range, newest first.
 
+    `for_people`: only what people saw in the conversation (messages, replies, system events):
+    not function results, nor the agent's private thoughts beside its calls.
     Raises search.BadArgument for arguments the caller should correct.
     """
     filters, params = search.base_filters("m", agent.id, start_date, end_date)
+    if for_people:
+        filters.append(
+            "m.role != 'tool' AND (m.role != 'assistant' OR m.tool_calls IS NULL OR m.tool_calls LIKE '%\"send\\_message\"%' ESCAPE '\\')"
+        )
     number = search.page_number(page)
     if roles:
         bad = [r for r in roles if r not in ROLES]
@@ -304,5 +310,6 @@ async def search_messages(
     for r in rows:
         m = _row(r)
         label = m.author or m.role if m.role == "user" else m.role
-        hits.append(search.Hit(m.id, m.created_at, m.visible_text() if m.role != "system" else m.content, label))
+        text = m.visible_text() if m.role != "system" else m.content
+        hits.append(search.Hit(m.id, m.created_at, text, label))
     return search.Page(hits, total, number, page_size)

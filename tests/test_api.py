@@ -233,3 +233,17 @@ async def test_forget_by_text_finds_replies_with_accents_and_quotes(engine: Engi
     assert len(found.message_ids) == 1  # the assistant message holding the reply (its JSON escapes é and ")
     assert await engine.memory.forget("dm:1", found.message_ids, []) == (1, 0)
     assert (await engine.memory.search("dm:1", "lait")).messages.total == 0
+
+
+async def test_search_shows_people_what_was_said_never_the_agents_private_thoughts(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.push(
+        call(
+            "core_memory_append", {"label": "human", "content": "Ann's diagnosis is private"}, content="Ann told me her diagnosis"
+        ),
+        call("send_message", {"message": "Noted, Ann."}, content="I will keep the diagnosis to myself"),
+    )
+    await engine.send("dm:1", user("about my diagnosis"))
+    found = (await engine.memory.search("dm:1", "diagnosis")).messages
+    texts = [h.text for h in found.hits]
+    assert texts and all("told me" not in t and "to myself" not in t and "private" not in t for t in texts)
+    assert found.total == len(texts)  # the person's own message and the reply, nothing else
