@@ -70,6 +70,7 @@ class MnemoBot(discord.Client):
         self._seen: OrderedDict[int, None] = OrderedDict()
         # Discord message ids deleted lately: a message deleted while its attachments were read is not stored
         self._gone: OrderedDict[int, None] = OrderedDict()
+        self._edits: OrderedDict[int, str] = OrderedDict()  # edits of messages not stored yet: id -> text
         self._catching_up: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
@@ -160,17 +161,13 @@ class MnemoBot(discord.Client):
         if not (is_addressed(message, me) or await self.engine.memory.listening(key)):
             if not (self.settings.store_unaddressed_messages and stored.content):
                 return "dropped"
-            await ticket.handover()
-            await self.engine.record(key, stored)
-            return "recorded"
+            return await self._record(key, stored, message, ticket, "recorded")
         if self.closing:  # shutting down: keep it; the first turn after the restart sees it
-            await ticket.handover()
-            await self.engine.record(key, stored)
-            return "recorded"
+            return await self._record(key, stored, message, ticket, "recorded")
         wait = self.limiter.check(message.author.id)
         if wait:
-            await ticket.handover()
-            await self.engine.record(key, stored)  # kept, just not answered
+            if await self._record(key, stored, message, ticket, "limited") == "deleted":  # kept, just not answered
+                return "deleted"
             if self.limiter.should_warn(message.author.id):
                 await self._send(message, f"You're sending messages faster than I can think. Try again in {wait:.0f} s.")
             return "limited"
@@ -184,6 +181,9 @@ class MnemoBot(discord.Client):
         if message.id in self._gone:  # deleted while its attachments were read: what they left goes too
             await self.engine.memory.message_deleted([str(message.id)])
             return "deleted"
+        if message.id in self._edits:  # edited meanwhile: the new text, with the notes of its documents
+            notes = stored.content[len(message.clean_content) :].lstrip("\n")
+            stored.content = "\n".join(part for part in (self._edits.pop(message.id), notes) if part)
         if not stored.content.strip():
             return "dropped"
         # the indicator runs beside the turn: its REST calls must not delay the answer
@@ -196,6 +196,17 @@ class MnemoBot(discord.Client):
         if result.reply:
             await self._send(message, (LATE if late else "") + result.reply, whole=result.full_reply)
         return "answered late" if late else "answered"
+
+    async def _record(self, key: str, stored: recall.Message, message: discord.Message, ticket: Ticket, outcome: str) -> str:
+        """Store a message that is not answered, once the messages before it are in, as it is then:
+        one deleted while it waited is not stored, one edited is stored with its new text."""
+        await ticket.wait()
+        if message.id in self._gone:
+            return "deleted"
+        stored.content = self._edits.pop(message.id, stored.content)
+        ticket.release()
+        await self.engine.record(key, stored)  # stores before its first await: nothing slips in between
+        return outcome
 
     async def _deliver_event(self, key: str, result: events.Answer, event: events.Event) -> bool:
         """Post a scheduled event's answer where it was set; False when that place is gone or closed to the bot."""
@@ -320,6 +331,10 @@ class MnemoBot(discord.Client):
         except Exception:
             log.exception("could not apply the edit of message %s", payload.message_id)
             changed = 0
+        if not changed:  # maybe not stored yet (waiting behind earlier messages): it is stored edited
+            self._edits[payload.message_id] = message.clean_content
+            while len(self._edits) > SEEN_IDS:
+                self._edits.popitem(last=False)
         self.dispatch("memory_followed", "edit", changed)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:

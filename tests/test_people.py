@@ -506,3 +506,32 @@ async def test_a_message_deleted_while_its_attachment_is_read_leaves_nothing(
         assert outcome == "deleted"
         assert await texts(bot, key) == []
         assert await bot.engine.archive.count(await bot.engine.agent(key)) == 0
+
+
+async def test_messages_deleted_or_edited_while_they_wait_their_turn_are_stored_as_they_are_then(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    general, alice, bob = world["general"], world["alice"], world["bob"]
+    key = f"channel:{general['id']}"
+    fake.default = lambda body: reply("ok")
+    gate = fake_discord.cdn_gate = asyncio.Event()
+    async with running(settings, fake_discord) as bot:
+        outcomes: dict[str, str] = {}
+
+        def seen(message: Any, outcome: str) -> bool:
+            outcomes[message.content] = outcome
+            return len(outcomes) == 3
+
+        all_handled = bot.wait_for("message_handled", check=seen, timeout=10)
+        doc = ("diary.txt", b"A page of the diary. " * 30, "text/plain")
+        await fake_discord.send_message(general["id"], alice["id"], f"<@{fake_discord.bot_user_id}> read this", attachments=[doc])
+        await fake_discord.wait_for(lambda f: f.cdn_waiting == 1)  # the first message holds the conversation
+        secret = await fake_discord.send_message(general["id"], bob["id"], "my secret plans")
+        typo = await fake_discord.send_message(general["id"], bob["id"], "teh typo")
+        await followed(bot, fake_discord, "MESSAGE_DELETE", {"id": secret["id"], "channel_id": general["id"]})
+        await followed(bot, fake_discord, "MESSAGE_UPDATE", {**FakeDiscord._wire(typo), "content": "the typo"})
+        gate.set()
+        await all_handled
+        assert outcomes["my secret plans"] == "deleted"
+        stored = await texts(bot, key)
+        assert "the typo" in stored and not any("secret" in t or "teh" in t for t in stored)
