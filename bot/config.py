@@ -33,7 +33,7 @@ class BotSettings(EngineSettings):
     # On start, messages sent while the bot was down are read from each conversation's history:
     # at most this many per conversation, and none older than this many hours (0 turns catch-up off).
     catch_up_messages: int = Field(50, ge=0, le=1000)
-    catch_up_hours: float = Field(24.0, ge=0)
+    catch_up_hours: float = Field(24.0, ge=0, le=24 * 365)
 
     @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
     @classmethod

@@ -55,7 +55,7 @@ class EngineSettings(BaseSettings):
     human_limit: int = Field(2000, ge=100)
     channel_limit: int = Field(3000, ge=100)
     # a channel agent's block about each person (memory/people.py); a new limit applies to blocks made after it
-    person_limit: int = Field(600, ge=100)
+    person_limit: int = Field(600, ge=100, le=20_000)
 
     log_level: str = "INFO"
 

@@ -149,7 +149,12 @@ def parse_when(text: str, now: datetime) -> datetime:
     raw = text.strip()
     if not raw or len(raw) > MAX_WHEN_CHARS:
         raise BadWhen("when is empty or too long; give an ISO time with offset or a duration like 'in 20 minutes'")
-    due = _absolute(raw) or now + _duration(raw)
+    try:
+        due = _absolute(raw) or now + _duration(raw)
+    except (OverflowError, ValueError) as exc:  # a duration or date past what a calendar holds
+        if isinstance(exc, BadWhen):
+            raise
+        raise BadWhen(f"{raw!r} is more than a year ahead") from None
     if due <= now:
         raise BadWhen(f"{raw!r} is in the past (now is {now.strftime(FORMAT)})")
     if due - now > MAX_AHEAD:
@@ -158,7 +163,7 @@ def parse_when(text: str, now: datetime) -> datetime:
 
 
 def _absolute(raw: str) -> datetime | None:
-    if not raw[:4].isdigit():
+    if not (raw[:4].isdigit() and raw[4:5] == "-"):  # "1440 minutes" is a duration
         return None
     try:
         moment = datetime.fromisoformat(raw.replace(" ", "T", 1))

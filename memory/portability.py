@@ -14,6 +14,8 @@ from .db import Database, StorageError, sqlite3
 from .text import without_surrogates_in
 
 FORMAT = "mnemocord-export"
+# PERSON_LIMIT's own bound (memory/config.py): an export cannot bring a larger block
+MAX_PERSON_LIMIT = 20_000
 VERSION = 1
 
 
@@ -121,6 +123,8 @@ async def import_agent(
     for user_id, value, limit in persons:
         if not (user_id.isascii() and user_id.isdigit() and len(user_id) <= 20):
             raise ValueError(f"person block user_id {user_id[:40]!r} is not a Discord id")
+        if not 0 < limit <= MAX_PERSON_LIMIT:
+            raise ValueError(f"the person block of {user_id} has a limit of {limit}; limits go from 1 to {MAX_PERSON_LIMIT}")
         if len(value) > limit:
             raise ValueError(f"the person block of {user_id} holds {len(value)} characters, over its limit of {limit}")
     for m, _ in messages:

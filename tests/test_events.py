@@ -317,3 +317,13 @@ async def test_a_passing_delivery_failure_is_tried_again_and_never_ends_a_repeat
     await engine.events.finish()
     (event,) = await engine.memory.events("channel:9")  # still pending: its next week comes
     assert event.state == "pending"
+
+
+@pytest.mark.parametrize("when", ["P99999999999W", "P500000W", "9999-12-31T23:59:59-23:59"])
+def test_when_past_what_a_calendar_holds_is_refused_with_a_reason(when: str) -> None:
+    with pytest.raises(BadWhen, match="more than a year ahead"):
+        parse_when(when, NOW)
+
+
+def test_a_duration_in_four_digits_is_a_duration() -> None:
+    assert parse_when("1440 minutes", NOW) == NOW + timedelta(days=1)
