@@ -93,5 +93,9 @@ class ConfirmButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"m
             )
             return
         await interaction.response.defer()
-        result = await run(engine, request.args)
+        try:
+            result = await run(engine, request.args)
+        except Exception:  # the click is spent: the person must still learn the outcome
+            log.exception("confirmed %s failed", request.action)
+            result = "Sorry, that failed on my side, and may be only partly done. Please run the command again."
         await interaction.edit_original_response(content=result, view=None)
