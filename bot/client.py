@@ -433,6 +433,10 @@ class MnemoBot(discord.Client):
         else:
             found = self.get_channel(int(raw_id))
             channel = found if isinstance(found, discord.abc.Messageable) else None
+            # the gateway told us the channel's newest message: nothing newer than ours, no history call
+            newest = getattr(found, "last_message_id", None)
+            if newest is not None and newest <= after:
+                return []
         if channel is None:  # a channel of a server the bot left, or deleted
             return []
         history = [m async for m in channel.history(limit=limit, after=discord.Object(after), oldest_first=True)]
