@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     ing = sub.add_parser("ingest", help="read a document (text or PDF) into an agent's archival memory")
     ing.add_argument("file", type=Path)
     ing.add_argument("--agent", required=True, help="agent key, e.g. dm:<user id> or local:terminal")
+    sub.add_parser("doctor", help="check configuration, database, model, embeddings and Discord; one line each")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "doctor":
+            sys.exit(0 if asyncio.run(_doctor()) else 1)
         if args.command in ("run", "sync"):
             from bot.main import run, sync  # discord.py is imported only for these
 
@@ -169,6 +172,18 @@ async def _export(settings: EngineSettings, key: str, output: Path | None) -> No
         output.write_text(text, encoding="utf-8")
     else:
         print(text)
+
+
+async def _doctor() -> bool:
+    from bot.config import BotSettings
+    from bot.doctor import diagnose
+
+    try:
+        settings: EngineSettings = load_settings(BotSettings)
+    except ConfigError as exc:
+        print(f"✗ configuration: {exc}")
+        return False
+    return await diagnose(settings, lambda check: print(check.line(), flush=True))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ class View:
     model_calls: int
     tokens_in: int
     tokens_out: int
+    # what the engine saw wrong with the model server (e.g. it drops the start of prompts), with the fix
+    model_warning: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class MemoryAPI:
             model_calls=row["model_calls"],
             tokens_in=row["tokens_in"],
             tokens_out=row["tokens_out"],
+            model_warning=engine.model.truncation,
         )
 
     async def search(self, key: str, query: str) -> Found:

@@ -267,34 +267,32 @@ class LLMClient:
             raise
         return vectors
 
-    async def get_json(self, url: str, timeout: float) -> Any:
-        """GET a JSON document once, within `timeout`, without retries: for probing what a server
-        says about itself. None when it does not answer, or not with JSON."""
+    async def probe(
+        self, method: str, url: str, timeout: float, body: dict[str, Any] | None = None, *, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """One request, within `timeout`, without retries: for asking a server about itself.
+        (status, decoded JSON or the text); status 0 when it did not answer."""
         try:
             async with asyncio.timeout(timeout):
-                response = await self._http.get(url, headers=self._headers)
+                content = None if body is None else orjson.dumps(body)
+                sent = self._headers if headers is None else httpx.Headers({**self._headers, **headers})
+                response = await self._http.request(method, url, headers=sent, content=content)
         except (TimeoutError, httpx.HTTPError):
-            return None
-        if response.status_code >= 300:
-            return None
+            return 0, None
         try:
-            return orjson.loads(response.content)
+            return response.status_code, orjson.loads(response.content)
         except ValueError:
-            return None
+            return response.status_code, _clean(response.content.decode("utf-8", "replace"))
+
+    async def get_json(self, url: str, timeout: float) -> Any:
+        """A JSON document the server gives at `url`, or None."""
+        status, data = await self.probe("GET", url, timeout)
+        return data if 200 <= status < 300 else None
 
     async def post_json(self, url: str, body: dict[str, Any], timeout: float) -> Any:
-        """POST once, like get_json (Ollama's /api/show is a POST)."""
-        try:
-            async with asyncio.timeout(timeout):
-                response = await self._http.post(url, headers=self._headers, content=orjson.dumps(body))
-        except (TimeoutError, httpx.HTTPError):
-            return None
-        if response.status_code >= 300:
-            return None
-        try:
-            return orjson.loads(response.content)
-        except ValueError:
-            return None
+        """As get_json (Ollama's /api/show is a POST)."""
+        status, data = await self.probe("POST", url, timeout, body)
+        return data if 200 <= status < 300 else None
 
     @contextlib.asynccontextmanager
     async def _slot(self, background: bool) -> AsyncIterator[None]:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 PROBE_SECONDS = 0.8
 DEFAULT_WINDOW = 8192
 # a provider count below this share of our estimate: the server dropped part of the prompt
-TRUNCATION_SHARE = 0.5
+TRUNCATION_SHARE = 0.35
 # ...judged only on prompts this large, where the estimate's own error cannot explain it
 TRUNCATION_MIN_TOKENS = 600
 SMALLEST_WINDOW = 512
