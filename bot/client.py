@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 
 import aiohttp
@@ -16,7 +17,7 @@ from memory.engine import Engine
 from . import attachments, commands, wire
 from .access import Arrivals, Members, RateLimiter, Ticket, allowed
 from .config import BotSettings
-from .format import split_message
+from .format import split_message, spoiler
 from .routing import agent_key, is_addressed, is_ignored
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,20 @@ class MnemoBot(discord.Client):
             typing.cancel()
         if result.reply:
             await self._send(message, result.reply)
+        if result.thinking and self.settings.show_reasoning != "off":
+            await self._show_reasoning(message, result.thinking)
         return "answered"
+
+    async def _show_reasoning(self, message: discord.Message, thinking: str) -> None:
+        """The model's thinking, on the operator's request (SHOW_REASONING)."""
+        try:
+            if self.settings.show_reasoning == "file":
+                await message.channel.send(file=discord.File(io.BytesIO(thinking.encode()), filename="reasoning.txt"))
+            else:
+                for part in spoiler(thinking):
+                    await message.channel.send(part)
+        except discord.HTTPException as exc:
+            log.warning("could not send the reasoning to channel %s: %s", message.channel.id, exc)
 
     async def _dm_admitted(self, user_id: int) -> bool:
         if self.settings.dm_policy != "members":

@@ -30,6 +30,8 @@ class BotSettings(EngineSettings):
     allow_dms: Literal["members", "everyone", "nobody"] | None = None
     rate_limit_per_minute: int = Field(12, ge=1)
     max_attachment_bytes: int = Field(2_000_000, ge=1_000)
+    # A reasoning model's thinking: never shown (off), under the reply as a spoiler, or as reasoning.txt.
+    show_reasoning: Literal["off", "spoiler", "file"] = "off"
 
     @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
     @classmethod
