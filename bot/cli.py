@@ -40,9 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     forget.add_argument("user_id", type=_discord_id, help="the person's Discord user id")
     purge = sub.add_parser("purge", help="erase the memory of every channel and thread of a server the bot left")
     purge.add_argument("--guild", type=_discord_id, required=True, help="the server's Discord id")
+    sub.add_parser("doctor", help="check configuration, database, model, embeddings and Discord; one line each")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "doctor":
+            sys.exit(0 if asyncio.run(_doctor()) else 1)
         if args.command in ("run", "sync"):
             from bot.main import run, sync  # discord.py is imported only for these
 
@@ -211,6 +214,18 @@ async def _erase(settings: EngineSettings, command: str, target: str) -> None:
     finally:
         await engine.close()
     print(f"Erased for {what}.")
+
+
+async def _doctor() -> bool:
+    from bot.config import BotSettings
+    from bot.doctor import diagnose
+
+    try:
+        settings: EngineSettings = load_settings(BotSettings)
+    except ConfigError as exc:
+        print(f"✗ configuration: {exc}")
+        return False
+    return await diagnose(settings, lambda check: print(check.line(), flush=True))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from memory.engine import Engine
 from . import attachments, commands, confirm, wire
 from .access import Arrivals, Members, RateLimiter, Ticket, allowed
 from .config import BotSettings
-from .format import split_message
+from .format import split_message, spoiler
 from .routing import agent_key, is_addressed, is_ignored
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,8 @@ class MnemoBot(discord.Client):
             typing.cancel()
         if result.reply:
             await self._send(message, (LATE if late else "") + result.reply, whole=result.full_reply)
+        if result.thinking and self.settings.show_reasoning != "off":
+            await self._show_reasoning(message, result.thinking)
         return "answered late" if late else "answered"
 
     async def _record(self, key: str, stored: recall.Message, message: discord.Message, ticket: Ticket, outcome: str) -> str:
@@ -236,6 +238,17 @@ class MnemoBot(discord.Client):
             log.warning("could not deliver event #%d to %s: %s", event.id, key, exc)
             return False
         return True  # other failures (5xx, rate limits, the network) raise: the scheduler tries again
+
+    async def _show_reasoning(self, message: discord.Message, thinking: str) -> None:
+        """The model's thinking, on the operator's request (SHOW_REASONING)."""
+        try:
+            if self.settings.show_reasoning == "file":
+                await message.channel.send(file=discord.File(io.BytesIO(thinking.encode()), filename="reasoning.txt"))
+            else:
+                for part in spoiler(thinking):
+                    await message.channel.send(part)
+        except discord.HTTPException as exc:
+            log.warning("could not send the reasoning to channel %s: %s", message.channel.id, exc)
 
     async def _dm_admitted(self, user_id: int) -> bool:
         if self.settings.dm_policy != "members":

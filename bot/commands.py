@@ -168,6 +168,7 @@ class MemoryCommands(app_commands.Group):
             f"Recall: {v.messages} messages ({v.in_context} in context). Archival: {v.passages} passages.\n"
             f"Context window: {v.context_tokens}/{v.context_window} tokens ({v.context_tokens / v.context_window:.0%}).\n"
             f"Model usage: {v.model_calls} calls, {v.tokens_in} tokens in, {v.tokens_out} out."
+            + (f"\n⚠ Model server: {v.model_warning}" if v.model_warning else "")
         )
         await _answer(interaction, "\n\n".join(lines))
 

@@ -34,6 +34,8 @@ class BotSettings(EngineSettings):
     # at most this many per conversation, and none older than this many hours (0 turns catch-up off).
     catch_up_messages: int = Field(50, ge=0, le=1000)
     catch_up_hours: float = Field(24.0, ge=0, le=24 * 365)
+    # A reasoning model's thinking: never shown (off), under the reply as a spoiler, or as reasoning.txt.
+    show_reasoning: Literal["off", "spoiler", "file"] = "off"
 
     @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
     @classmethod

@@ -95,3 +95,9 @@ def _pieces(text: str, limit: int) -> list[str]:
             line = line[cut:].lstrip(" ")
         out.append(line)
     return out
+
+
+def spoiler(text: str, limit: int = LIMIT) -> list[str]:
+    """Text as Discord spoilers, each message within `limit`; a `||` inside would end the spoiler early."""
+    text = text.replace("||", "| |")
+    return [f"||{part}||" for part in split_message(text, limit - 4)]

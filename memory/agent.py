@@ -16,12 +16,12 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from . import context, recall, tools
+from . import context, recall, replies, serving, tools
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
 from .db import Database, sqlite3
-from .llm import ChatResult, ContextOverflowError, LLMClient, LLMError, ToolCall
+from .llm import ChatResult, ContextOverflowError, LLMClient, LLMError, ToolCall, ToolsUnsupportedError, TooSlowError
 from .loop import Ending, Loop
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ TOO_LARGE = (
     "Sorry, this conversation no longer fits my language model's context window, so I could not answer. "
     "Your message is saved; the operator has been told how to fix it."
 )
+TOO_SLOW = "Sorry, my language model took too long to answer. Your message is saved; please try again in a moment."
+CUT = "\n[… cut: the answer reached the model's output limit]"
 STUCK = "Sorry, I got stuck working on that and stopped. Could you rephrase or ask again?"
 # after eviction the prompt should be at most this share of the flush line
 COMPACT_TO = 0.6
@@ -38,6 +40,13 @@ COMPACT_TO = 0.6
 OVERFLOW_TARGET = 0.4
 # ...and trust our estimate at least this much less from then on
 OVERFLOW_SCALE = 1.25
+
+
+# how to give a server native tools (DESIGN.md §8)
+TOOL_FIX = (
+    "to use native tools, start llama-server with --jinja, vLLM with --enable-auto-tool-choice --tool-call-parser NAME, "
+    "or pick an Ollama model whose template supports tools"
+)
 
 
 class TurnOutcome(StrEnum):
@@ -65,6 +74,7 @@ class TurnResult:
     request_tokens: list[int] = field(default_factory=list)
     # the whole reply when `reply` was cut at MAX_REPLY_CHARS (the bot may attach it as a file)
     full_reply: str | None = None
+    thinking: str = ""  # the model's private reasoning this turn: never in the reply unless the operator asks
 
 
 @dataclass
@@ -76,6 +86,8 @@ class Turn:
     agent: Agent
     # the provider's count / our estimate for this model, shared by every turn that calls it
     token_scale: context.TokenScale = field(default_factory=context.TokenScale)
+    # what the engine learned about the server (tool mode, window, truncation), shared likewise
+    model: serving.ModelState = field(default_factory=serving.ModelState)
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
     _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
     _result: TurnResult = field(init=False)
@@ -121,7 +133,8 @@ class Turn:
         except LLMError as exc:
             result.model_seconds += exc.seconds  # retries that failed are model time, not the engine's
             log.warning("%s: model call failed: %s", self.agent.key, exc)
-            result.outcome, result.error, result.reply = TurnOutcome.ERROR, str(exc), APOLOGY
+            result.outcome, result.error = TurnOutcome.ERROR, str(exc)
+            result.reply = TOO_SLOW if isinstance(exc, TooSlowError) else APOLOGY
             await self._event(result, f"The model call failed: {exc.brief}")
         await self._append(result, [])  # the usage, if the turn's last messages did not carry it
         result.engine_seconds = time.perf_counter() - started - result.model_seconds
@@ -132,8 +145,13 @@ class Turn:
         s = self.settings
         end = await Loop(self, tools.TOOLS, s.max_steps_per_turn, s.max_tool_calls_per_answer, must_answer=True).run()
         result.steps = end.steps
+        if end.thinking:
+            result.thinking = "\n\n".join(end.thinking)
+            # private thought stays in recall (searchable, shown by `chat -v`), never in the prompt
+            thought = recall.Message(role="system", content=f"Private thought: {result.thinking}")
+            await recall.append(self.db, self.agent, [thought], state=recall.EVICTED)
         if end.how in (Ending.REPLY, Ending.TEXT, Ending.TEXT_AT_LIMIT):
-            self._reply(result, end.text)
+            self._reply(result, end.text + (CUT if end.cut else ""))
             if end.how is Ending.TEXT_AT_LIMIT:
                 result.outcome = TurnOutcome.STEP_LIMIT
             return
@@ -154,7 +172,15 @@ class Turn:
     async def ask(self, schemas: list[dict[str, Any]] | None, note: str | None) -> ChatResult:
         first, self._first = self._first, None
         prompt = await self._prompt(self._result, first)
-        return await self._call(prompt, self._result, schemas, note)
+        try:
+            return await self._call(prompt, self._result, schemas, note)
+        except ToolsUnsupportedError as exc:
+            if self.settings.tool_mode != "auto":
+                raise LLMError(f"{exc}. The server refuses native tools: {TOOL_FIX} or set TOOL_MODE=text.") from None
+            self.model.text_tools = True
+            if self.model.once("text_tools"):
+                log.warning("the model server refuses native tools (%s); using text tool mode from now on. %s.", exc, TOOL_FIX)
+            return await self._call(prompt, self._result, schemas, note)
 
     async def keep(self, messages: list[recall.Message]) -> None:
         await self._append(self._result, messages)
@@ -181,14 +207,32 @@ class Turn:
         """The estimate, corrected by what the provider reported for this model."""
         return replace(prompt, tokens=self.token_scale.apply(prompt.estimate))
 
+    async def _chat(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None) -> ChatResult:
+        """One request, in the tool mode in force: native `tools`, or the tools described in the prompt."""
+        s = self.settings
+        if self.model.text_tools or s.tool_mode == "text":
+            messages = replies.as_text_mode(messages, schemas)
+            schemas = None
+        return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens)
+
     async def _call(
         self, prompt: context.Prompt, result: TurnResult, schemas: list[dict[str, Any]] | None, note: str | None
     ) -> ChatResult:
         try:
-            answer = await self.llm.chat(self.settings.llm_model, _with_note(prompt.messages, note), schemas)
+            answer = await self._chat(_with_note(prompt.messages, note), schemas)
         except ContextOverflowError as exc:
             # our estimate was low for this model: compact hard, then one retry
             log.warning("%s: provider says the context overflowed (%s); compacting", self.agent.key, exc)
+            if exc.limit and exc.limit < self.settings.context_window:
+                # the server said its real window: use it from now on instead of overflowing again
+                log.warning(
+                    "the model server's context window is %d tokens, not %d: using %d",
+                    exc.limit,
+                    self.settings.context_window,
+                    exc.limit,
+                )
+                self.settings.context_window = exc.limit
+                self.model.server_window = exc.limit
             self.token_scale.at_least(OVERFLOW_SCALE)
             eviction = await context.compact(
                 self.db, self.llm, self.settings.llm_model, self.agent, prompt, self.settings, target=OVERFLOW_TARGET, force=True
@@ -198,14 +242,19 @@ class Turn:
             result.model_seconds += exc.seconds  # the refused call was model time
             self._count(eviction, result)
             prompt = self._scaled(await context.build(self.db, self.agent, self.settings.context_window))
-            answer = await self.llm.chat(self.settings.llm_model, _with_note(prompt.messages, note), schemas)
+            answer = await self._chat(_with_note(prompt.messages, note), schemas)
         result.request_tokens.append(prompt.tokens)
         result.model_calls += 1
         result.model_seconds += answer.seconds
         if answer.usage:
             result.tokens_in += answer.usage.prompt_tokens
             result.tokens_out += answer.usage.completion_tokens
-            self.token_scale.learn(prompt.estimate, answer.usage.prompt_tokens)
+            self.token_scale.learn(prompt.estimate, answer.usage.prompt_tokens)  # bounded: it never learns a truncation whole
+            warning = serving.truncation_warning(prompt.estimate, answer.usage.prompt_tokens)
+            if warning is not None:
+                self.model.truncation = warning
+                if self.model.once("truncation"):
+                    log.warning("%s", warning[0].upper() + warning[1:])
         return answer
 
     def _count(self, eviction: context.Eviction, result: TurnResult) -> None:

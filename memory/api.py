@@ -26,6 +26,7 @@ from .core import Block
 from .db import Database, marks, sqlite3
 from .events import Event as ScheduledEvent
 from .events import Scheduler
+from .serving import ModelState
 
 
 class Engine(Protocol):
@@ -45,6 +46,9 @@ class Engine(Protocol):
 
     @property
     def memory(self) -> erasure.Options: ...
+
+    @property
+    def model(self) -> ModelState: ...
 
     async def agent(self, key: str) -> Agent: ...
 
@@ -82,6 +86,8 @@ class View:
     model_calls: int
     tokens_in: int
     tokens_out: int
+    # what the engine saw wrong with the model server (e.g. it drops the start of prompts), with the fix
+    model_warning: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ class MemoryAPI:
             model_calls=row["model_calls"],
             tokens_in=row["tokens_in"],
             tokens_out=row["tokens_out"],
+            model_warning=engine.model.truncation,
         )
 
     async def search(self, key: str, query: str) -> Found:

@@ -7,7 +7,7 @@ Every setting has an environment variable of the same name in upper case;
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +49,13 @@ class EngineSettings(BaseSettings):
     max_reply_chars: int = Field(8000, ge=100)
     # Scheduled events (reminders) one agent may have pending at once.
     max_pending_events: int = Field(25, ge=1, le=10_000)
+    # Output bounds: without them a small model rambles for minutes and the server keeps writing
+    # for a request already abandoned.
+    llm_max_tokens: int = Field(1024, ge=16)
+    consolidation_max_tokens: int = Field(512, ge=16)
+    # native: the `tools` parameter; text: tools described in the prompt, calls read from the text;
+    # auto: native until the server refuses tools, then text.
+    tool_mode: Literal["auto", "native", "text"] = "auto"
 
     # the default persona (agents.DEFAULT_PERSONA) must fit, or creating and resetting an agent could not write it
     persona_limit: int = Field(2000, ge=200)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from . import core, events, people, recall, tokens, tools
+from . import core, events, people, recall, replies, tokens, tools
 from .agents import Agent
 from .clock import minute, now
 from .config import EngineSettings
@@ -50,6 +50,8 @@ SUMMARY_SHARE = 10
 PIECE_SHARE = 2
 # words asked of the summarizer per token of its budget (English runs ~0.75 words a token)
 WORDS_PER_TOKEN = 0.7
+# a summary this short is judged on its own, however much markup came with it
+SHORTEST_SUMMARY_CHARS = 200
 # the bounds of the provider's correction to our token estimate
 MIN_SCALE, MAX_SCALE = 0.5, 3.0
 
@@ -315,11 +317,21 @@ async def summarize(
             max_tokens=budget,
         )
         calls.append(result)
-        new = (result.content or "").strip()
-        if not new:
-            raise LLMError("the summarizer returned an empty summary")
-        summary = new
+        summary = _checked_summary(result)
     return summary
+
+
+def _checked_summary(result: ChatResult) -> str:
+    """The summarizer's answer if it is a summary: not cut off, not thinking alone, not the model
+    writing the next turn of a chat (one small model's began with `<|im_start|>user`)."""
+    if result.finish_reason == "length":
+        raise LLMError("the summarizer's answer was cut off at its output limit")
+    new = replies.read(result.content, (), result.reasoning).text
+    if not new:
+        raise LLMError("the summarizer returned no summary")
+    if len(new) < len(replies.split_thinking(result.content)[0].strip()) / 2 and len(new) < SHORTEST_SUMMARY_CHARS:
+        raise LLMError("the summarizer's answer was mostly chat markup, not a summary")
+    return new
 
 
 @dataclass

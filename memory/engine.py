@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from . import agents, context, core, events, recall, tools
+from . import agents, context, core, events, recall, replies, serving, tools
 from .agent import Turn, TurnOutcome, TurnResult
 from .agents import Agent
 from .api import MemoryAPI
@@ -38,6 +38,8 @@ CONSOLIDATION_STEPS = 3
 # agents whose id stays cached (an agent's id never changes; a miss costs one read)
 AGENTS_KEPT = 4096
 STORAGE_FULL = "Sorry, my storage is full, so I can't think this through right now. The bot's operator has to free disk space."
+# the smallest window the engine works in (CONTEXT_WINDOW's own lower bound)
+MIN_WINDOW = 1024
 # first pause before embedding again after the endpoint failed; it doubles up to 10 minutes
 EMBEDDING_RETRY_SECONDS = 30.0
 CONSOLIDATION_INSTRUCTIONS = """\
@@ -72,6 +74,8 @@ class Engine:
         self.archive = archive
         # the provider's correction to our token estimate: one per model, and this engine calls one
         self.token_scale = context.TokenScale()
+        # what the engine learned about the model server: tool mode, window, truncation
+        self.model = serving.ModelState(text_tools=settings.tool_mode == "text")
         self._mailboxes: dict[str, _Mailbox] = {}
         # agents are never deleted: a key's id never changes
         self._agents: OrderedDict[str, asyncio.Future[Agent]] = OrderedDict()
@@ -121,6 +125,7 @@ class Engine:
             await embedder.prepare()
         else:
             log.info("EMBEDDING_MODEL is not set: archival search is keyword-only")
+        await _learn_window(settings, llm)
         engine = cls(settings, db, llm, Archive(db, embedder))
         # the memory tools make person blocks with this limit, and they see the database, not the settings
         await db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('person_limit', ?)", (str(settings.person_limit),))
@@ -276,7 +281,7 @@ class Engine:
 
     async def run_turn(self, agent: Agent, hold: _Hold) -> TurnResult:
         """A turn that answers every message waiting for this agent; `hold`'s lock is held."""
-        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale)
+        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale, model=self.model)
         try:
             result = await turn.run()
         except Exception as exc:  # a full disk, or a bug: the callers must still get an answer
@@ -386,8 +391,12 @@ class _Consolidation:
     messages: list[dict[str, Any]]
 
     async def ask(self, schemas: list[dict[str, Any]] | None, note: str | None) -> ChatResult:
-        # no note comes: a pass that does not have to answer ends on an empty answer instead of being nudged
-        return await self.engine.llm.chat(self.engine.settings.llm_model, self.messages, schemas)
+        # no note comes: a pass that does not have to answer ends on an empty answer instead of being nudged.
+        # Nobody waits for it: it gives way to turns, and its output is bounded.
+        s, messages = self.engine.settings, self.messages
+        if self.engine.model.text_tools or s.tool_mode == "text":
+            messages, schemas = replies.as_text_mode(messages, schemas), None
+        return await self.engine.llm.chat(s.llm_model, messages, schemas, max_tokens=s.consolidation_max_tokens, background=True)
 
     async def keep(self, messages: list[recall.Message]) -> None:
         self.messages.extend(m.to_openai() for m in messages)
@@ -415,3 +424,25 @@ def _with_tag(arguments: str, tag: str) -> str:
     if isinstance(tags, str):  # models often send "a, b" for an array; tools read it so
         tags = [t.strip() for t in tags.split(",") if t.strip()]
     return json.dumps({**args, "tags": [*(tags if isinstance(tags, list) else []), tag]})
+
+
+async def _learn_window(settings: EngineSettings, llm: LLMClient) -> None:
+    """Use the server's context window when it states one: CONTEXT_WINDOW, when set, only if it is smaller."""
+    window, source = await serving.detect_window(llm, settings.llm_model)
+    configured = "context_window" in settings.model_fields_set
+    if window is None:
+        if not configured:
+            log.info("the model server does not state its context window; using %d (set CONTEXT_WINDOW)", settings.context_window)
+        return
+    if not configured:
+        log.info("context window: %d tokens (from %s)", window, source)
+        settings.context_window = max(window, MIN_WINDOW)
+    elif window < settings.context_window:
+        log.warning(
+            "CONTEXT_WINDOW is %d but the model server (%s) gives the model %d tokens: using %d",
+            settings.context_window,
+            source,
+            window,
+            window,
+        )
+        settings.context_window = max(window, MIN_WINDOW)

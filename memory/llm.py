@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import random
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -58,20 +60,62 @@ class LLMError(Exception):
 
 
 class ContextOverflowError(LLMError):
-    """The request was larger than the model's context window."""
+    """The request was larger than the model's context window; `limit` is the window the
+    server stated in its error, when it did."""
+
+    def __init__(self, message: str, *, seconds: float = 0.0, brief: str | None = None, limit: int | None = None) -> None:
+        super().__init__(message, seconds=seconds, brief=brief)
+        self.limit = limit
+
+
+class _GaveWay(Exception):
+    """A background attempt was ended so that a person's call could have the slot."""
+
+
+class ToolsUnsupportedError(LLMError):
+    """The server refuses the `tools` parameter (the model's template has none, or the server
+    was started without tool parsing): retrying never helps; text tool mode does."""
+
+
+class TooSlowError(LLMError):
+    """The model did not finish within the timeout: usually it was still writing."""
 
 
 # How OpenAI, vLLM, llama.cpp, Ollama, TGI and others say "your prompt is too long".
 _OVERFLOW = re.compile(
     r"context_length_exceeded|maximum context length|context length|context window"
     r"|exceeds? the (?:available )?context|exceed_context_size|prompt is too long|prompt too long"
-    r"|too many tokens|input is too long|reduce the length|tokens \+ `?max_new_tokens",
+    r"|too many tokens|input is too long|reduce the length|tokens \+ `?max_new_tokens"
+    r"|context size has been exceeded|exceeds? the context size",
+    re.IGNORECASE,
+)
+# the window an overflow error states: OpenAI and vLLM in words, llama-server as "n_ctx"
+_STATED_LIMIT = re.compile(
+    r"(?:maximum context length|context length|context window|context size)\D{0,20}?(\d{3,8})\s*tokens"
+    r'|"n_ctx"\s*:\s*(\d{3,8})',
+    re.IGNORECASE,
+)
+# How Ollama, llama-server and vLLM refuse tools (DESIGN.md §8), and any message saying tools are unsupported.
+_NO_TOOLS = re.compile(
+    r"does not support tools|tools param requires --jinja|unsupported param: tools"
+    r"|tool choice requires --enable-auto-tool-choice|tools? (?:are |is )?not supported|does not support (?:function|tool)"
+    r"|tool[_ ]choice (?:is )?not supported",
     re.IGNORECASE,
 )
 
 
 def is_context_overflow(status: int, body: str) -> bool:
     return status in (400, 413, 422, 500) and bool(_OVERFLOW.search(body))
+
+
+def stated_limit(body: str) -> int | None:
+    """The context window an overflow error names, if it names one."""
+    match = _STATED_LIMIT.search(body)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def refuses_tools(status: int, body: str) -> bool:
+    return 400 <= status < 600 and bool(_NO_TOOLS.search(body))
 
 
 # scheme://user:password@ (up to the last @ before the host's end: passwords may hold an @)
@@ -135,6 +179,8 @@ class ChatResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     usage: Usage | None = None
     seconds: float = 0.0  # the whole call: waiting for a slot, every attempt and the pauses between them
+    reasoning: str = ""  # `reasoning_content` or `reasoning`: private, never sent back
+    finish_reason: str = ""  # "length": the answer was cut at max_tokens
 
 
 class LLMClient:
@@ -172,6 +218,12 @@ class LLMClient:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._aborting = asyncio.Event()
         self._attempts: set[asyncio.Timeout] = set()
+        # calls a person waits for (queued or in flight); background calls run only when there are none
+        self._foreground = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._background_attempts: set[asyncio.Timeout] = set()
+        self._preempted: set[asyncio.Timeout] = set()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -191,15 +243,19 @@ class LLMClient:
         tools: list[dict[str, Any]] | None = None,
         *,
         max_tokens: int | None = None,
+        background: bool = False,
     ) -> ChatResult:
+        """One chat completion. `background`: work nobody waits for (consolidation); it runs only
+        while no call a person waits for is queued or in flight, and gives way to one that comes."""
         body: dict[str, Any] = {"model": model, "messages": messages}
         if tools:
-            body["tools"] = tools
+            # explicit: llama-cpp-python's server ignores tools without it (abetlen/llama-cpp-python#1338)
+            body["tools"], body["tool_choice"] = tools, "auto"
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         started = time.perf_counter()
         try:
-            result = parse_chat(await self._post("chat/completions", body))
+            result = parse_chat(await self._post("chat/completions", body, background=background))
         except LLMError as exc:
             exc.seconds = time.perf_counter() - started
             raise
@@ -222,7 +278,62 @@ class LLMClient:
             raise
         return vectors
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def probe(
+        self, method: str, url: str, timeout: float, body: dict[str, Any] | None = None, *, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """One request, within `timeout`, without retries: for asking a server about itself.
+        (status, decoded JSON or the text); status 0 when it did not answer."""
+        try:
+            async with asyncio.timeout(timeout):
+                content = None if body is None else orjson.dumps(body)
+                sent = self._headers if headers is None else httpx.Headers({**self._headers, **headers})
+                response = await self._http.request(method, url, headers=sent, content=content)
+        except (TimeoutError, httpx.HTTPError):
+            return 0, None
+        try:
+            return response.status_code, orjson.loads(response.content)
+        except ValueError:
+            return response.status_code, without_surrogates(response.content.decode("utf-8", "replace"))
+
+    async def get_json(self, url: str, timeout: float) -> Any:
+        """A JSON document the server gives at `url`, or None."""
+        status, data = await self.probe("GET", url, timeout)
+        return data if 200 <= status < 300 else None
+
+    async def post_json(self, url: str, body: dict[str, Any], timeout: float) -> Any:
+        """As get_json (Ollama's /api/show is a POST)."""
+        status, data = await self.probe("POST", url, timeout, body)
+        return data if 200 <= status < 300 else None
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, background: bool) -> AsyncIterator[None]:
+        if background:
+            while True:
+                await self._idle.wait()
+                await self._slots.acquire()
+                if self._idle.is_set():
+                    break
+                self._slots.release()  # a person's call came while this one waited for the slot
+            try:
+                yield
+            finally:
+                self._slots.release()
+            return
+        self._foreground += 1
+        self._idle.clear()
+        now = asyncio.get_running_loop().time()
+        for attempt in self._background_attempts:  # give way: the background call starts again later
+            self._preempted.add(attempt)
+            attempt.reschedule(now)
+        try:
+            async with self._slots:
+                yield
+        finally:
+            self._foreground -= 1
+            if not self._foreground:
+                self._idle.set()
+
+    async def _post(self, path: str, body: dict[str, Any], *, background: bool = False) -> dict[str, Any]:
         data = orjson.dumps(body)
         deadline = time.monotonic() + self.retry_budget
         attempt = 0
@@ -236,9 +347,14 @@ class LLMClient:
                     content=data,
                     extensions={"timeout": self._timeout.as_dict()},
                 )
-                async with self._slots:
-                    response = await self._attempt(request)
+                async with self._slot(background):
+                    response = await self._attempt(request, background)
+            except _GaveWay:
+                continue
             except TimeoutError:
+                if path == "chat/completions":
+                    # the model was still writing: a retry would queue behind the abandoned request
+                    raise TooSlowError(f"the model took too long to answer (timed out after {self.timeout:g} s)") from None
                 problem, wait = f"timed out after {self.timeout:g} s", None
                 brief = problem
             except httpx.TimeoutException as exc:
@@ -263,7 +379,11 @@ class LLMClient:
                 problem = self._status(response.status_code, text)
                 brief = f"HTTP {response.status_code} from the model endpoint"
                 if is_context_overflow(response.status_code, text):
-                    raise ContextOverflowError(problem, brief=f"{brief}: the request is larger than the model's context window")
+                    raise ContextOverflowError(
+                        problem, brief=f"{brief}: the request is larger than the model's context window", limit=stated_limit(text)
+                    )
+                if "tools" in body and refuses_tools(response.status_code, text):
+                    raise ToolsUnsupportedError(problem, brief=brief)
                 if response.status_code != 429 and response.status_code < 500:
                     raise LLMError(problem, brief=brief)
                 wait = _retry_after(response)
@@ -275,20 +395,27 @@ class LLMClient:
             log.warning("%s: %s; retrying in %.1f s", path, problem, backoff)
             await self._pause(backoff)
 
-    async def _attempt(self, request: httpx.Request) -> httpx.Response:
-        """One request within `timeout` in all; abort() ends it at once."""
+    async def _attempt(self, request: httpx.Request, background: bool = False) -> httpx.Response:
+        """One request within `timeout` in all; abort() ends it at once, a person's call ends a background one."""
         if self._aborting.is_set():
             raise LLMError(SHUTTING_DOWN)
+        limit = asyncio.timeout(self.timeout)
         try:
-            async with asyncio.timeout(self.timeout) as limit:
+            async with limit:
                 self._attempts.add(limit)
+                if background:
+                    self._background_attempts.add(limit)
                 try:
                     return await self._http.send(request)
                 finally:
                     self._attempts.discard(limit)
+                    self._background_attempts.discard(limit)
         except TimeoutError:
             if self._aborting.is_set():
                 raise LLMError(SHUTTING_DOWN) from None
+            if limit in self._preempted:
+                self._preempted.discard(limit)
+                raise _GaveWay from None
             raise
 
     async def _pause(self, seconds: float) -> None:
@@ -397,7 +524,15 @@ def parse_chat(data: dict[str, Any]) -> ChatResult:
         prompt, completion = _tokens(data["usage"].get("prompt_tokens")), _tokens(data["usage"].get("completion_tokens"))
         if prompt is not None and completion is not None:
             usage = Usage(prompt, completion)
-    return ChatResult(content=without_surrogates(_text(message.get("content"))), tool_calls=calls, usage=usage)
+    reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+    finish = data["choices"][0].get("finish_reason") if isinstance(data["choices"][0], dict) else None
+    return ChatResult(
+        content=without_surrogates(_text(message.get("content"))),
+        tool_calls=calls,
+        usage=usage,
+        reasoning=without_surrogates(_text(reasoning)),
+        finish_reason=finish if isinstance(finish, str) else "",
+    )
 
 
 def _text(content: Any) -> str:

@@ -8,17 +8,24 @@ step cap, and whether the last step must answer in plain text.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from . import recall, tools
+from . import recall, replies, tools
 from .llm import ChatResult, ToolCall
 
 # sent with the next request only: an engine instruction is never stored, so it can reach neither
 # a later prompt nor the summary, nor be taken for something a person said
 EMPTY_ANSWER = "Your answer was empty. Reply to the user with send_message."
 EMPTY_LAST_ANSWER = "Your answer was empty. Answer the user now in plain text."
+MALFORMED_CALL = (
+    'Your function call could not be read. Write it exactly as <tool_call>{"name": "NAME", "arguments": {...}}</tool_call> '
+    "with valid JSON, or answer the user in plain text."
+)
+# engine text meant for the model; a model that copies one into its answer must not pass it on to people
+_NOTES = (EMPTY_ANSWER, EMPTY_LAST_ANSWER, MALFORMED_CALL)
 # a third identical call in one turn ends it
 REPEATS_BEFORE_STOP = 2
 
@@ -38,6 +45,8 @@ class End:
     text: str = ""  # the reply or the plain answer
     steps: int = 0
     edits: list[str] = field(default_factory=list)  # "name: result" of each call that changed memory
+    thinking: list[str] = field(default_factory=list)  # the model's private reasoning, step by step
+    cut: bool = False  # the answer stopped at the output limit (finish_reason "length")
 
 
 class Host(Protocol):
@@ -64,6 +73,7 @@ class Loop:
         schemas = [t.schema for t in self.tools.values()]
         seen: dict[tuple[str, str], int] = {}
         edits: list[str] = []
+        thinking: list[str] = []
         note: str | None = None
         for step in range(1, self.max_steps + 1):
             last = self.must_answer and step == self.max_steps and self.max_steps > 1
@@ -72,32 +82,42 @@ class Loop:
                 note = EMPTY_LAST_ANSWER if note else None
             answer = await self.host.ask(None if last else schemas, note)
             note = None
-            if not answer.tool_calls:
-                text = answer.content.strip()
+            reading = replies.read(answer.content, self.tools, answer.reasoning)
+            if reading.thinking:
+                thinking.append(reading.thinking)
+            text = _without_notes(reading.text)
+            calls = answer.tool_calls
+            if not calls and not last:  # a call the server's parser missed is still a call
+                calls = [ToolCall(f"call_{uuid.uuid4().hex[:12]}", c.name, c.arguments) for c in reading.calls]
+            if not calls:
                 if text:
                     await self.host.keep([recall.Message(role="assistant", content=text)])
-                    return End(Ending.TEXT_AT_LIMIT if last else Ending.TEXT, text, step, edits)
+                    how = Ending.TEXT_AT_LIMIT if last else Ending.TEXT
+                    return End(how, text, step, edits, thinking, cut=answer.finish_reason == "length")
                 if not self.must_answer:
-                    return End(Ending.EMPTY, "", step, edits)
-                note = EMPTY_ANSWER
+                    return End(Ending.EMPTY, "", step, edits, thinking)
+                note = MALFORMED_CALL if reading.malformed and not last else EMPTY_ANSWER
                 continue
-            replies, looping = await self._execute(answer, seen, edits)
-            if replies:
-                return End(Ending.REPLY, "\n\n".join(replies), step, edits)
+            found, looping = await self._execute(text, calls, seen, edits)
+            if found:
+                return End(Ending.REPLY, "\n\n".join(found), step, edits, thinking)
             if looping:
                 await self.host.keep([event("The turn was stopped: the same function call kept repeating.")])
-                return End(Ending.LOOP, "", step, edits)
-        return End(Ending.STEP_LIMIT, "", self.max_steps, edits)
+                return End(Ending.LOOP, "", step, edits, thinking)
+        return End(Ending.STEP_LIMIT, "", self.max_steps, edits, thinking)
 
-    async def _execute(self, answer: ChatResult, seen: dict[tuple[str, str], int], edits: list[str]) -> tuple[list[str], bool]:
+    async def _execute(
+        self, text: str, answered: list[ToolCall], seen: dict[tuple[str, str], int], edits: list[str]
+    ) -> tuple[list[str], bool]:
         """Run an answer's calls and keep them with their results; every call kept gets a result.
 
-        Calls past the cap are neither run nor kept: a thousand 19 KB calls in one answer would
-        otherwise be stored whole, and re-read and re-sent with every later prompt.
+        Only the answer's cleaned text is kept beside the calls: its thinking and call markup never go
+        back to the model. Calls past the cap are neither run nor kept: a thousand 19 KB calls in one
+        answer would otherwise be stored whole, and re-read and re-sent with every later prompt.
         """
-        calls, dropped = answer.tool_calls[: self.max_calls_per_answer], len(answer.tool_calls) - self.max_calls_per_answer
-        stored = [recall.Message(role="assistant", content=answer.content.strip(), tool_calls=[c.as_openai() for c in calls])]
-        replies: list[str] = []
+        calls, dropped = answered[: self.max_calls_per_answer], len(answered) - self.max_calls_per_answer
+        stored = [recall.Message(role="assistant", content=text, tool_calls=[c.as_openai() for c in calls])]
+        found: list[str] = []
         looping = False
         for call in calls:
             signature = (call.name, _normalized(call.arguments))
@@ -111,7 +131,9 @@ class Loop:
             else:
                 outcome = await self.host.execute(call, self.tools)
             if outcome.reply:
-                replies.append(outcome.reply)
+                reply = _without_notes(replies.read(outcome.reply, self.tools).text)
+                if reply:
+                    found.append(reply)
             tool = self.tools.get(call.name)
             if outcome.ok and tool is not None and tool.edits_memory:
                 edits.append(f"{call.name}: {outcome.text}")
@@ -124,7 +146,13 @@ class Loop:
                 )
             )
         await self.host.keep(stored)
-        return replies, looping
+        return found, looping
+
+
+def _without_notes(text: str) -> str:
+    for note in _NOTES:
+        text = text.replace(note, "")
+    return text.strip()
 
 
 def event(text: str) -> recall.Message:

@@ -50,7 +50,8 @@ class Message:
             return {"role": "user", "content": f"[{when} system event] {self.content}"}
         if self.role == "tool":
             return {"role": "tool", "tool_call_id": self.tool_call_id or "", "content": self.content}
-        out: dict[str, Any] = {"role": "assistant", "content": self.content or None}
+        # "" and never null: llama-cpp-python and llama.cpp answer HTTP 500 to a null content
+        out: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
         return out

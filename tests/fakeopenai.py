@@ -54,6 +54,52 @@ def flood(name: str, args: Callable[[int], dict[str, Any]], count: int) -> dict[
     return calls(*((name, args(n), f"call_flood_{n}") for n in range(count)))
 
 
+def thinking(thought: str, answer: str, *, open_tag: bool = True) -> dict[str, Any]:
+    """A reasoning model's answer with its thinking in `<think>` tags in the content; without the
+    opening tag when the chat template opened the block (Qwen3, DeepSeek-R1)."""
+    return reply(f"{'<think>' if open_tag else ''}{thought}</think>\n\n{answer}")
+
+
+def reasoning(thought: str, answer: str, field_name: str = "reasoning_content") -> dict[str, Any]:
+    """Thinking in a field of its own: `reasoning_content` (DeepSeek, vLLM, llama-server) or `reasoning` (OpenRouter, Ollama)."""
+    return {"message": {"role": "assistant", "content": answer, field_name: thought}}
+
+
+def text_call(form: str, name: str, args: dict[str, Any], *, around: str = "") -> dict[str, Any]:
+    """A tool call written in the content, as a server whose parser missed it passes it on (DESIGN.md §8)."""
+    raw = json.dumps(args)
+    written = {
+        "hermes": f'<tool_call>\n{{"name": "{name}", "arguments": {raw}}}\n</tool_call>',
+        "llama": f'{{"name": "{name}", "parameters": {raw}}}',
+        "mistral": f'[TOOL_CALLS][{{"name": "{name}", "arguments": {raw}}}]',
+        "fenced": f'```json\n{{"name": "{name}", "arguments": {raw}}}\n```',
+    }[form]
+    return reply(f"{around}{written}" if around else written)
+
+
+# how servers refuse the `tools` parameter (DESIGN.md §8)
+REFUSALS: dict[str, tuple[int, dict[str, Any]]] = {
+    "ollama": (400, {"error": {"message": "registry.ollama.ai/library/gemma3:4b does not support tools", "type": "api_error"}}),
+    "llama-server-jinja": (500, {"error": {"code": 500, "message": "tools param requires --jinja flag", "type": "server_error"}}),
+    "llama-server-param": (500, {"error": {"code": 500, "message": "Unsupported param: tools", "type": "server_error"}}),
+    "vllm": (
+        400,
+        {
+            "object": "error",
+            "message": '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            "type": "BadRequestError",
+            "code": 400,
+        },
+    ),
+}
+
+
+def refusal(server: str) -> Callable[[dict[str, Any]], Any]:
+    """A server that refuses requests carrying `tools` the way `server` does, and answers the rest with `then`."""
+    status, body = REFUSALS[server]
+    return lambda request: Error(status, body) if "tools" in request else None
+
+
 @dataclass
 class Error:
     status: int
@@ -109,6 +155,12 @@ class FakeOpenAI:
         self.fail_embeddings: Error | None = None
         self.in_flight = 0
         self.max_in_flight = 0
+        # what the server says about itself, by shape (None: the endpoint is absent, 404)
+        self.props: dict[str, Any] | None = None  # llama-server GET /props
+        self.ollama_show: dict[str, Any] | None = None  # Ollama POST /api/show
+        self.lmstudio_models: dict[str, Any] | None = None  # LM Studio GET /api/v0/models
+        self.model_fields: dict[str, Any] = {}  # added to the model's /v1/models entry (vLLM: max_model_len)
+        self.silent = False  # the self-description endpoints accept the connection and never answer
         self._runner: web.AppRunner | None = None
         self.url = ""
         self._arrived = asyncio.Event()  # set by every request, for `wait_until`
@@ -118,6 +170,9 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/props", self._described(lambda: self.props))
+        app.router.add_post("/api/show", self._described(lambda: self.ollama_show))
+        app.router.add_get("/api/v0/models", self._described(lambda: self.lmstudio_models))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -151,7 +206,20 @@ class FakeOpenAI:
             e = self.fail_models
             payload = e.body if isinstance(e.body, str) else json.dumps(e.body)
             return web.Response(text=payload, status=e.status, headers=e.headers, content_type="application/json")
-        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+        if self.silent:
+            await asyncio.Event().wait()
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model", **self.model_fields}]})
+
+    def _described(self, document: Callable[[], dict[str, Any] | None]) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.Response:
+            if self.silent:
+                await asyncio.Event().wait()
+            found = document()
+            if found is None:
+                return web.Response(status=404, text="Not Found")
+            return web.json_response(found)
+
+        return handler
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -191,7 +259,9 @@ class FakeOpenAI:
                 await asyncio.sleep(item.seconds)
                 item = item.then
             elif callable(item):
-                item = item(body)
+                produced = item(body)
+                # a script that lets a request through answers it with the next scripted item
+                item = produced if produced is not None else (self.script.pop(0) if self.script else self.default)
             elif asyncio.iscoroutine(item):  # an async script can wait for other requests
                 item = await item
             else:
@@ -218,7 +288,25 @@ class FakeOpenAI:
             data["usage"] = {"prompt_tokens": prompt, "completion_tokens": 10, "total_tokens": prompt + 10}
         if self.usage_body is not None:
             data["usage"] = self.usage_body
+        if body.get("stream"):
+            return await self._stream(data, request)
         return web.json_response(data)
+
+    async def _stream(self, data: dict[str, Any], request: web.Request) -> web.StreamResponse:
+        """The answer as server-sent events: the content in pieces, then the finish, then [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        message = data["choices"][0]["message"]
+        content = message.get("content") or ""
+        pieces = [content[i : i + 8] for i in range(0, len(content), 8)] or [""]
+        for piece in pieces:
+            chunk = {"id": data["id"], "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        finish = {"index": 0, "delta": {}, "finish_reason": data["choices"][0].get("finish_reason")}
+        await response.write(f"data: {json.dumps({'id': data['id'], 'choices': [finish]})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -166,10 +166,13 @@ async def test_retries_429_with_retry_after_and_500(engine: Engine, fake: FakeOp
     assert any("slow down" in r.getMessage() and "retrying in 0.3 s" in r.getMessage() for r in caplog.records)
 
 
-async def test_timeout_is_retried(tmp_path: Path, fake: FakeOpenAI) -> None:
+async def test_a_model_too_slow_is_not_asked_again_and_the_person_is_told(tmp_path: Path, fake: FakeOpenAI) -> None:
+    # a one-slot server keeps writing for an abandoned request: a retry would only queue behind it (issue 9)
     engine = await Engine.open(make_settings(tmp_path, fake, llm_timeout=0.3))
     fake.push(Delay(1.0, reply("too late")), reply("in time"))
-    assert (await engine.send("dm:1", user("hi"))).reply == "in time"
+    result = await engine.send("dm:1", user("hi"))
+    assert result.outcome == "error" and "took too long" in result.reply and len(fake.chat_requests) == 1
+    assert (await engine.send("dm:1", user("again"))).reply == "in time"
     await engine.close()
 
 
