@@ -183,6 +183,15 @@ class Turn:
             return await self._call(prompt, self._result, schemas, note)
 
     async def keep(self, messages: list[recall.Message]) -> None:
+        for m in messages:
+            if m.role == "assistant" and self.model.answered(bool(m.tool_calls)):
+                log.warning(
+                    "the model has answered %d times without calling a function: it saves no memory. The server may "
+                    "be ignoring tools (llama.cpp: start llama-server with --jinja; vLLM: --enable-auto-tool-choice "
+                    "--tool-call-parser; Ollama: a model whose template has tools), or set TOOL_MODE=text. "
+                    "`mnemocord doctor` checks it.",
+                    serving.NEVER_CALLED_AFTER,
+                )
         await self._append(self._result, messages)
 
     async def execute(self, call: ToolCall, available: dict[str, tools.Tool]) -> tools.Outcome:

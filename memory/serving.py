@@ -28,6 +28,8 @@ TRUNCATION_SHARE = 0.35
 # ...judged only on prompts this large, where the estimate's own error cannot explain it
 TRUNCATION_MIN_TOKENS = 600
 SMALLEST_WINDOW = 512
+# answers without a single function call before the log says the model does not use its tools
+NEVER_CALLED_AFTER = 10
 LARGEST_WINDOW = 10_000_000
 
 
@@ -39,6 +41,15 @@ class ModelState:
     server_window: int | None = None  # the window the server stated, if it did
     truncation: str = ""  # why the provider's token count suggests the prompt was cut, once seen
     logged: set[str] = field(default_factory=set)
+    called_a_tool: bool = False
+    answers_without_calls: int = 0
+
+    def answered(self, called: bool) -> bool:
+        """Count an answer; True once, when the model has answered NEVER_CALLED_AFTER times and never
+        called a function: memory is then never saved, which nothing else would show."""
+        self.called_a_tool = self.called_a_tool or called
+        self.answers_without_calls += not called
+        return not self.called_a_tool and self.answers_without_calls >= NEVER_CALLED_AFTER and self.once("never_called")
 
     def once(self, what: str) -> bool:
         """True the first time `what` is asked: for log lines that must not repeat every turn."""

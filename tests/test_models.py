@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,23 @@ async def test_a_tool_call_turn_sends_content_as_empty_text(engine: Engine, fake
 
 def test_overflow_error_carries_the_stated_limit() -> None:
     assert ContextOverflowError("x", limit=4096).limit == 4096
+
+
+async def test_a_model_that_never_calls_a_function_is_said_in_the_log_once(
+    tmp_path: Path, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    from memory import serving
+    from memory.config import EngineSettings
+    from memory.engine import Engine
+
+    settings = EngineSettings(  # type: ignore[call-arg]
+        _env_file=None, database_path=tmp_path / "n.db", llm_base_url=fake.url, llm_model="m", llm_max_retries=0
+    )
+    engine = await Engine.open(settings)
+    fake.default = reply("just chatting")
+    with caplog.at_level(logging.WARNING, logger="memory.agent"):
+        for i in range(serving.NEVER_CALLED_AFTER + 3):
+            await engine.send("dm:1", recall.Message(role="user", content=f"hello {i}", author="ann", author_id="1"))
+    await engine.close()
+    said = [r for r in caplog.records if "without calling a function" in r.getMessage()]
+    assert len(said) == 1 and "--jinja" in said[0].getMessage()
