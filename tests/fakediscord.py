@@ -181,6 +181,7 @@ class FakeDiscord:
         self._ids = _Snowflakes(max(bot_user_id, app_id))
         self.bot_user_id = str(bot_user_id)
         self.app_id = str(app_id)
+        self.application_flags = APPLICATION_FLAGS  # the Developer Portal's switches, intents included
         self.port = 0
 
         # --- world state (wire format) -------------------------------------------------
@@ -1369,6 +1370,7 @@ class FakeDiscord:
         route("POST", "/users/@me/channels", self._open_dm)
         route("GET", "/users/{user_id}", self._get_user)
         route("GET", "/oauth2/applications/@me", self._get_application)
+        route("GET", "/applications/@me", self._get_application)
         route("GET", "/gateway", self._get_gateway)
         route("GET", "/gateway/bot", self._get_gateway)
         route("GET", "/applications/{app_id}/commands", self._get_commands)
@@ -1441,7 +1443,7 @@ class FakeDiscord:
                 "owner": self.owner,
                 "team": None,
                 "verify_key": "0" * 64,
-                "flags": APPLICATION_FLAGS,
+                "flags": self.application_flags,
                 "interactions_endpoint_url": None,  # non-None makes discord.py warn
                 "bot": self.users[self.bot_user_id],
             }

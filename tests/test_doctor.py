@@ -52,3 +52,24 @@ async def test_doctor_with_an_unreachable_model(tmp_path: Path, fake: FakeOpenAI
     env = {**base_env(tmp_path, fake), "LLM_BASE_URL": "http://127.0.0.1:9/v1", "DISCORD_TOKEN": ""}
     code, out, _ = await run_cli("doctor", env=env)
     assert code == 1 and "✗ model endpoint unreachable" in out
+
+
+async def test_doctor_checks_discord_token_application_and_message_content_intent(tmp_path: Path, fake: FakeOpenAI) -> None:
+    from tests.fakediscord import FakeDiscord
+
+    async with FakeDiscord() as discord_fake:
+        env = {
+            **base_env(tmp_path, fake),
+            "LLM_MODEL": "fake-model",
+            "DISCORD_TOKEN": "fake-token",
+            "DISCORD_API_BASE": discord_fake.rest_base,
+        }
+        fake.default = call("send_message", {"message": "hello"})
+        code, out, err = await run_cli("doctor", env=env)
+        assert "✓ Discord token valid" in out and f"✓ application id {discord_fake.app_id}" in out, out + err
+        assert "✓ Message Content intent enabled" in out
+        assert f"client_id={discord_fake.app_id}&scope=bot+applications.commands" in out
+        assert "fake-token" not in out + err
+        discord_fake.application_flags = 0  # the intent switched off in the Developer Portal
+        code, out, err = await run_cli("doctor", env=env)
+        assert code == 1 and "✗ Message Content intent off: enable it under Bot → Privileged Gateway Intents" in out
