@@ -11,7 +11,6 @@ import json
 import re
 import secrets
 from collections import OrderedDict
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -20,39 +19,22 @@ import orjson
 
 from . import agents, archival, clock, context, core, documents, erasure, events, people, portability, recall, search
 from .agents import Agent
-from .archival import Archive
-from .config import EngineSettings
 from .core import Block
-from .db import Database, marks, sqlite3
+from .db import marks, sqlite3
 from .events import Event as ScheduledEvent
 from .events import Scheduler
 from .serving import ModelState
 
 
-class Engine(Protocol):
-    """What the memory API needs of the engine (memory/engine.py), which owns it."""
-
-    @property
-    def db(self) -> Database: ...
-
-    @property
-    def archive(self) -> Archive: ...
-
-    @property
-    def settings(self) -> EngineSettings: ...
+class Engine(erasure.Engine, Protocol):
+    """What the memory API needs of the engine (memory/engine.py), which owns it: what erasing
+    needs, and the whole timer and the model's state."""
 
     @property
     def events(self) -> Scheduler: ...
 
     @property
-    def memory(self) -> erasure.Options: ...
-
-    @property
     def model(self) -> ModelState: ...
-
-    async def agent(self, key: str) -> Agent: ...
-
-    def exclusive(self, key: str) -> AbstractAsyncContextManager[None]: ...
 
 
 Scope = Literal["conversation", "core", "archival", "all"]
