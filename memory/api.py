@@ -165,13 +165,8 @@ class MemoryAPI:
 
     async def forget(self, key: str, message_ids: list[int], passage_ids: list[int]) -> tuple[int, int]:
         """Delete these messages and passages of the agent (others' ids are ignored); returns how many of each."""
-        agent = await self._agent(key)
-
-        def erase(c: sqlite3.Connection) -> tuple[int, int]:
-            return recall.forget(c, agent, message_ids), archival.delete(c, agent, passage_ids)
-
-        async with self._engine.exclusive(key):
-            return await self._engine.db.transact(erase)  # whole: a failure leaves everything
+        erased = await erasure.forget_items(self._engine, key, message_ids, passage_ids)
+        return erased.messages, erased.passages
 
     async def reset(self, key: str, scope: Scope) -> None:
         """Erase the conversation (recall and summary), the core blocks (to their defaults), archival memory, or all."""

@@ -2,8 +2,9 @@
 
 Messages are found by their platform id (`messages.external_id`, a Discord
 message id, unique across all agents), and the passages read from a message's
-attachments by `passages.origin`. Every deletion goes through recall.delete and
-Archive.delete, which tell the full-text indexes exactly what they were given.
+attachments by `passages.origin`. Every deletion goes through recall's and
+archival's in-transaction forms (forget, wipe, delete, clear), which tell the
+full-text indexes exactly what they were given.
 Erasing runs under `Engine.exclusive`: never inside a turn, and a consolidation
 pass that read the erased text drops its notes.
 """
@@ -115,16 +116,20 @@ async def delete_external(engine: Engine, external_ids: list[str]) -> Erased:
     )
     total = Erased()
     for key in messages.keys() | passages.keys():
-        total += await _delete(engine, key, messages.get(key, []), passages.get(key, []))
+        total += await forget_items(engine, key, messages.get(key, []), passages.get(key, []))
     return total
 
 
-async def _delete(engine: Engine, key: str, message_ids: list[int], passage_ids: list[int]) -> Erased:
+async def forget_items(engine: Engine, key: str, message_ids: list[int], passage_ids: list[int]) -> Erased:
+    """Delete these messages and passages of one agent (others' ids are ignored), in one transaction:
+    a failure leaves everything."""
     agent = await engine.agent(key)
+
+    def erase(c: sqlite3.Connection) -> Erased:
+        return Erased(recall.forget(c, agent, message_ids), archival.delete(c, agent, passage_ids))
+
     async with engine.exclusive(key):
-        removed_m = await recall.delete(engine.db, agent, message_ids)
-        removed_p = await engine.archive.delete(agent, passage_ids)
-    return Erased(removed_m, removed_p)
+        return await engine.db.transact(erase)
 
 
 async def edit_external(engine: Engine, external_id: str, content: str) -> int:
@@ -205,7 +210,7 @@ async def forget_author(engine: Engine, author_id: str) -> Erased:
     )
     total = Erased()
     for key in messages.keys() | passages.keys():
-        total += await _delete(engine, key, messages.get(key, []), passages.get(key, []))
+        total += await forget_items(engine, key, messages.get(key, []), passages.get(key, []))
     # their messages are still in the platform's history: catch-up must not read them back in
     for key, external_id in newest.items():
         if external_id > int(await engine.memory.option(key, CAUGHT_UP, 0) or 0):
