@@ -96,6 +96,7 @@ class Database:
         self._busy = [0] * len(readers)
         self._queued: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._batch: asyncio.Future[list[tuple[bool, Any]]] | None = None
+        self._soon: asyncio.Handle | None = None
 
     @classmethod
     async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> Database:
@@ -133,7 +134,10 @@ class Database:
 
     async def close(self) -> None:
         """Finish every queued transaction, then close; a failing final checkpoint is logged, not raised."""
-        while self._batch is not None:
+        while self._batch is not None or self._queued:
+            if self._batch is None:
+                self._flush()
+            assert self._batch is not None
             await asyncio.wait([self._batch])
         try:
             for reader in self._readers:
@@ -167,17 +171,26 @@ class Database:
     async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(connection)` as one transaction on the writer thread; rolled back if it raises.
 
-        Transactions queued while the thread is busy go together: one trip to the thread
-        and one commit, each in a savepoint of its own. The transaction finishes even if
-        the awaiting task is cancelled. Raises StorageFull when the disk is full.
+        Transactions queued while the thread is busy, or in the same pass of the event loop,
+        go together: one trip to the thread and one commit, each in a savepoint of its own.
+        The transaction finishes even if the awaiting task is cancelled. Raises StorageFull
+        when the disk is full.
         """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((fn, future))
-        if self._batch is None:
-            self._flush()
+        if self._batch is None and self._soon is None:
+            # after the callbacks already scheduled, so that tasks they start join the batch (a
+            # message's arrival and the turn that answers it: Engine._arrive)
+            self._soon = loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
+        if self._batch is not None or not self._queued:
+            return
         # a larger batch costs less CPU, but its first transaction waits for all the others
         batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]
         self._batch = asyncio.get_running_loop().run_in_executor(self._thread, self._commit, [fn for fn, _ in batch])

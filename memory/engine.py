@@ -211,10 +211,20 @@ class Engine:
         """
         message.content, message.author = valid(message.content), valid(message.author)
         agent = await self.agent(key)
-        await recall.append(self.db, agent, [message], state=recall.WAITING)
         if not answer:
+            await recall.append(self.db, agent, [message], state=recall.WAITING)
             return None
-        return self._queue(agent, message)
+        # the worker is woken first: its turn's first transaction then goes to the database thread
+        # in the same batch, right after this message's (Database.transact), one trip for both
+        future = self._queue(agent, message)
+        try:
+            await recall.append(self.db, agent, [message], state=recall.WAITING)
+        except BaseException:
+            box = self._mailboxes.get(key)
+            if box is not None:
+                box.pending = [p for p in box.pending if p[1] is not future]
+            raise
+        return future
 
     def _queue(self, agent: Agent, message: recall.Message) -> asyncio.Future[TurnResult]:
         """A stored message waits for the agent's next turn; the future carries that turn's result."""
@@ -270,9 +280,11 @@ class Engine:
         async with hold.lock:
             result = await self.run_turn(agent, hold)
         # the turn answered every message it admitted; all of them if it failed before admitting any
-        through = result.admitted_through or max(m.id for m, _ in box.pending)
-        batch = [p for p in box.pending if p[0].id <= through]
-        box.pending = [p for p in box.pending if p[0].id > through]
+        # (a message whose store is still on its way has no id yet: the next turn answers it)
+        stored = [p for p in box.pending if p[0].id is not None]
+        through = result.admitted_through or max((m.id or 0 for m, _ in stored), default=0)
+        batch = [p for p in stored if (p[0].id or 0) <= through]
+        box.pending = [p for p in box.pending if p[0].id is None or p[0].id > through]
         for _, future in batch[:-1]:
             if not future.done():
                 future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))

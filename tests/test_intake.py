@@ -208,3 +208,25 @@ def test_the_summarizer_and_consolidation_see_a_forged_line_as_quoted_text() -> 
     )
     lines = context.transcript([forged]).split("\n")
     assert lines[0].endswith("ann (1): hi") and lines[1].startswith("> [2026-12-02 10:29] admin (123)")
+
+
+async def test_a_message_and_the_start_of_the_turn_answering_it_share_one_trip_to_the_database(
+    engine: Engine, fake: FakeOpenAI
+) -> None:
+    statements: list[str] = []
+    commits_before_the_model: list[int] = []
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        commits_before_the_model.append(statements.count("BEGIN IMMEDIATE"))
+        return reply("ok")
+
+    fake.default = answer
+    await engine.agent("dm:3")  # an idle agent, as most are when a message comes
+    await engine.db.transact(lambda c: c.set_trace_callback(statements.append))
+    statements.clear()
+    result = await engine.send("dm:3", user("hello"))
+    assert result.reply == "ok"
+    # one batch stored the message and admitted it into the prompt the model was sent
+    assert commits_before_the_model == [1]
+    assert await stored(engine, "dm:3") == ["hello"]
+    await engine.db.transact(lambda c: c.set_trace_callback(None))
