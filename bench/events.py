@@ -23,7 +23,10 @@ Figures:
     late        per delivered answer: arrival - due time - the model time of the
                 turn that answered it (TurnResult.model_seconds: its calls as the
                 client saw them, waiting for a slot under the call limit
-                included); what is left is the engine's own lateness.
+                included) - the time it waited behind other turns for the model
+                before it began (TurnResult.queued_seconds: at most
+                TURNS_PER_CALL_SLOT turns per call slot run at once); what is
+                left is the engine's own lateness.
     missed      events due by the end that were not answered within --deadline s
 
 The last line:
@@ -168,7 +171,7 @@ async def run(args: argparse.Namespace, url: str, path: Path, due_stamp: str) ->
 
     async def deliver(key: str, result: events.Answer, event: events.Event) -> bool:
         arrivals[event.id] = time.time()
-        model[event.id] = result.model_seconds
+        model[event.id] = result.model_seconds + result.queued_seconds
         if len(arrivals) >= args.due:
             done.set()
         return True

@@ -68,6 +68,8 @@ class TurnResult:
     model_calls: int = 0
     model_seconds: float = 0.0
     engine_seconds: float = 0.0
+    # before the turn began: waiting behind other turns for the model (Engine.TURNS_PER_CALL_SLOT)
+    queued_seconds: float = 0.0
     error: str = ""
     evicted: list[recall.Message] = field(default_factory=list)
     admitted_through: int = 0  # the newest waiting message this turn took in

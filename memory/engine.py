@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 CONSOLIDATION_STEPS = 3
 # agents whose id stays cached (an agent's id never changes; a miss costs one read)
 AGENTS_KEPT = 4096
+# turns in progress at once, per model call allowed at once: enough to keep every call slot busy
+# (a turn also runs tools and reads its prompt between calls); the rest wait before reading their
+# prompt, so a crowd of turns (1,000 events due in one second) does not make each one late
+TURNS_PER_CALL_SLOT = 2
 STORAGE_FULL = "Sorry, my storage is full, so I can't think this through right now. The bot's operator has to free disk space."
 # the smallest window the engine works in (CONTEXT_WINDOW's own lower bound)
 MIN_WINDOW = 1024
@@ -80,6 +85,7 @@ class Engine:
         # agents are never deleted: a key's id never changes
         self._agents: OrderedDict[str, asyncio.Future[Agent]] = OrderedDict()
         self._holds: dict[str, _Hold] = {}
+        self._turns = asyncio.Semaphore(TURNS_PER_CALL_SLOT * settings.max_concurrent_llm_calls)
         self._background: set[asyncio.Task[None]] = set()
         self._embedding: asyncio.Task[None] | None = None
         self.memory = MemoryAPI(self)
@@ -294,8 +300,11 @@ class Engine:
     async def run_turn(self, agent: Agent, hold: _Hold) -> TurnResult:
         """A turn that answers every message waiting for this agent; `hold`'s lock is held."""
         turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale, model=self.model)
+        queued = time.perf_counter()
         try:
-            result = await turn.run()
+            async with self._turns:
+                waited = time.perf_counter() - queued
+                result = await turn.run()
         except Exception as exc:  # a full disk, or a bug: the callers must still get an answer
             if isinstance(exc, StorageFull):
                 log.error("%s: %s", agent.key, exc)
@@ -304,12 +313,14 @@ class Engine:
                 log.exception("%s: turn failed", agent.key)
                 reply = "Sorry, something went wrong on my side."
             result = TurnResult(reply=reply, outcome=TurnOutcome.ERROR, error=repr(exc), admitted_through=turn.admitted_through)
+        result.queued_seconds = waited
         log.info(
-            "turn agent=%s steps=%d tokens_in=%d tokens_out=%d model_ms=%.0f engine_ms=%.1f outcome=%s",
+            "turn agent=%s steps=%d tokens_in=%d tokens_out=%d queued_ms=%.0f model_ms=%.0f engine_ms=%.1f outcome=%s",
             agent.key,
             result.steps,
             result.tokens_in,
             result.tokens_out,
+            result.queued_seconds * 1000,
             result.model_seconds * 1000,
             result.engine_seconds * 1000,
             result.outcome,

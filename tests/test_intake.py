@@ -230,3 +230,37 @@ async def test_a_message_and_the_start_of_the_turn_answering_it_share_one_trip_t
     assert commits_before_the_model == [1]
     assert await stored(engine, "dm:3") == ["hello"]
     await engine.db.transact(lambda c: c.set_trace_callback(None))
+
+
+async def test_turns_beyond_the_model_call_limit_wait_before_reading_their_prompt(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """A crowd of turns (events due together) must not all read their prompts at once and then
+    wait for the model: each would be as late as the whole crowd's work."""
+    from memory.engine import TURNS_PER_CALL_SLOT
+
+    settings = EngineSettings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_path=tmp_path / "crowd.db",
+        llm_base_url=fake.url,
+        llm_model="fake-model",
+        max_concurrent_llm_calls=1,
+    )
+    engine = await Engine.open(settings)
+    admitted: list[int] = []
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        # messages taken into a prompt so far, across all agents
+        sql = "SELECT count(*) FROM messages WHERE role = 'user' AND in_context = ?"
+        admitted.append(await engine.db.fetchval(sql, (recall.IN_CONTEXT,)))
+        return reply("ok")
+
+    fake.default = answer
+    keys = [f"dm:{i}" for i in range(12)]
+    for key in keys:
+        await engine.agent(key)
+    results = await asyncio.gather(*(engine.send(key, user("ping")) for key in keys))
+    await engine.close()
+    assert [r.reply for r in results] == ["ok"] * len(keys)
+    # at the k-th call k turns have had their answer: the rest admitted are turns in progress
+    in_progress = [n - k for k, n in enumerate(admitted)]
+    assert max(in_progress) == TURNS_PER_CALL_SLOT, admitted
+    assert sum(r.queued_seconds > 0 for r in results) >= len(keys) - TURNS_PER_CALL_SLOT
