@@ -22,7 +22,7 @@ Conventions:
   ``timeout``) for a connected client, and return once the frame is written to the socket.
 * Sharding as Discord does it: each IDENTIFY's ``shard: [id, count]`` gets its own session and a
   READY listing only that shard's guilds; a guild's events go to shard ``(guild_id >> 22) % count``,
-  DMs (and everything without a guild) to shard 0.  ``add_guild(..., shard=k)`` picks such an id.
+  DMs (and everything without a guild) to shard 0.  ``add_guild(..., shard=(k, n))`` picks such an id.
 * Observe the bot through ``sent_messages``, ``interaction_responses``, ``typing``,
   ``registered_commands``, ``requests``, and synchronise with ``wait_for``.
 * The fake mimics a few Discord rules that catch real bugs: 2000-character content limit,
@@ -318,10 +318,15 @@ class FakeDiscord:
         return user
 
     def add_guild(
-        self, name: str, *, owner_id: Id, everyone_permissions: int = DEFAULT_EVERYONE_PERMISSIONS, shard: int | None = None
+        self,
+        name: str,
+        *,
+        owner_id: Id,
+        everyone_permissions: int = DEFAULT_EVERYONE_PERMISSIONS,
+        shard: tuple[int, int] | None = None,
     ) -> Json:
-        """``shard``: an id whose events go to that shard of ``self.shards`` (any shard when None)."""
-        gid = self._ids.next() if shard is None else self._ids.on_shard(shard, self.shards)
+        """``shard=(id, count)``: an id whose events go to shard ``id`` of a client with ``count`` shards."""
+        gid = self._ids.next() if shard is None else self._ids.on_shard(*shard)
         owner = _sid(owner_id)
         everyone = self._role(gid, "@everyone", everyone_permissions, position=0)
         everyone["id"] = gid  # @everyone's role id is the guild id
