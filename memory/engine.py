@@ -293,13 +293,14 @@ class Engine:
                 reply = "Sorry, something went wrong on my side."
             result = TurnResult(reply=reply, outcome=TurnOutcome.ERROR, error=repr(exc), admitted_through=turn.admitted_through)
         log.info(
-            "turn agent=%s steps=%d tokens_in=%d tokens_out=%d model_ms=%.0f engine_ms=%.1f outcome=%s",
+            "turn agent=%s steps=%d tokens_in=%d tokens_out=%d model_ms=%.0f engine_ms=%.1f evicted=%d outcome=%s",
             agent.key,
             result.steps,
             result.tokens_in,
             result.tokens_out,
             result.model_seconds * 1000,
             result.engine_seconds * 1000,
+            len(result.evicted),
             result.outcome,
         )
         if result.evicted:

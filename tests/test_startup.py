@@ -187,15 +187,18 @@ async def test_the_log_of_a_start_and_a_turn_holds_one_start_line_and_one_turn_l
     alice = fake_discord.add_user("alice")
     dm = fake_discord.dm_channel(alice["id"])
     fake.default = lambda body: reply("hello there")
-    proc = await start(tmp_path, run_env(tmp_path, fake, fake_discord))
+    # a small window: the third turn moves messages out of the context (and consolidates them)
+    proc = await start(tmp_path, run_env(tmp_path, fake, fake_discord, CONTEXT_WINDOW="1024", KEEP_LAST_MESSAGES="2"))
     lines: list[str] = []
     try:
         assert proc.stderr is not None
         while not lines or ": connected as " not in lines[-1]:  # the start is over
             lines.append((await asyncio.wait_for(proc.stderr.readline(), 20)).decode().rstrip("\n"))
             assert lines[-1], lines  # the process ended
-        await fake_discord.send_dm(alice["id"], "hi")
-        await fake_discord.wait_for(lambda f: f.bot_messages(dm["id"]), timeout=20)
+        started = lines[-1]
+        for n in range(1, 5):
+            await fake_discord.send_dm(alice["id"], f"message {n}: " + "words to remember " * 25)
+            await fake_discord.wait_for(lambda f, n=n: len(f.bot_messages(dm["id"])) == n, timeout=20)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
@@ -209,5 +212,8 @@ async def test_the_log_of_a_start_and_a_turn_holds_one_start_line_and_one_turn_l
     assert all(level == "INFO" for level, _ in levels_and_names), lines
     assert all(name.split(".")[0] in ("bot", "memory", "mnemocord") for _, name in levels_and_names), lines
     assert not [line for line in lines if "voice" in line.lower() or "HTTP Request" in line], lines
-    assert len([line for line in lines if ": turn agent=dm:" in line]) == 1, lines
     assert len([line for line in lines if ": connected as " in line]) == 1, lines
+    # between the start and the stop: a line per turn, nothing else (not even for moving messages out)
+    turns = lines[lines.index(started) + 1 : next(i for i, line in enumerate(lines) if ": shutting down" in line)]
+    assert len(turns) == 4 and all(": turn agent=dm:" in line for line in turns), lines
+    assert "evicted=0 " in turns[0] and "evicted=0 " not in turns[-1], lines
