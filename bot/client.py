@@ -77,8 +77,8 @@ class MnemoBot(discord.AutoShardedClient):
         # Discord message ids deleted lately: a message deleted while its attachments were read is not stored
         self._gone: OrderedDict[int, None] = OrderedDict()
         self._edits: OrderedDict[int, str] = OrderedDict()  # edits of messages not stored yet: id -> text
-        self._started = False
-        self._catching_up: set[asyncio.Task[None]] = set()
+        self._started = False  # on_ready's start-up done: it happens once, however many shards
+        self._catching_up: set[asyncio.Task[None]] = set()  # held here so they are not garbage-collected
 
     async def setup_hook(self) -> None:
         if self.sync_commands:
