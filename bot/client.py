@@ -38,9 +38,14 @@ NOT_STORED_FULL = "Sorry, I couldn't keep your message: my storage is full. The 
 NOT_STORED = "Sorry, I couldn't keep your message because of a storage problem on my side. Please try again later."
 
 
-class MnemoBot(discord.Client):
+class MnemoBot(discord.AutoShardedClient):
+    """One process holding every shard (SHARD_COUNT, else as many as Discord recommends): Discord
+    refuses a bot in more than 2,500 servers that does not shard."""
+
     def __init__(self, settings: BotSettings, engine: Engine, *, sync_commands: bool = True) -> None:
         wire.install()
+        # the bot never joins voice: discord.py's warnings that voice is unsupported would open every start's log
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.none()
         intents.guilds = True
         intents.guild_messages = True
@@ -53,6 +58,7 @@ class MnemoBot(discord.Client):
             guild_ready_timeout=0.5,
             # replies come from the gateway payload; the message cache would only cost memory
             max_messages=None,
+            shard_count=settings.shard_count,
         )
         self.settings = settings
         self.engine = engine
@@ -71,7 +77,8 @@ class MnemoBot(discord.Client):
         # Discord message ids deleted lately: a message deleted while its attachments were read is not stored
         self._gone: OrderedDict[int, None] = OrderedDict()
         self._edits: OrderedDict[int, str] = OrderedDict()  # edits of messages not stored yet: id -> text
-        self._catching_up: asyncio.Task[None] | None = None
+        self._started = False  # on_ready's start-up done: it happens once, however many shards
+        self._catching_up: set[asyncio.Task[None]] = set()  # held here so they are not garbage-collected
 
     async def setup_hook(self) -> None:
         if self.sync_commands:
@@ -81,14 +88,29 @@ class MnemoBot(discord.Client):
                 log.warning("could not register slash commands (%s); try `mnemocord sync` later", exc)
 
     async def on_ready(self) -> None:
+        # every shard is connected. Later on_ready (every shard had to start a new session at once)
+        # change nothing: on_shard_ready catches each one up.
+        if self._started:
+            return
+        self._started = True
         assert self.user is not None
-        log.info("connected as %s (%s) to %d guilds", self.user, self.user.id, len(self.guilds))
+        log.info(
+            "connected as %s (%s) to %d guilds on %d shards", self.user, self.user.id, len(self.guilds), self.shard_count or 1
+        )
         # here, not in setup_hook: `mnemocord sync` logs in too, and must not fire events.
-        # Events that came due while the bot was down fire now; a reconnect keeps the running timer.
+        # Events that came due while the bot was down fire now.
         await self.engine.events.start(self._deliver_event)
-        # on_ready comes at start and after a session that could not resume: both may have missed messages
-        if self._catching_up is None or self._catching_up.done():
-            self._catching_up = asyncio.create_task(self._catch_up())
+        self._start_catch_up(None)  # messages sent while the bot was down
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        # after the start, a shard's session that could not resume may have missed its conversations' messages
+        if self._started:
+            self._start_catch_up(shard_id)
+
+    def _start_catch_up(self, shard_id: int | None) -> None:
+        task = asyncio.create_task(self._catch_up(shard_id))
+        self._catching_up.add(task)
+        task.add_done_callback(self._catching_up.discard)
 
     async def _takes(self, interaction: discord.Interaction) -> bool:
         """Slash commands: none once shutting down, and in DMs the same rule as messages."""
@@ -407,9 +429,11 @@ class MnemoBot(discord.Client):
             self._seen.popitem(last=False)
         return True
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, shard_id: int | None = None) -> None:
         """Read each conversation's history after the newest message stored from it, oldest first, and take
-        each message as if it had just arrived (answers marked late). Dispatches `caught_up(count)`."""
+        each message as if it had just arrived (answers marked late). Dispatches `caught_up(count)`.
+
+        `shard_id`: only the conversations whose messages come on that shard; None: all of them."""
         taken: list[asyncio.Future[None]] = []
         limit, hours = self.settings.catch_up_messages, self.settings.catch_up_hours
         if limit and hours:
@@ -423,7 +447,7 @@ class MnemoBot(discord.Client):
                 if self.closing:
                     break
                 try:
-                    taken += await self._catch_up_one(key, max(last, horizon), limit)
+                    taken += await self._catch_up_one(key, max(last, horizon), limit, shard_id)
                 except (discord.HTTPException, aiohttp.ClientError, TimeoutError) as exc:  # e.g. no longer allowed to read it
                     log.warning("catch-up: could not read the history of %s (%s)", key, exc)
                 except Exception:
@@ -434,17 +458,23 @@ class MnemoBot(discord.Client):
             log.info("catch-up: %d messages sent while the bot was down", len(taken))
         self.dispatch("caught_up", len(taken))
 
-    async def _catch_up_one(self, key: str, after: int, limit: int) -> list[asyncio.Future[None]]:
-        """Start handling the messages of one conversation sent after message id `after`, oldest first."""
+    async def _catch_up_one(self, key: str, after: int, limit: int, shard_id: int | None) -> list[asyncio.Future[None]]:
+        """Start handling the messages of one conversation sent after message id `after`, oldest first
+        (when it is on shard `shard_id`, if not None)."""
         kind, _, raw_id = key.partition(":")
         if not raw_id.isdigit() or kind not in ("dm", "channel"):
             return []
         channel: discord.abc.Messageable | None
         if kind == "dm":
+            if shard_id not in (None, 0):  # DMs come on shard 0
+                return []
             user = self.get_user(int(raw_id)) or await self.fetch_user(int(raw_id))
             channel = user.dm_channel or await user.create_dm()
         else:
             found = self.get_channel(int(raw_id))
+            guild = getattr(found, "guild", None)
+            if shard_id is not None and (guild is None or guild.shard_id != shard_id):
+                return []
             channel = found if isinstance(found, discord.abc.Messageable) else None
             # the gateway told us the channel's newest message: nothing newer than ours, no history call
             newest = getattr(found, "last_message_id", None)

@@ -36,6 +36,8 @@ class BotSettings(EngineSettings):
     catch_up_hours: float = Field(24.0, ge=0, le=24 * 365)
     # A reasoning model's thinking: never shown (off), under the reply as a spoiler, or as reasoning.txt.
     show_reasoning: Literal["off", "spoiler", "file"] = "off"
+    # Gateway connections (shards) of this process. Unset: as many as Discord recommends (GET /gateway/bot).
+    shard_count: int | None = Field(None, ge=1)
 
     @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
     @classmethod

@@ -45,8 +45,10 @@ def _settings() -> BotSettings:
     settings = load_settings(BotSettings)
     settings.require_all()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # discord.py logs every gateway event at DEBUG; its INFO is enough
-    logging.getLogger("discord").setLevel(max(logging.INFO, logging.getLogger().level))
+    # discord.py's INFO is its gateway's comings and goings (sessions, resumes, shards), which the bot's
+    # "connected" line sums up; they show at LOG_LEVEL=DEBUG, its line per gateway event never does
+    root = logging.getLogger().level
+    logging.getLogger("discord").setLevel(logging.INFO if root <= logging.DEBUG else max(logging.WARNING, root))
     return settings
 
 
@@ -95,8 +97,8 @@ async def run() -> None:
         raise ConfigError(
             "Discord: enable the Message Content intent (Developer Portal → your app → Bot → Privileged Gateway Intents)"
         ) from None
-    except (aiohttp.ClientError, OSError, discord.DiscordServerError) as exc:
-        # discord.py retries the gateway by itself; what ends up here is the login's REST call
+    except (aiohttp.ClientError, OSError, discord.DiscordServerError, discord.GatewayNotFound) as exc:
+        # discord.py retries the gateway by itself; what ends up here is the login's REST call, or GET /gateway/bot's
         raise ConfigError(
             f"DISCORD_API_BASE: cannot reach Discord at {without_credentials(settings.discord_api_base)} ({exc})"
         ) from None

@@ -386,5 +386,6 @@ async def compact(
         c.execute(f"UPDATE messages SET in_context = 0 WHERE agent_id = ? AND id IN ({marks(len(ids))})", (agent.id, *ids))
 
     await db.transact(evict)
-    log.info("%s: evicted %d messages (%d tokens)", agent.key, len(evicted), sum(m.tokens for m in evicted))
+    # the turn's own log line counts them
+    log.debug("%s: evicted %d messages (%d tokens)", agent.key, len(evicted), sum(m.tokens for m in evicted))
     return Eviction(evicted, calls)

@@ -315,7 +315,7 @@ class Engine:
             result = TurnResult(reply=reply, outcome=TurnOutcome.ERROR, error=repr(exc), admitted_through=turn.admitted_through)
         result.queued_seconds = waited
         log.info(
-            "turn agent=%s steps=%d tokens_in=%d tokens_out=%d queued_ms=%.0f model_ms=%.0f engine_ms=%.1f outcome=%s",
+            "turn agent=%s steps=%d tokens_in=%d tokens_out=%d queued_ms=%.0f model_ms=%.0f engine_ms=%.1f evicted=%d outcome=%s",
             agent.key,
             result.steps,
             result.tokens_in,
@@ -323,6 +323,7 @@ class Engine:
             result.queued_seconds * 1000,
             result.model_seconds * 1000,
             result.engine_seconds * 1000,
+            len(result.evicted),
             result.outcome,
         )
         if result.evicted:

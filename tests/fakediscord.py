@@ -7,8 +7,10 @@ The real, unmodified discord.py library connects to it.  Point discord.py at it 
 
 discord.py 2.7 never asks ``GET /gateway/bot`` for a plain ``Client``: it connects straight to
 ``DEFAULT_GATEWAY`` (adding ``?v=10&encoding=json&compress=zlib-stream``) and afterwards
-resumes against READY's ``resume_gateway_url``.  We answer with plain JSON text frames, which
-discord.py accepts even though it asked for zlib (it only decompresses binary frames).
+resumes against READY's ``resume_gateway_url``.  An ``AutoShardedClient`` without a shard count
+asks ``GET /gateway/bot`` first, which answers ``shards`` (``FakeDiscord(shards=N)``, default 1)
+and this fake's gateway URL, then opens one connection per shard.  We answer with plain JSON text
+frames, which discord.py accepts even though it asked for zlib (it only decompresses binary frames).
 
 Conventions:
 * Every dict the fake hands out is Discord wire format: snowflake ids are *strings*.
@@ -18,6 +20,9 @@ Conventions:
   after IDENTIFY the matching gateway events are queued to the client.
 * Events to the client (``send_message``, ``send_slash``, ``click_button``) wait (up to
   ``timeout``) for a connected client, and return once the frame is written to the socket.
+* Sharding as Discord does it: each IDENTIFY's ``shard: [id, count]`` gets its own session and a
+  READY listing only that shard's guilds; a guild's events go to shard ``(guild_id >> 22) % count``,
+  DMs (and everything without a guild) to shard 0.  ``add_guild(..., shard=(k, n))`` picks such an id.
 * Observe the bot through ``sent_messages``, ``interaction_responses``, ``typing``,
   ``registered_commands``, ``requests``, and synchronise with ``wait_for``.
 * The fake mimics a few Discord rules that catch real bugs: 2000-character content limit,
@@ -115,6 +120,11 @@ def _sid(value: Id) -> str:
     return str(int(value))
 
 
+def _shard_of(guild_id: str | None, shard_count: int) -> int:
+    """The shard Discord sends a guild's events to; DMs and the rest go to shard 0."""
+    return (int(guild_id) >> 22) % shard_count if guild_id else 0
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     # discord.py's json_or_text() only parses the body if Content-Type is *exactly*
     # "application/json" -- web.json_response would append "; charset=utf-8".
@@ -150,6 +160,13 @@ class _Snowflakes:
         self._last = max(self._last + 1, now)
         return str(self._last)
 
+    def on_shard(self, shard_id: int, shard_count: int) -> str:
+        """The next id whose guild belongs to shard ``shard_id`` of ``shard_count`` (a few ms ahead)."""
+        ms = (int(self.next()) >> 22) + 1
+        ms += (shard_id - ms) % shard_count
+        self._last = ms << 22
+        return str(self._last)
+
 
 @dataclass
 class _Outgoing:
@@ -165,6 +182,7 @@ class _Connection:
     session_id: str | None = None
     seq: int = 0
     intents: int = 0
+    shard: tuple[int, int] = (0, 1)  # (shard id, shard count) as IDENTIFY gave it
     identified: bool = False  # READY queued: later events are ordered behind it
     ready: bool = False  # READY + GUILD_CREATEs (or RESUMED) actually written
     closed: bool = False
@@ -177,11 +195,13 @@ class FakeDiscord:
         bot_user_id: int = 1000000000000000001,
         app_id: int = 1000000000000000002,
         bot_name: str = "fakebot",
+        shards: int = 1,
     ) -> None:
         self._ids = _Snowflakes(max(bot_user_id, app_id))
         self.bot_user_id = str(bot_user_id)
         self.app_id = str(app_id)
         self.application_flags = APPLICATION_FLAGS  # the Developer Portal's switches, intents included
+        self.shards = shards  # what GET /gateway/bot recommends
         self.port = 0
 
         # --- world state (wire format) -------------------------------------------------
@@ -224,8 +244,8 @@ class FakeDiscord:
         # --- plumbing ------------------------------------------------------------------
         self._by_token: dict[str, Json] = {}
         self._connections: list[_Connection] = []
-        self._active: _Connection | None = None
-        self._sessions: dict[str, tuple[int, int]] = {}  # session id -> (seq, intents), for RESUME
+        self._active: dict[int, _Connection] = {}  # shard id -> its identified connection
+        self._sessions: dict[str, tuple[int, int, tuple[int, int]]] = {}  # session id -> (seq, intents, shard), for RESUME
         self._changed_event = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
@@ -270,8 +290,16 @@ class FakeDiscord:
 
     @property
     def connected(self) -> bool:
-        conn = self._active
-        return conn is not None and conn.identified and not conn.closed
+        """Every shard of the client has an identified connection."""
+        live = [c for c in self._active.values() if c.identified and not c.closed]
+        return bool(live) and {c.shard[0] for c in live} == set(range(live[0].shard[1]))
+
+    def _conn_for(self, guild_id: str | None) -> _Connection | None:
+        """The live connection of the shard that gets this guild's events (a DM's: shard 0)."""
+        for conn in self._active.values():
+            if conn.identified and not conn.closed and conn.shard[0] == _shard_of(guild_id, conn.shard[1]):
+                return conn
+        return None
 
     # ================================================================== world setup
 
@@ -289,8 +317,16 @@ class FakeDiscord:
         self.users[uid] = user
         return user
 
-    def add_guild(self, name: str, *, owner_id: Id, everyone_permissions: int = DEFAULT_EVERYONE_PERMISSIONS) -> Json:
-        gid = self._ids.next()
+    def add_guild(
+        self,
+        name: str,
+        *,
+        owner_id: Id,
+        everyone_permissions: int = DEFAULT_EVERYONE_PERMISSIONS,
+        shard: tuple[int, int] | None = None,
+    ) -> Json:
+        """``shard=(id, count)``: an id whose events go to shard ``id`` of a client with ``count`` shards."""
+        gid = self._ids.next() if shard is None else self._ids.on_shard(*shard)
         owner = _sid(owner_id)
         everyone = self._role(gid, "@everyone", everyone_permissions, position=0)
         everyone["id"] = gid  # @everyone's role id is the guild id
@@ -389,12 +425,13 @@ class FakeDiscord:
     # ================================================================== events to the client
 
     async def dispatch(self, event: str, data: Json, *, timeout: float = 5.0) -> None:
-        """Send any gateway DISPATCH event to the connected client and wait until it is written."""
-        conn = await self._connection(timeout)
+        """Send any gateway DISPATCH event to the connected client (the shard of ``data``'s guild_id)
+        and wait until it is written."""
+        conn = await self._connection(timeout, data.get("guild_id"))
         await self._send(conn, {"op": 0, "t": event, "d": data})
 
     async def send_raw(self, text: str, *, timeout: float = 5.0) -> None:
-        """Write ``text`` as one gateway text frame, as is: a broken or hostile Discord's bytes."""
+        """Write ``text`` as one gateway text frame to shard 0, as is: a broken or hostile Discord's bytes."""
         conn = await self._connection(timeout)
         done = asyncio.get_running_loop().create_future()
         conn.outbox.put_nowait(_Outgoing(text, done))
@@ -420,7 +457,7 @@ class FakeDiscord:
         does; ``mentions`` adds more.  ``reply_to`` makes it a reply (type 19) that pings the
         replied-to author.  ``attachments`` are ``(filename, bytes, content_type)``, served over HTTP.
         """
-        conn = await self._connection(timeout)
+        conn = await self._connection(timeout, self._channel(channel_id).get("guild_id"))
         channel = self._channel(channel_id)
         author = self._user(author_id)
         if channel["type"] == DM:
@@ -484,7 +521,7 @@ class FakeDiscord:
         (the bot must have synced it).  USER/CHANNEL/ROLE options take ids or entity dicts,
         ATTACHMENT options take ``(filename, bytes, content_type)``.
         """
-        conn = await self._connection(timeout)
+        conn = await self._connection(timeout, self._channel(channel_id).get("guild_id"))
         channel = self._channel(channel_id)
         user = self._user(user_id)
         guild_id = channel.get("guild_id")
@@ -513,16 +550,16 @@ class FakeDiscord:
         """A user picks ``values`` in the select menu ``custom_id``; returns the interaction record."""
         return await self._component_interaction(target, custom_id, user_id, {"values": list(values)}, timeout)
 
-    async def disconnect_client(self, *, resume: bool = True) -> None:
-        """Close the client's websocket (4000) as Discord does when it drops a session.
+    async def disconnect_client(self, *, resume: bool = True, shard: int = 0) -> None:
+        """Close the client's websocket (4000; of ``shard``) as Discord does when it drops a session.
 
         discord.py reconnects immediately and sends RESUME; with ``resume=False`` the fake
         answers INVALID_SESSION so the client re-IDENTIFYs and gets a fresh READY -- but
         discord.py's default ``Client.before_identify_hook`` sleeps 5 s before every
         non-initial IDENTIFY, so tests should override it with a no-op.
         """
-        conn = self._active
-        assert conn is not None, "no client connected"
+        conn = self._active.get(shard)
+        assert conn is not None, f"no client connected on shard {shard}"
         if not resume and conn.session_id is not None:
             self._sessions.pop(conn.session_id, None)
             conn.session_id = None
@@ -553,14 +590,13 @@ class FakeDiscord:
                 pass
 
     async def wait_ready(self, *, count: int | None = None, timeout: float = 5.0) -> None:
-        """Wait until a client IDENTIFYed and READY + all GUILD_CREATEs were written.
+        """Wait until a client IDENTIFYed and READY + all GUILD_CREATEs were written, on every shard.
 
-        ``count`` waits for the N-th READY overall (e.g. ``count=2`` after a bot restart).
+        ``count`` waits for the N-th READY overall, one per shard (e.g. ``count=2`` after a restart
+        with one shard).
         """
         await self.wait_for(
-            lambda f: (
-                f._active is not None and f._active.ready and not f._active.closed and (count is None or f.ready_count >= count)
-            ),
+            lambda f: f.connected and all(c.ready for c in f._active.values()) and (count is None or f.ready_count >= count),
             timeout,
             what=f"client READY (count={count})",
         )
@@ -578,9 +614,9 @@ class FakeDiscord:
 
     def describe(self) -> str:
         """A summary of what happened, for failure messages."""
-        conn = self._active
+        shards = " ".join(f"{i}:{'ready' if c.ready else 'open'}{'/closed' if c.closed else ''}" for i, c in self._active.items())
         lines = [
-            f"  connection: active={conn is not None and not conn.closed} ready={conn is not None and conn.ready} "
+            f"  connection: shards [{shards}] connected={self.connected} "
             f"connections={self.connection_count} ready_count={self.ready_count} resume_count={self.resume_count}",
             f"  last requests: {self.requests[-15:]}",
         ]
@@ -1111,8 +1147,8 @@ class FakeDiscord:
         return record
 
     async def _component_interaction(self, target: Id, custom_id: str, user_id: Id, extra: Json, timeout: float) -> Json:
-        conn = await self._connection(timeout)
         message = self._message(target)
+        conn = await self._connection(timeout, message.get("guild_id"))
         assert not message.get("deleted"), f"message {message['id']} was deleted"
         component = next((c for c in self.buttons(message) if c["custom_id"] == custom_id), None)
         assert component is not None, (
@@ -1159,10 +1195,13 @@ class FakeDiscord:
 
     # ================================================================== gateway
 
-    async def _connection(self, timeout: float) -> _Connection:
-        await self.wait_for(lambda f: f.connected, timeout, what="a discord client connected to the fake gateway (IDENTIFY)")
-        assert self._active is not None
-        return self._active
+    async def _connection(self, timeout: float, guild_id: str | None = None) -> _Connection:
+        """The connection of the shard that gets this guild's events (a DM's: shard 0), once identified."""
+        conn = await self.wait_for(
+            lambda f: f._conn_for(guild_id), timeout, what="a discord client connected to the fake gateway (IDENTIFY)"
+        )
+        assert isinstance(conn, _Connection)
+        return conn
 
     def _enqueue(
         self, conn: _Connection, frame: Json | None, *, on_sent: Callable[[], None] | None = None, wait: bool = False
@@ -1186,9 +1225,9 @@ class FakeDiscord:
         await done
 
     def _emit(self, event: str, data: Json) -> None:
-        """Queue an event for the connected client, if any (world changes made after IDENTIFY)."""
-        conn = self._active
-        if conn is not None and conn.identified and not conn.closed:
+        """Queue an event for the connected client's shard of its guild, if any (world changes made after IDENTIFY)."""
+        conn = self._conn_for(data["id"] if event == "GUILD_CREATE" else data.get("guild_id"))
+        if conn is not None:
             self._enqueue(conn, {"op": 0, "t": event, "d": data})
 
     async def _writer(self, conn: _Connection) -> None:
@@ -1228,12 +1267,12 @@ class FakeDiscord:
         finally:
             conn.closed = True
             if conn.session_id is not None and conn.session_id in self._sessions:
-                self._sessions[conn.session_id] = (conn.seq, conn.intents)
+                self._sessions[conn.session_id] = (conn.seq, conn.intents, conn.shard)
             conn.outbox.put_nowait(None)
             await writer
             self._connections.remove(conn)
-            if self._active is conn:
-                self._active = None
+            if self._active.get(conn.shard[0]) is conn:
+                del self._active[conn.shard[0]]
             self._changed()
         return ws
 
@@ -1254,18 +1293,21 @@ class FakeDiscord:
 
     def _identify(self, conn: _Connection, d: Json) -> None:
         self.identifies.append(d)
+        shard_id, count = d.get("shard", [0, 1])
+        conn.shard = (int(shard_id), int(count))
         conn.session_id = secrets.token_hex(16)
         conn.intents = int(d.get("intents", 0))
         conn.identified = True
-        self._sessions[conn.session_id] = (0, conn.intents)
-        self._active = conn
+        self._sessions[conn.session_id] = (0, conn.intents, conn.shard)
+        self._active[conn.shard[0]] = conn
+        guilds = [gid for gid in self.guilds if _shard_of(gid, conn.shard[1]) == conn.shard[0]]
         ready = {
             "v": 10,
             "user": self._bot_user_full(),
-            "guilds": [{"id": gid, "unavailable": True} for gid in self.guilds],
+            "guilds": [{"id": gid, "unavailable": True} for gid in guilds],
             "session_id": conn.session_id,
             "resume_gateway_url": self.gateway_url,
-            "shard": d.get("shard", [0, 1]),
+            "shard": list(conn.shard),
             "application": {"id": self.app_id, "flags": APPLICATION_FLAGS},
             "private_channels": [],
             "relationships": [],
@@ -1273,7 +1315,7 @@ class FakeDiscord:
             "session_type": "normal",
         }
         self._enqueue(conn, {"op": 0, "t": "READY", "d": ready})
-        for gid in self.guilds:
+        for gid in guilds:
             self._enqueue(conn, {"op": 0, "t": "GUILD_CREATE", "d": self._guild_create_payload(gid)})
 
         def mark_ready() -> None:
@@ -1289,9 +1331,9 @@ class FakeDiscord:
             self._enqueue(conn, {"op": 9, "d": False})  # INVALID_SESSION, not resumable: re-IDENTIFY
             return
         conn.session_id = d["session_id"]
-        conn.seq, conn.intents = session
+        conn.seq, conn.intents, conn.shard = session
         conn.identified = True
-        self._active = conn
+        self._active[conn.shard[0]] = conn
 
         def mark_resumed() -> None:
             conn.ready = True
@@ -1453,7 +1495,7 @@ class FakeDiscord:
         return _json(
             {
                 "url": self.gateway_url,
-                "shards": 1,
+                "shards": self.shards,
                 "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1},
             }
         )

@@ -17,11 +17,12 @@ import pytest
 
 from memory.db import Database
 from tests.fakediscord import FakeDiscord
-from tests.fakeopenai import Drip, Error, FakeOpenAI
+from tests.fakeopenai import Drip, Error, FakeOpenAI, reply
 
 ROOT = Path(__file__).parent.parent
 SECRET_KEY = "sk-live-0123456789abcdef"
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) ([\w.]+): .*")
 
 
 @pytest.fixture
@@ -176,3 +177,43 @@ async def test_a_dripping_endpoint_fails_the_start_check_within_its_limit(
     settings = BotSettings(_env_file=None, database_path=tmp_path / "d.db", llm_base_url=fake.url, llm_model="m")  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match="did not answer within 0.5 s"):
         await asyncio.wait_for(main.check_endpoint(settings), 5)
+
+
+async def test_the_log_of_a_start_and_a_turn_holds_one_start_line_and_one_turn_line(
+    fake_discord: FakeDiscord, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    # what `journalctl -u mnemocord` shows: no voice-support warnings, no line per HTTP request or
+    # gateway session, nothing from the libraries at all in a normal run
+    alice = fake_discord.add_user("alice")
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.default = lambda body: reply("hello there")
+    # a small window: the third turn moves messages out of the context (and consolidates them)
+    proc = await start(tmp_path, run_env(tmp_path, fake, fake_discord, CONTEXT_WINDOW="1024", KEEP_LAST_MESSAGES="2"))
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        while not lines or ": connected as " not in lines[-1]:  # the start is over
+            lines.append((await asyncio.wait_for(proc.stderr.readline(), 20)).decode().rstrip("\n"))
+            assert lines[-1], lines  # the process ended
+        started = lines[-1]
+        for n in range(1, 5):
+            await fake_discord.send_dm(alice["id"], f"message {n}: " + "words to remember " * 25)
+            await fake_discord.wait_for(lambda f, n=n: len(f.bot_messages(dm["id"])) == n, timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    lines += err.decode().splitlines()
+    assert proc.returncode == 0, lines
+    records = [LOG_RECORD.fullmatch(line) for line in lines]
+    assert all(records), lines  # every line is one log record: no bare warnings, no tracebacks
+    levels_and_names = [(r[1], r[2]) for r in records if r]
+    assert all(level == "INFO" for level, _ in levels_and_names), lines
+    assert all(name.split(".")[0] in ("bot", "memory", "mnemocord") for _, name in levels_and_names), lines
+    assert not [line for line in lines if "voice" in line.lower() or "HTTP Request" in line], lines
+    assert len([line for line in lines if ": connected as " in line]) == 1, lines
+    # between the start and the stop: a line per turn, nothing else (not even for moving messages out)
+    turns = lines[lines.index(started) + 1 : next(i for i, line in enumerate(lines) if ": shutting down" in line)]
+    assert len(turns) == 4 and all(": turn agent=dm:" in line for line in turns), lines
+    assert "evicted=0 " in turns[0] and "evicted=0 " not in turns[-1], lines
