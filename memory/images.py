@@ -89,8 +89,8 @@ def read(name: str, data: bytes, max_bytes: int) -> Image:
 
 
 def _too_large(name: str, size: int, max_bytes: int) -> Refused:
-    limit = f"{max_bytes / 1e6:.1f} MB"
-    return Refused(f"`{name}` is {size / 1e6:.1f} MB; I look at images up to {limit}.", f"larger than {limit}")
+    limit = _size(max_bytes)
+    return Refused(f"`{name}` is {_size(size)}; I look at images up to {limit}.", f"larger than {limit}")
 
 
 def kind(name: str, content_type: str | None) -> str:
@@ -108,7 +108,9 @@ def stand_in(name: str, kind: str, size: int, unseen: str | None = None) -> str:
 
 
 def _size(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{max(1, round(size / 1000))} KB"
+    if size >= 1_000_000:
+        return f"{size / 1e6:.1f} MB"
+    return f"{size / 1000:.0f} KB" if size >= 1000 else f"{size} bytes"
 
 
 def attach(messages: list[dict[str, Any]], parts: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
