@@ -118,8 +118,8 @@ def attach(messages: list[dict[str, Any]], parts: dict[int, list[dict[str, Any]]
     if not parts:
         return messages
     out = list(messages)
-    for i, images in parts.items():
-        out[i] = {**out[i], "content": [{"type": "text", "text": out[i]["content"]}, *images]}
+    for i, added in parts.items():
+        out[i] = {**out[i], "content": [{"type": "text", "text": out[i]["content"]}, *added]}
     return out
 
 
