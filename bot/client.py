@@ -13,7 +13,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from memory import clock, events, recall
+from memory import clock, events, images, recall
 from memory.db import StorageError, StorageFull
 from memory.documents import Unreadable
 from memory.engine import Engine
@@ -181,7 +181,10 @@ class MnemoBot(discord.AutoShardedClient):
         # earlier messages may still be in hand, the call below needs no await before storing
         await self.engine.agent(key)
         if not (is_addressed(message, me) or await self.engine.memory.listening(key)):
-            if not (self.settings.store_unaddressed_messages and stored.content):
+            if not (
+                self.settings.store_unaddressed_messages
+                and (stored.content or any(map(attachments.is_image, message.attachments)))
+            ):
                 return "dropped"
             return await self._record(key, stored, message, ticket, "recorded")
         if self.closing:  # shutting down: keep it; the first turn after the restart sees it
@@ -197,9 +200,13 @@ class MnemoBot(discord.AutoShardedClient):
         # later messages of this conversation wait for that
         await ticket.wait()
         for attachment in message.attachments:
+            if attachments.is_image(attachment):
+                continue
             note = await self._ingest(message, key, attachment)
             if note:
                 stored.content += ("\n" if stored.content else "") + note
+        pictures, stand_ins = await self._look(message)
+        stored.content = "\n".join(part for part in (stored.content, *stand_ins) if part)
         if message.id in self._gone:  # deleted while its attachments were read: what they left goes too
             await self.engine.memory.message_deleted([str(message.id)])
             return "deleted"
@@ -212,7 +219,7 @@ class MnemoBot(discord.AutoShardedClient):
         typing = asyncio.create_task(self._typing(message.channel))
         ticket.release()
         try:
-            result = await self.engine.send(key, stored)
+            result = await self.engine.send(key, stored, pictures)
         finally:
             typing.cancel()
         if result.reply:
@@ -227,7 +234,9 @@ class MnemoBot(discord.AutoShardedClient):
         await ticket.wait()
         if message.id in self._gone:
             return "deleted"
-        stored.content = self._edits.pop(message.id, stored.content)
+        text = self._edits.pop(message.id, stored.content)
+        unseen = [attachments.stand_in(a, "") for a in filter(attachments.is_image, message.attachments)]
+        stored.content = "\n".join(part for part in (text, *unseen) if part)
         ticket.release()
         await self.engine.record(key, stored)  # stores before its first await: nothing slips in between
         return outcome
@@ -322,6 +331,35 @@ class MnemoBot(discord.AutoShardedClient):
             except discord.HTTPException:
                 pass
         return ingested.note
+
+    async def _look(self, message: discord.Message) -> tuple[list[images.Image], list[str]]:
+        """Download the images of a message the model may see; returns them, and the stand-in of each image
+        for the message's text. What is not shown is said in one short reply."""
+        pictures: list[images.Image] = []
+        stand_ins: list[str] = []
+        problems: list[str] = []
+        over: list[str] = []
+        limit = self.settings.max_images_per_message
+        for attachment in filter(attachments.is_image, message.attachments):
+            if not self.engine.sees_images:  # no download: the model is told in words
+                stand_ins.append(attachments.stand_in(attachment, "this model cannot see images"))
+            elif len(pictures) >= limit:
+                over.append(f"`{attachment.filename}`")
+                stand_ins.append(attachments.stand_in(attachment, f"over the limit of {limit} images per message"))
+            else:
+                try:
+                    picture = await attachments.read_image(attachment, self.settings.max_image_bytes)
+                except images.Refused as exc:
+                    problems.append(str(exc))
+                    stand_ins.append(attachments.stand_in(attachment, exc.reason))
+                else:
+                    pictures.append(picture)
+                    stand_ins.append(picture.stand_in())
+        if over:
+            problems.append(f"I look at up to {limit} images per message; I did not see {', '.join(over)}.")
+        if problems:
+            await self._send(message, "\n".join(problems))
+        return pictures, stand_ins
 
     async def _typing(self, channel: discord.abc.Messageable) -> None:
         await asyncio.sleep(TYPING_AFTER)

@@ -30,6 +30,9 @@ class BotSettings(EngineSettings):
     allow_dms: Literal["members", "everyone", "nobody"] | None = None
     rate_limit_per_minute: int = Field(12, ge=1)
     max_attachment_bytes: int = Field(2_000_000, ge=1_000)
+    # Images shown to the model (PNG, JPEG, WebP, GIF): the largest, and how many of one message.
+    max_image_bytes: int = Field(5_000_000, ge=1_000)
+    max_images_per_message: int = Field(4, ge=1, le=10)
     # On start, messages sent while the bot was down are read from each conversation's history:
     # at most this many per conversation, and none older than this many hours (0 turns catch-up off).
     catch_up_messages: int = Field(50, ge=0, le=1000)

@@ -16,12 +16,21 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from . import context, recall, replies, serving, tools
+from . import context, images, recall, replies, serving, tools
 from .agents import Agent
 from .archival import Archive
 from .config import EngineSettings
 from .db import Database, sqlite3
-from .llm import ChatResult, ContextOverflowError, LLMClient, LLMError, ToolCall, ToolsUnsupportedError, TooSlowError
+from .llm import (
+    ChatResult,
+    ContextOverflowError,
+    ImagesUnsupportedError,
+    LLMClient,
+    LLMError,
+    ToolCall,
+    ToolsUnsupportedError,
+    TooSlowError,
+)
 from .loop import Ending, Loop
 
 log = logging.getLogger(__name__)
@@ -90,6 +99,10 @@ class Turn:
     token_scale: context.TokenScale = field(default_factory=context.TokenScale)
     # what the engine learned about the server (tool mode, window, truncation), shared likewise
     model: serving.ModelState = field(default_factory=serving.ModelState)
+    # messages that came with images, and their images: sent with the turn's first request only. The
+    # mailbox's own list, so a message arriving while the turn waits to begin is in it; its id is
+    # known once it is stored, which is before the turn reads its prompt (Engine._arrive)
+    images: list[tuple[recall.Message, list[images.Image]]] = field(default_factory=list)
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
     _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
     _result: TurnResult = field(init=False)
@@ -175,14 +188,16 @@ class Turn:
         first, self._first = self._first, None
         prompt = await self._prompt(self._result, first)
         try:
-            return await self._call(prompt, self._result, schemas, note)
+            answer = await self._call(prompt, self._result, schemas, note)
         except ToolsUnsupportedError as exc:
             if self.settings.tool_mode != "auto":
                 raise LLMError(f"{exc}. The server refuses native tools: {TOOL_FIX} or set TOOL_MODE=text.") from None
             self.model.text_tools = True
             if self.model.once("text_tools"):
                 log.warning("the model server refuses native tools (%s); using text tool mode from now on. %s.", exc, TOOL_FIX)
-            return await self._call(prompt, self._result, schemas, note)
+            answer = await self._call(prompt, self._result, schemas, note)
+        self.images = []  # seen once: later steps and turns have the stand-ins in recall
+        return answer
 
     async def keep(self, messages: list[recall.Message]) -> None:
         for m in messages:
@@ -221,16 +236,39 @@ class Turn:
     async def _chat(self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]] | None) -> ChatResult:
         """One request, in the tool mode in force: native `tools`, or the tools described in the prompt."""
         s = self.settings
+        if (s.vision == "off" or self.model.no_vision) and images.carries_images(messages):
+            messages = images.without_images(messages)
         if self.model.text_tools or s.tool_mode == "text":
             messages = replies.as_text_mode(messages, schemas)
             schemas = None
-        return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens)
+        try:
+            return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens)
+        except ImagesUnsupportedError as exc:
+            # the person still gets an answer: the model is told in words that an image came
+            self._result.model_seconds += exc.seconds
+            if s.vision == "auto":
+                self.model.no_vision = True
+                if self.model.once("no_vision"):
+                    log.warning("the model server refuses images (%s); describing them in words from now on", exc)
+            else:
+                log.warning("the model server refused images (%s); sent without them. Set VISION=auto or off", exc)
+            return await self.llm.chat(s.llm_model, images.without_images(messages), schemas, max_tokens=s.llm_max_tokens)
+
+    def _request(self, prompt: context.Prompt, note: str | None) -> list[dict[str, Any]]:
+        """The prompt's messages to send, with the images of the messages that came with them."""
+        messages = prompt.messages
+        if self.images:
+            first = len(messages) - len(prompt.history)  # the system prompt comes before the history
+            found = {m.id: shown for m, shown in self.images if m.id is not None}
+            parts = {first + i: [image.part() for image in found[m.id]] for i, m in enumerate(prompt.history) if m.id in found}
+            messages = images.attach(messages, parts)
+        return _with_note(messages, note)
 
     async def _call(
         self, prompt: context.Prompt, result: TurnResult, schemas: list[dict[str, Any]] | None, note: str | None
     ) -> ChatResult:
         try:
-            answer = await self._chat(_with_note(prompt.messages, note), schemas)
+            answer = await self._chat(self._request(prompt, note), schemas)
         except ContextOverflowError as exc:
             # our estimate was low for this model: compact hard, then one retry
             log.warning("%s: provider says the context overflowed (%s); compacting", self.agent.key, exc)
@@ -253,13 +291,15 @@ class Turn:
             result.model_seconds += exc.seconds  # the refused call was model time
             self._count(eviction, result)
             prompt = self._scaled(await context.build(self.db, self.agent, self.settings.context_window))
-            answer = await self._chat(_with_note(prompt.messages, note), schemas)
+            answer = await self._chat(self._request(prompt, note), schemas)
         result.request_tokens.append(prompt.tokens)
         result.model_calls += 1
         result.model_seconds += answer.seconds
         if answer.usage:
             result.tokens_in += answer.usage.prompt_tokens
             result.tokens_out += answer.usage.completion_tokens
+        # images count as tokens we do not estimate: such a request would teach the scale a wrong correction
+        if answer.usage and not self.images:
             self.token_scale.learn(prompt.estimate, answer.usage.prompt_tokens)  # bounded: it never learns a truncation whole
             warning = serving.truncation_warning(prompt.estimate, answer.usage.prompt_tokens)
             if warning is not None:

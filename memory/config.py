@@ -56,6 +56,9 @@ class EngineSettings(BaseSettings):
     # native: the `tools` parameter; text: tools described in the prompt, calls read from the text;
     # auto: native until the server refuses tools, then text.
     tool_mode: Literal["auto", "native", "text"] = "auto"
+    # Images people send: on: always sent to the model; off: never (the model is told one came);
+    # auto: sent until the server refuses them once, then described in words (memory/images.py).
+    vision: Literal["auto", "on", "off"] = "auto"
 
     # the default persona (agents.DEFAULT_PERSONA) must fit, or creating and resetting an agent could not write it
     persona_limit: int = Field(2000, ge=200)

@@ -29,6 +29,7 @@ from .archival import Archive
 from .config import EngineSettings
 from .db import Database, StorageFull, sqlite3
 from .embeddings import Embedder
+from .images import Image
 from .llm import ChatResult, LLMClient, LLMError, ToolCall
 from .loop import Loop
 from .text import valid
@@ -69,6 +70,8 @@ class _Mailbox:
     # messages stored and waiting for an answer, with the callers waiting for it
     pending: list[tuple[recall.Message, asyncio.Future[TurnResult]]] = field(default_factory=list)
     worker: asyncio.Task[None] | None = None
+    # the images that came with pending messages: in memory only, for the turn that answers them
+    images: list[tuple[recall.Message, list[Image]]] = field(default_factory=list)
 
 
 class Engine:
@@ -175,17 +178,24 @@ class Engine:
         if (found.cancelled() or found.exception() is not None) and self._agents.get(key) is found:
             del self._agents[key]  # the next caller tries again
 
+    @property
+    def sees_images(self) -> bool:
+        """Whether images sent now would reach the model (VISION, and what the server answered so far)."""
+        return self.settings.vision == "on" or (self.settings.vision == "auto" and not self.model.no_vision)
+
     async def record(self, key: str, message: recall.Message) -> None:
         """Store a message the agent should remember but not answer; its next turn sees it."""
         await self._arrive(key, message)
 
-    async def send(self, key: str, message: recall.Message) -> TurnResult:
+    async def send(self, key: str, message: recall.Message, images: list[Image] | None = None) -> TurnResult:
         """Store `message`, then answer it in this agent's next turn.
 
         When several messages wait for one agent, one turn answers them all: the
         last one's result carries the reply, the others get outcome "merged".
+        `images` came with it: the turn that answers it shows them to the model, once
+        (recall keeps only the stand-ins the message's text has).
         """
-        future = await self._arrive(key, message, answer=True)
+        future = await self._arrive(key, message, answer=True, images=images)
         assert future is not None
         return await future
 
@@ -210,7 +220,9 @@ class Engine:
         claimed = await self.db.transact(store)
         return [self._queue(agent, message) if ok else None for (agent, message, _), ok in zip(batch, claimed, strict=True)]
 
-    async def _arrive(self, key: str, message: recall.Message, *, answer: bool = False) -> asyncio.Future[TurnResult] | None:
+    async def _arrive(
+        self, key: str, message: recall.Message, *, answer: bool = False, images: list[Image] | None = None
+    ) -> asyncio.Future[TurnResult] | None:
         """The one way in for messages: stored at once, in call order, waiting for the next turn.
 
         Raises StorageError when it cannot be stored: the caller must say so, nothing else will.
@@ -222,7 +234,7 @@ class Engine:
             return None
         # the worker is woken first: its turn's first transaction then goes to the database thread
         # in the same batch, right after this message's (Database.transact), one trip for both
-        future = self._queue(agent, message)
+        future = self._queue(agent, message, images)
         try:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
         except BaseException:
@@ -232,12 +244,14 @@ class Engine:
             raise
         return future
 
-    def _queue(self, agent: Agent, message: recall.Message) -> asyncio.Future[TurnResult]:
+    def _queue(self, agent: Agent, message: recall.Message, images: list[Image] | None = None) -> asyncio.Future[TurnResult]:
         """A stored message waits for the agent's next turn; the future carries that turn's result."""
         key = agent.key
         box = self._mailboxes.setdefault(key, _Mailbox())
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))
+        if images:
+            box.images.append((message, images))
         if box.worker is None or box.worker.done():
             box.worker = asyncio.create_task(self._work(agent, box))
         return future
@@ -284,22 +298,36 @@ class Engine:
     async def _answer(self, agent: Agent, box: _Mailbox, hold: _Hold) -> None:
         """One turn, and its result to everyone it answered."""
         async with hold.lock:
-            result = await self.run_turn(agent, hold)
+            result = await self.run_turn(agent, hold, box.images)
         # the turn answered every message it admitted; all of them if it failed before admitting any
         # (a message whose store is still on its way has no id yet: the next turn answers it)
         stored = [p for p in box.pending if p[0].id is not None]
         through = result.admitted_through or max((m.id or 0 for m, _ in stored), default=0)
         batch = [p for p in stored if (p[0].id or 0) <= through]
         box.pending = [p for p in box.pending if p[0].id is None or p[0].id > through]
+        # shown or not (a failed turn): the stand-ins are in recall, and the bytes are not kept
+        box.images = [(m, found) for m, found in box.images if m.id is None or m.id > through]
         for _, future in batch[:-1]:
             if not future.done():
                 future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))
         if batch and not batch[-1][1].done():
             batch[-1][1].set_result(result)
 
-    async def run_turn(self, agent: Agent, hold: _Hold) -> TurnResult:
-        """A turn that answers every message waiting for this agent; `hold`'s lock is held."""
-        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale, model=self.model)
+    async def run_turn(
+        self, agent: Agent, hold: _Hold, images: list[tuple[recall.Message, list[Image]]] | None = None
+    ) -> TurnResult:
+        """A turn that answers every message waiting for this agent; `hold`'s lock is held.
+        `images`: those that came with waiting messages."""
+        turn = Turn(
+            self.db,
+            self.llm,
+            self.archive,
+            self.settings,
+            agent,
+            token_scale=self.token_scale,
+            model=self.model,
+            images=images or [],
+        )
         queued = time.perf_counter()
         try:
             async with self._turns:

@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import orjson
 
+from .images import carries_images
 from .text import without_surrogates, without_surrogates_in
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ class ToolsUnsupportedError(LLMError):
     was started without tool parsing): retrying never helps; text tool mode does."""
 
 
+class ImagesUnsupportedError(LLMError):
+    """The server refuses image parts (a model without vision, or a server without image support):
+    the same request without them goes through (memory/images.py)."""
+
+
 class TooSlowError(LLMError):
     """The model did not finish within the timeout: usually it was still writing."""
 
@@ -104,6 +110,17 @@ _NO_TOOLS = re.compile(
 )
 
 
+# How OpenAI, llama-server (no --mmproj; HTTP 500), vLLM, Ollama (HTTP 500 or 400), LM Studio and older servers
+# that take only text content refuse image parts (DESIGN.md §8).
+_NO_IMAGES = re.compile(
+    r"image_url is only supported by certain models|image input is not supported|not a multimodal model"
+    r"|missing data required for image input|does not support (?:images?|image input|vision|multimodal)"
+    r"|(?:images?|vision|multimodal)(?: input)? (?:are |is )?not (?:supported|enabled)"
+    r"|cannot unmarshal array into [^\n]{0,80}content of type string",
+    re.IGNORECASE,
+)
+
+
 def is_context_overflow(status: int, body: str) -> bool:
     return status in (400, 413, 422, 500) and bool(_OVERFLOW.search(body))
 
@@ -116,6 +133,10 @@ def stated_limit(body: str) -> int | None:
 
 def refuses_tools(status: int, body: str) -> bool:
     return 400 <= status < 600 and bool(_NO_TOOLS.search(body))
+
+
+def refuses_images(status: int, body: str) -> bool:
+    return 400 <= status < 600 and bool(_NO_IMAGES.search(body))
 
 
 # scheme://user:password@ (up to the last @ before the host's end: passwords may hold an @)
@@ -384,6 +405,8 @@ class LLMClient:
                     )
                 if "tools" in body and refuses_tools(response.status_code, text):
                     raise ToolsUnsupportedError(problem, brief=brief)
+                if refuses_images(response.status_code, text) and carries_images(body.get("messages", [])):
+                    raise ImagesUnsupportedError(problem, brief=brief)
                 if response.status_code != 429 and response.status_code < 500:
                     raise LLMError(problem, brief=brief)
                 wait = _retry_after(response)

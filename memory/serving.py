@@ -38,6 +38,7 @@ class ModelState:
     """Shared by every turn of an engine (it calls one model)."""
 
     text_tools: bool = False  # tools are described in the prompt, calls read from the text
+    no_vision: bool = False  # the server refused images: they are described in words instead
     server_window: int | None = None  # the window the server stated, if it did
     truncation: str = ""  # why the provider's token count suggests the prompt was cut, once seen
     logged: set[str] = field(default_factory=set)

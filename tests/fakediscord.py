@@ -240,6 +240,7 @@ class FakeDiscord:
         # an unset Event holds attachment downloads until it is set: what happens meanwhile can be tested
         self.cdn_gate: asyncio.Event | None = None
         self.cdn_waiting = 0  # downloads being held
+        self.cdn_served: list[str] = []  # ids of the attachments downloaded, in order
 
         # --- plumbing ------------------------------------------------------------------
         self._by_token: dict[str, Json] = {}
@@ -1382,6 +1383,7 @@ class FakeDiscord:
         if blob is None:
             return web.Response(status=404, text="not found")
         data, content_type = blob
+        self.cdn_served.append(parts[3])
         return web.Response(body=data, headers={"Content-Type": content_type})
 
     async def _rest(self, request: web.Request, path: str) -> web.StreamResponse:

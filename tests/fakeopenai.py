@@ -100,6 +100,51 @@ def refusal(server: str) -> Callable[[dict[str, Any]], Any]:
     return lambda request: Error(status, body) if "tools" in request else None
 
 
+# how servers refuse image parts for a model without vision (DESIGN.md §8)
+IMAGE_REFUSALS: dict[str, tuple[int, dict[str, Any]]] = {
+    "openai": (
+        400,
+        {
+            "error": {
+                "message": "Invalid content type. image_url is only supported by certain models.",
+                "type": "invalid_request_error",
+                "param": "messages.[1].content.[1].type",
+                "code": None,
+            }
+        },
+    ),
+    "llama-server": (
+        500,
+        {
+            "error": {
+                "code": 500,
+                "message": "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj",
+                "type": "server_error",
+            }
+        },
+    ),
+    "vllm": (400, {"object": "error", "message": "fake-model is not a multimodal model", "type": "BadRequestError", "code": 400}),
+    "ollama": (500, {"error": {"message": "this model is missing data required for image input", "type": "api_error"}}),
+}
+
+
+def image_parts(request: dict[str, Any]) -> list[str]:
+    """The data URLs of the image parts in a recorded chat request, in order."""
+    return [
+        part["image_url"]["url"]
+        for m in request.get("messages", [])
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if part.get("type") == "image_url"
+    ]
+
+
+def image_refusal(server: str) -> Callable[[dict[str, Any]], Any]:
+    """A model without vision: refuses requests carrying image parts the way `server` does; the rest go on."""
+    status, body = IMAGE_REFUSALS[server]
+    return lambda request: Error(status, body) if image_parts(request) else None
+
+
 @dataclass
 class Error:
     status: int

@@ -249,7 +249,9 @@ async def test_attachment_ingested_and_searchable(
         await fake_discord.send_dm(alice["id"], "here's the manual", attachments=[("manual.md", doc.encode(), "text/markdown")])
         await fake_discord.wait_for(lambda f: any("X42 lasts 43 years" in m["content"] for m in f.bot_messages(dm["id"])))
         await fake_discord.send_dm(alice["id"], "and this", attachments=[("photo.png", b"\x89PNG....", "image/png")])
-        await fake_discord.wait_for(lambda f: any("can't read `photo.png`" in m["content"] for m in f.bot_messages(dm["id"])))
+        await fake_discord.wait_for(
+            lambda f: any("`photo.png` is not a PNG, JPEG, WebP or GIF image" in m["content"] for m in f.bot_messages(dm["id"]))
+        )
         big = b"x" * (settings.max_attachment_bytes + 1)
         await fake_discord.send_dm(alice["id"], "too big", attachments=[("big.txt", big, "text/plain")])
         await fake_discord.wait_for(
