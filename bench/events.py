@@ -25,8 +25,11 @@ Figures:
                 client saw them, waiting for a slot under the call limit
                 included) - the time it waited behind other turns for the model
                 before it began (TurnResult.queued_seconds: at most
-                TURNS_PER_CALL_SLOT turns per call slot run at once); what is
-                left is the engine's own lateness.
+                TURNS_PER_CALL_SLOT turns per call slot run at once, and the timer
+                fires no more events than there is room for, so an event's wait
+                while it was due and the engine had no room is counted there too);
+                what is left is the engine's own lateness: from the moment it had
+                room for the event to the answer, less the model's time.
     missed      events due by the end that were not answered within --deadline s
 
 The last line:

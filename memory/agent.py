@@ -77,7 +77,8 @@ class TurnResult:
     model_calls: int = 0
     model_seconds: float = 0.0
     engine_seconds: float = 0.0
-    # before the turn began: waiting behind other turns for the model (Engine.TURNS_PER_CALL_SLOT)
+    # before the turn began: waiting behind other turns for the model (Engine.TURNS_PER_CALL_SLOT);
+    # for a scheduled event, also while it was due and the engine had no room (Engine.room)
     queued_seconds: float = 0.0
     error: str = ""
     evicted: list[recall.Message] = field(default_factory=list)

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,8 @@ class _Mailbox:
     worker: asyncio.Task[None] | None = None
     # the images that came with pending messages: in memory only, for the turn that answers them
     images: list[tuple[recall.Message, list[Image]]] = field(default_factory=list)
+    # pending scheduled events that waited for room before they fired: queue time of their turn
+    waited: dict[asyncio.Future[TurnResult], float] = field(default_factory=dict)
 
 
 class Engine:
@@ -89,6 +91,8 @@ class Engine:
         self._agents: OrderedDict[str, asyncio.Future[Agent]] = OrderedDict()
         self._holds: dict[str, _Hold] = {}
         self._turns = asyncio.Semaphore(TURNS_PER_CALL_SLOT * settings.max_concurrent_llm_calls)
+        self._turns_wanted = 0  # turns running or waiting for the gate
+        self._turn_done = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._embedding: asyncio.Task[None] | None = None
         self.memory = MemoryAPI(self)
@@ -199,12 +203,32 @@ class Engine:
         assert future is not None
         return await future
 
+    async def room(self) -> int:
+        """How many more turns could begin now without waiting behind others; if none, waits for a
+        turn to end and then says at least 1.
+
+        The events timer fires no more than this: due events wait in the database, not as turns
+        queued in memory, and a person's message does not queue behind a crowd of them. The
+        "at least 1" keeps events going while people's turns keep every slot busy."""
+        if (free := self._turns_free()) > 0:
+            return free
+        self._turn_done.clear()
+        await self._turn_done.wait()
+        return max(1, self._turns_free())
+
+    def _turns_free(self) -> int:
+        return TURNS_PER_CALL_SLOT * self.settings.max_concurrent_llm_calls - self._turns_wanted
+
     async def wake(
-        self, batch: list[tuple[Agent, recall.Message, Callable[[sqlite3.Connection], bool]]]
+        self,
+        batch: list[tuple[Agent, recall.Message, Callable[[sqlite3.Connection], bool]]],
+        *,
+        waited: Sequence[float] = (),
     ) -> list[asyncio.Future[TurnResult] | None]:
         """System events agents must answer (scheduled events firing), each stored only if its claim
         returns True, all in one transaction; then queued like any message. A future per event carries
-        its answer (None: not claimed, e.g. cancelled meanwhile)."""
+        its answer (None: not claimed, e.g. cancelled meanwhile). `waited`: per event, how long it was
+        due while the engine had no room for it (Engine.room), counted as its turn's queue time."""
         for _, message, _ in batch:
             message.content = valid(message.content)
         recall.prepare([message for _, message, _ in batch])
@@ -218,7 +242,11 @@ class Engine:
             return claimed
 
         claimed = await self.db.transact(store)
-        return [self._queue(agent, message) if ok else None for (agent, message, _), ok in zip(batch, claimed, strict=True)]
+        waits = list(waited) or [0.0] * len(batch)
+        return [
+            self._queue(agent, message, waited=wait) if ok else None
+            for (agent, message, _), ok, wait in zip(batch, claimed, waits, strict=True)
+        ]
 
     async def _arrive(
         self, key: str, message: recall.Message, *, answer: bool = False, images: list[Image] | None = None
@@ -244,12 +272,17 @@ class Engine:
             raise
         return future
 
-    def _queue(self, agent: Agent, message: recall.Message, images: list[Image] | None = None) -> asyncio.Future[TurnResult]:
-        """A stored message waits for the agent's next turn; the future carries that turn's result."""
+    def _queue(
+        self, agent: Agent, message: recall.Message, images: list[Image] | None = None, *, waited: float = 0.0
+    ) -> asyncio.Future[TurnResult]:
+        """A stored message waits for the agent's next turn; the future carries that turn's result.
+        `waited`: how long it already waited for room (a scheduled event, Engine.room)."""
         key = agent.key
         box = self._mailboxes.setdefault(key, _Mailbox())
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))
+        if waited:
+            box.waited[future] = waited
         if images:
             box.images.append((message, images))
         if box.worker is None or box.worker.done():
@@ -307,6 +340,7 @@ class Engine:
         box.pending = [p for p in box.pending if p[0].id is None or p[0].id > through]
         # shown or not (a failed turn): the stand-ins are in recall, and the bytes are not kept
         box.images = [(m, found) for m, found in box.images if m.id is None or m.id > through]
+        result.queued_seconds += max((box.waited.pop(f, 0.0) for _, f in batch), default=0.0)
         for _, future in batch[:-1]:
             if not future.done():
                 future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))
@@ -329,6 +363,7 @@ class Engine:
             images=images or [],
         )
         queued = time.perf_counter()
+        self._turns_wanted += 1
         try:
             async with self._turns:
                 waited = time.perf_counter() - queued
@@ -341,6 +376,9 @@ class Engine:
                 log.exception("%s: turn failed", agent.key)
                 reply = "Sorry, something went wrong on my side."
             result = TurnResult(reply=reply, outcome=TurnOutcome.ERROR, error=repr(exc), admitted_through=turn.admitted_through)
+        finally:
+            self._turns_wanted -= 1
+            self._turn_done.set()
         result.queued_seconds = waited
         log.info(
             "turn agent=%s steps=%d tokens_in=%d tokens_out=%d queued_ms=%.0f model_ms=%.0f engine_ms=%.1f evicted=%d outcome=%s",

@@ -45,10 +45,9 @@ SHOWN_IN_PROMPT = 3
 SHOWN_NOTE_CHARS = 80
 # fired later than this after its due time (the bot was down): the event says how late
 LATE_AFTER = timedelta(seconds=60)
-# due events claimed per transaction (one pass of the timer); the rest follow in the next pass, at once.
-# A pass holds the writer (~0.3 ms an event), but every event of a pass waits for the pass: with 1,000
-# due at once bench/events.py measured late p50 ~570 ms in passes of 100 and ~370 ms in one pass
-FIRE_BATCH = 1000
+# due events claimed per transaction (one pass of the timer), at most: a pass fires no more than
+# the engine has room for turns (Engine.room), the rest follow as turns end
+FIRE_BATCH = 100
 # after a database error the timer tries again this much later
 RETRY_SECONDS = 5.0
 MAX_WHEN_CHARS = 100
@@ -83,7 +82,11 @@ class Engine(Protocol):
 
     async def agent(self, key: str) -> Agent: ...
 
-    async def wake(self, batch: list[tuple[Agent, recall.Message, Claim]]) -> Sequence[Awaitable[Answer] | None]: ...
+    async def room(self) -> int: ...
+
+    async def wake(
+        self, batch: list[tuple[Agent, recall.Message, Claim]], *, waited: Sequence[float] = ()
+    ) -> Sequence[Awaitable[Answer] | None]: ...
 
 
 class BadWhen(ValueError):
@@ -414,7 +417,9 @@ class Scheduler:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), wait)
                     continue
-                if not await self._fire_due():
+                # no more than the engine has room for: the rest stay due in the database meanwhile
+                room = await self.engine.room()
+                if not await self._fire_due(min(room, FIRE_BATCH)):
                     # due, yet nothing could be claimed (a row the text comparison misses): never spin on it
                     log.warning("scheduled events: event due %s could not be fired; trying again in %.0f s", due, RETRY_SECONDS)
                     with contextlib.suppress(TimeoutError):
@@ -425,20 +430,22 @@ class Scheduler:
                 log.exception("scheduled events: the timer failed; trying again in %.0f s", RETRY_SECONDS)
                 await asyncio.sleep(RETRY_SECONDS)
 
-    async def _fire_due(self) -> int:
-        """Fire what is due now; returns how many rows it read."""
+    async def _fire_due(self, limit: int) -> int:
+        """Fire up to `limit` events due now, the engine having room for them; returns how many rows it read."""
         now = self.now()
         scope, params = self._scope("e.agent_id")
         rows = await self.engine.db.fetchall(
             "SELECT e.id, e.agent_id, e.due_at, e.note, e.repeat, e.set_by, e.set_by_id, e.created_at, e.state, a.key"
             f" FROM events e JOIN agents a ON a.id = e.agent_id WHERE e.state = 'pending' AND e.due_at <= ?{scope}"
             " ORDER BY e.due_at, e.id LIMIT ?",
-            (stamp(now), *params, FIRE_BATCH),
+            (stamp(now), *params, limit),
         )
         fired = [self._occurrence(_event(tuple(r)[:9]), now) for r in rows]
         # one transaction for the whole pass: each occurrence is spent where its system event is stored
         answers = await self.engine.wake(
-            [(Agent(e.agent_id, r[9]), message, claim) for (e, message, claim), r in zip(fired, rows, strict=True)]
+            [(Agent(e.agent_id, r[9]), message, claim) for (e, message, claim), r in zip(fired, rows, strict=True)],
+            # due until now, the engine had no room for them: their turns' queue time
+            waited=[max(0.0, (now - parse_stamp(e.due_at)).total_seconds()) for e, _, _ in fired],
         )
         for (event, _, _), r, answer in zip(fired, rows, answers, strict=True):
             if answer is not None:

@@ -327,3 +327,43 @@ def test_when_past_what_a_calendar_holds_is_refused_with_a_reason(when: str) -> 
 
 def test_a_duration_in_four_digits_is_a_duration() -> None:
     assert parse_when("1440 minutes", NOW) == NOW + timedelta(days=1)
+
+
+async def test_due_events_fire_only_as_the_engine_has_room_and_a_person_goes_before_the_backlog(
+    tmp_path: Path, fake: FakeOpenAI, clock: Clock
+) -> None:
+    from memory.engine import TURNS_PER_CALL_SLOT
+
+    engine = await Engine.open(make_settings(tmp_path, fake, max_concurrent_llm_calls=1))
+    engine.events.now = clock
+    for i in range(6):
+        agent = await engine.agent(f"dm:{100 + i}")
+        ok, _ = await events.schedule(engine.db, agent, "in 10 minutes", f"task {i}", None)
+        assert ok
+    asked: list[str] = []
+    person: list[asyncio.Task[TurnResult]] = []
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        text = str(body["messages"][-1]["content"])
+        asked.append("person" if "hello there" in text else "event")
+        if len(asked) == 1:  # a person writes while the events are backed up
+            person.append(asyncio.create_task(engine.send("dm:7", user("hello there"))))
+        return reply("done")
+
+    fake.default = answer
+    delivered: asyncio.Queue[float] = asyncio.Queue()
+
+    async def deliver(key: str, result: events.Answer, event: events.Event) -> bool:
+        await delivered.put(result.queued_seconds)
+        return True
+
+    await engine.events.start(deliver)
+    clock.now += timedelta(minutes=10)
+    engine.events.changed()
+    queued = [await asyncio.wait_for(delivered.get(), 10) for _ in range(6)]
+    assert (await person[0]).reply == "done"
+    await engine.close()
+    # only TURNS_PER_CALL_SLOT events had fired when the person wrote: the person's turn came next
+    assert asked.index("person") == TURNS_PER_CALL_SLOT, asked
+    # the events that stayed due while there was no room count that wait as their turns' queue time
+    assert all(q > 0 for q in queued[TURNS_PER_CALL_SLOT:]), queued
