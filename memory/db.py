@@ -16,10 +16,12 @@ The schema is memory/migrations.py's; the full-text rules are memory/fulltext.py
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +52,8 @@ _SQLITE_FULL = 13
 
 
 T = TypeVar("T")
+# a transaction handed to the writer, and the future its caller awaits
+_Queued = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 # SQLite releases the GIL while it works: two readers let two queries run at once
 READERS = 2
 # most transactions committed together (Database._flush)
@@ -94,9 +98,15 @@ class Database:
         self._readers = readers
         self._lock = lock
         self._busy = [0] * len(readers)
-        self._queued: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._batch: asyncio.Future[list[tuple[bool, Any]]] | None = None
+        # transactions of this pass of the event loop, handed to the writer together at its end
+        self._queued: list[_Queued] = []
         self._soon: asyncio.Handle | None = None
+        # handed over, not yet taken by the writer thread, which drains it without waiting for the
+        # event loop between batches (a busy loop would otherwise leave the writer idle)
+        self._inbox: collections.deque[_Queued] = collections.deque()
+        self._guard = threading.Lock()
+        self._draining = False  # a drain is running or submitted (under _guard)
+        self._drain: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> Database:
@@ -134,11 +144,11 @@ class Database:
 
     async def close(self) -> None:
         """Finish every queued transaction, then close; a failing final checkpoint is logged, not raised."""
-        while self._batch is not None or self._queued:
-            if self._batch is None:
-                self._flush()
-            assert self._batch is not None
-            await asyncio.wait([self._batch])
+        while self._queued or self._drain is not None:
+            self._flush()
+            if self._drain is not None:
+                # its batches' results were handed to the loop before it ended: they are set first
+                await asyncio.wait([self._drain])
         try:
             for reader in self._readers:
                 await reader.close()
@@ -179,22 +189,47 @@ class Database:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((fn, future))
-        if self._batch is None and self._soon is None:
+        if self._soon is None:
             # after the callbacks already scheduled, so that tasks they start join the batch (a
             # message's arrival and the turn that answers it: Engine._arrive)
             self._soon = loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
+        """Hand this pass's transactions to the writer thread, starting a drain if none runs."""
         if self._soon is not None:
             self._soon.cancel()
             self._soon = None
-        if self._batch is not None or not self._queued:
+        if not self._queued:
             return
-        # a larger batch costs less CPU, but its first transaction waits for all the others
-        batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]
-        self._batch = asyncio.get_running_loop().run_in_executor(self._thread, self._commit, [fn for fn, _ in batch])
-        self._batch.add_done_callback(lambda done: self._settle(batch, done))
+        queued, self._queued = self._queued, []
+        with self._guard:
+            self._inbox.extend(queued)
+            start, self._draining = not self._draining, True
+        if start:
+            loop = asyncio.get_running_loop()
+            drain = self._drain = loop.run_in_executor(self._thread, self._drain_inbox, loop)
+            drain.add_done_callback(lambda done: self._drained(done))
+
+    def _drained(self, done: asyncio.Future[None]) -> None:
+        if self._drain is done:
+            self._drain = None
+
+    def _drain_inbox(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer thread: commit batches until the inbox is empty, each batch's results
+        handed to the loop as it commits."""
+        while True:
+            with self._guard:
+                if not self._inbox:
+                    self._draining = False
+                    return
+                # a larger batch costs less CPU, but its first transaction waits for all the others
+                batch = [self._inbox.popleft() for _ in range(min(BATCH, len(self._inbox)))]
+            try:
+                outcomes = self._commit([fn for fn, _ in batch])
+            except Exception as exc:
+                outcomes = [(False, exc)] * len(batch)
+            loop.call_soon_threadsafe(self._settle, batch, outcomes)
 
     def _commit(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
         c = self._writer
@@ -226,15 +261,11 @@ class Database:
             return StorageFull(f"storage is full: database {self._lock.database} cannot grow ({exc}); free disk space")
         return None
 
-    def _settle(self, batch: list[tuple[Any, asyncio.Future[Any]]], done: asyncio.Future[list[tuple[bool, Any]]]) -> None:
-        self._batch = None
-        failed = done.exception()
-        outcomes = [(False, failed)] * len(batch) if failed else done.result()
-        for (_, future), (ok, value) in zip(batch, outcomes):
+    @staticmethod
+    def _settle(batch: list[_Queued], outcomes: list[tuple[bool, Any]]) -> None:
+        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
             if not future.done():  # cancelled: nobody waits for it
                 future.set_result(value) if ok else future.set_exception(value)
-        if self._queued:
-            self._flush()
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One write statement as a transaction of its own; returns the rows it changed."""

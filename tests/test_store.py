@@ -260,6 +260,39 @@ async def test_queued_transactions_commit_in_batches_of_at_most_batch_in_order(d
     assert [r[0] for r in await db.fetchall("SELECT key FROM meta WHERE key LIKE 'k%' ORDER BY rowid")] == ["k00", *keys]
 
 
+async def test_the_writer_keeps_committing_queued_batches_while_the_event_loop_is_busy(db: Database) -> None:
+    """A busy event loop must not leave the writer idle between batches: under load that made
+    every transaction wait for the loop's next pass (bench/bot_load.py, ~100 ms per trip)."""
+    from memory.db import BATCH
+
+    release, started, last = threading.Event(), asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        loop.call_soon_threadsafe(started.set)
+        release.wait()
+
+    def put(n: int) -> Callable[[sqlite3.Connection], None]:
+        def run(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO meta(key, value) VALUES (?, 'v')", (f"w{n}",))
+            if n == 3 * BATCH - 1:
+                last.set()
+
+        return run
+
+    first = asyncio.create_task(db.transact(blocker))
+    await started.wait()
+    queued = [asyncio.create_task(db.transact(put(n))) for n in range(3 * BATCH)]
+    # one pass runs the tasks (each queues its transaction), the next hands them to the writer
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    release.set()
+    # the event loop's thread is blocked here: only the writer itself can go on to the next batches
+    assert last.wait(timeout=5), "the writer waited for the event loop between batches"
+    await asyncio.gather(first, *queued)
+    assert await db.fetchval("SELECT count(*) FROM meta WHERE key LIKE 'w%'") == 3 * BATCH
+
+
 async def test_close_during_a_batch_finishes_every_queued_transaction(tmp_path: Path) -> None:
     path = tmp_path / "closing.db"
     db = await Database.open(path)
