@@ -65,6 +65,7 @@ class TurnOutcome(StrEnum):
     ERROR = "error"  # the model call failed
     OVERFLOW = "overflow"  # the request does not fit the model's window even after compaction
     MERGED = "merged"  # a later message's turn answered this one too
+    NOTHING = "nothing"  # no message was waiting after all (its store failed): no model call
 
 
 @dataclass
@@ -123,6 +124,9 @@ class Turn:
 
         (filed, result.admitted_through), snapshot = await self.db.transact(start)
         self.admitted_through = result.admitted_through
+        if not result.admitted_through:
+            result.outcome = TurnOutcome.NOTHING
+            return result
         if filed:
             await self._event(
                 result,
@@ -260,7 +264,7 @@ class Turn:
         messages = prompt.messages
         if self.images:
             first = len(messages) - len(prompt.history)  # the system prompt comes before the history
-            found = {m.id: shown for m, shown in self.images if m.id is not None}
+            found = {m.id: shown for m, shown in self.images if m.id}
             parts = {first + i: [image.part() for image in found[m.id]] for i, m in enumerate(prompt.history) if m.id in found}
             messages = images.attach(messages, parts)
         return _with_note(messages, note)

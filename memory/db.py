@@ -107,6 +107,7 @@ class Database:
         self._guard = threading.Lock()
         self._draining = False  # a drain is running or submitted (under _guard)
         self._drain: asyncio.Future[None] | None = None
+        self._closed = False
 
     @classmethod
     async def open(cls, path: str | Path, *, migrations: Iterable[Migration] | None = None) -> Database:
@@ -149,6 +150,7 @@ class Database:
             if self._drain is not None:
                 # its batches' results were handed to the loop before it ended: they are set first
                 await asyncio.wait([self._drain])
+        self._closed = True
         try:
             for reader in self._readers:
                 await reader.close()
@@ -186,6 +188,8 @@ class Database:
         The transaction finishes even if the awaiting task is cancelled. Raises StorageFull
         when the disk is full.
         """
+        if self._closed:
+            raise StorageError(f"database {self._lock.database} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((fn, future))

@@ -266,9 +266,11 @@ class Engine:
         try:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
         except BaseException:
+            message.id = 0  # the writer set it before the batch failed: the message is not stored
             box = self._mailboxes.get(key)
             if box is not None:
                 box.pending = [p for p in box.pending if p[1] is not future]
+                box.images = [p for p in box.images if p[0] is not message]
             raise
         return future
 
@@ -334,12 +336,17 @@ class Engine:
             result = await self.run_turn(agent, hold, box.images)
         # the turn answered every message it admitted; all of them if it failed before admitting any
         # (a message whose store is still on its way has no id yet: the next turn answers it)
-        stored = [p for p in box.pending if p[0].id is not None]
-        through = result.admitted_through or max((m.id or 0 for m, _ in stored), default=0)
-        batch = [p for p in stored if (p[0].id or 0) <= through]
-        box.pending = [p for p in box.pending if p[0].id is None or p[0].id > through]
+        stored = [p for p in box.pending if p[0].id]
+        if result.outcome is TurnOutcome.NOTHING:
+            through = 0
+        else:
+            through = result.admitted_through or max((m.id for m, _ in stored), default=0)
+        # the newest carries the reply: pending is not in id order (events are stored before they
+        # are queued, messages after)
+        batch = sorted((p for p in stored if p[0].id <= through), key=lambda p: p[0].id)
+        box.pending = [p for p in box.pending if not p[0].id or p[0].id > through]
         # shown or not (a failed turn): the stand-ins are in recall, and the bytes are not kept
-        box.images = [(m, found) for m, found in box.images if m.id is None or m.id > through]
+        box.images = [(m, found) for m, found in box.images if not m.id or m.id > through]
         result.queued_seconds += max((box.waited.pop(f, 0.0) for _, f in batch), default=0.0)
         for _, future in batch[:-1]:
             if not future.done():
@@ -360,7 +367,7 @@ class Engine:
             agent,
             token_scale=self.token_scale,
             model=self.model,
-            images=images or [],
+            images=[] if images is None else images,  # the mailbox's own list, even while empty
         )
         queued = time.perf_counter()
         self._turns_wanted += 1

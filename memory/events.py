@@ -205,10 +205,13 @@ def _duration(raw: str) -> timedelta:
 def parse_stamp(value: str) -> datetime:
     """A stamp as FORMAT reads it ("2026-12-02T10:29:07Z", or "2020-1-2T3:4:5Z" in an import)."""
     # what stamp() writes, by fromisoformat: ~50x faster than strptime (1,000 events fire at once)
-    if len(value) == 20 and value[10] == "T" and value[19] == "Z" and value[:4].isdigit():
+    if _STAMP.fullmatch(value):
         with contextlib.suppress(ValueError):
             return datetime.fromisoformat(value[:19]).replace(tzinfo=UTC)
     return datetime.strptime(value, FORMAT).replace(tzinfo=UTC)
+
+
+_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", re.ASCII)
 
 
 def next_due(due: datetime, repeat: str, now: datetime) -> datetime | None:

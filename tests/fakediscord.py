@@ -428,7 +428,9 @@ class FakeDiscord:
     async def dispatch(self, event: str, data: Json, *, timeout: float = 5.0) -> None:
         """Send any gateway DISPATCH event to the connected client (the shard of ``data``'s guild_id)
         and wait until it is written."""
-        conn = await self._connection(timeout, data.get("guild_id"))
+        # GUILD_CREATE / GUILD_UPDATE / GUILD_DELETE name their guild by `id`
+        guild_id = data.get("guild_id") or (data.get("id") if event.startswith("GUILD_") else None)
+        conn = await self._connection(timeout, guild_id)
         await self._send(conn, {"op": 0, "t": event, "d": data})
 
     async def send_raw(self, text: str, *, timeout: float = 5.0) -> None:

@@ -295,3 +295,42 @@ def test_the_type_is_read_from_the_bytes() -> None:
             images.read("x.png", wrong, 1000)
     assert images.looks_like_image("photo", "image/heic") and images.looks_like_image("a.JPG", None)
     assert not images.looks_like_image("notes.txt", "text/plain")
+
+
+async def test_an_image_sent_while_the_turn_waits_to_begin_goes_with_that_turn(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """The turn waits behind others (one call slot, TURNS_PER_CALL_SLOT turns): a message with an
+    image that arrives meanwhile is admitted by that turn, and so are its images."""
+    from memory.engine import TURNS_PER_CALL_SLOT
+
+    release = asyncio.Event()
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        if "others" in user_texts(body)[-1]:
+            await release.wait()
+        return reply("ok")
+
+    fake.default = answer
+    picture = png(padding=100)
+    async with engine_for(tmp_path, fake, max_concurrent_llm_calls=1) as engine:
+        others = [
+            asyncio.create_task(
+                engine.send(f"dm:{9 + i}", recall.Message(role="user", content="others", author="b", author_id="2"))
+            )
+            for i in range(TURNS_PER_CALL_SLOT)
+        ]
+        sql = "SELECT count(*) FROM messages WHERE content = 'others' AND in_context = 1"
+        while await engine.db.fetchval(sql) < TURNS_PER_CALL_SLOT:  # every turn slot is taken
+            await asyncio.sleep(0.01)
+        text = asyncio.create_task(
+            engine.send("dm:1", recall.Message(role="user", content="words", author="ann", author_id="1001"))
+        )
+        agent = await engine.agent("dm:1")
+        while await recall.count(engine.db, agent) < 1:  # stored; its turn waits to begin
+            await asyncio.sleep(0.01)
+        with_picture = asyncio.create_task(engine.send("dm:1", *with_image("picture", "p.png", picture)))
+        while await recall.count(engine.db, agent) < 2:
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(*others, text, with_picture)
+    (request,) = [r for r in fake.chat_requests if "picture" in "".join(user_texts(r))]
+    assert parts_by_message(request) == {"picture": [data_url("image/png", picture)]}

@@ -11,8 +11,11 @@ import pytest
 
 from memory import recall
 from memory.config import EngineSettings
+from memory.db import sqlite3
 from memory.engine import Engine
 from tests.fakeopenai import FakeOpenAI, reply
+
+MODEL_SECONDS = 0.05
 
 
 def user(text: str) -> recall.Message:
@@ -248,6 +251,7 @@ async def test_turns_beyond_the_model_call_limit_wait_before_reading_their_promp
     admitted: list[int] = []
 
     async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(MODEL_SECONDS)  # the model's time, which turns beyond the gate wait for
         # messages taken into a prompt so far, across all agents
         sql = "SELECT count(*) FROM messages WHERE role = 'user' AND in_context = ?"
         admitted.append(await engine.db.fetchval(sql, (recall.IN_CONTEXT,)))
@@ -263,4 +267,32 @@ async def test_turns_beyond_the_model_call_limit_wait_before_reading_their_promp
     # at the k-th call k turns have had their answer: the rest admitted are turns in progress
     in_progress = [n - k for k, n in enumerate(admitted)]
     assert max(in_progress) == TURNS_PER_CALL_SLOT, admitted
-    assert sum(r.queued_seconds > 0 for r in results) >= len(keys) - TURNS_PER_CALL_SLOT
+    # those beyond the gate waited at least one model call before they began
+    assert all(q >= MODEL_SECONDS * 0.9 for q in sorted(r.queued_seconds for r in results)[TURNS_PER_CALL_SLOT:])
+
+
+async def test_a_message_whose_store_fails_wakes_no_model_call(engine: Engine, fake: FakeOpenAI) -> None:
+    fake.default = reply("ok")
+    await engine.agent("dm:4")
+    # fails inside its transaction, in the batch that also starts the turn it woke
+    broken = recall.Message(role="user", content="beep", author="ann", author_id="1001", external_id=object())  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.Error):
+        await engine.send("dm:4", broken)
+    # the agent's next turn runs after the one the broken message woke: one model call in all,
+    # as that turn found nothing waiting
+    assert (await engine.send("dm:4", user("hello"))).reply == "ok"
+    assert len(fake.chat_requests) == 1
+
+
+async def test_the_reply_goes_to_the_person_when_an_event_is_answered_in_the_same_turn(engine: Engine, fake: FakeOpenAI) -> None:
+    """An event is stored before it is queued, a message after: the newest stored carries the reply."""
+    fake.default = reply("ok")
+    agent = await engine.agent("dm:5")
+    event = recall.Message(role="system", content="Scheduled event #1: water the plants. Act on it now.")
+    woken = asyncio.create_task(engine.wake([(agent, event, lambda c: True)]))
+    sent = asyncio.create_task(engine.send("dm:5", user("hi there")))
+    (answer,) = await woken
+    assert answer is not None
+    assert (await sent).reply == "ok"
+    assert (await answer).outcome == "merged"
+    assert len(fake.chat_requests) == 1

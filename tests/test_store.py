@@ -483,3 +483,10 @@ async def test_close_is_clean_when_the_final_checkpoint_fails(tmp_path: Path) ->
     db = await Database.open(path)  # nothing committed was lost: the WAL is read back
     assert await db.fetchval("SELECT count(*) FROM meta WHERE key LIKE 'k%'") == 500
     await db.close()
+
+
+async def test_a_write_after_close_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    db = await Database.open(tmp_path / "closed.db")
+    await db.close()
+    with pytest.raises(StorageError, match="is closed"):
+        await asyncio.wait_for(db.execute("INSERT INTO meta VALUES ('late', 'v')"), 5)
