@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -88,6 +89,8 @@ class Turn:
     token_scale: context.TokenScale = field(default_factory=context.TokenScale)
     # what the engine learned about the server (tool mode, window, truncation), shared likewise
     model: serving.ModelState = field(default_factory=serving.ModelState)
+    # shown the reply while it is written (memory/streaming.py): each call gets the text so far
+    on_text: Callable[[str], None] | None = None
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
     _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
     _result: TurnResult = field(init=False)
@@ -222,7 +225,13 @@ class Turn:
         if self.model.text_tools or s.tool_mode == "text":
             messages = replies.as_text_mode(messages, schemas)
             schemas = None
-        return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens)
+        on_text = self._show if self.on_text is not None and s.stream_replies else None
+        return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens, on_text=on_text)
+
+    def _show(self, text: str) -> None:
+        """A snapshot of the reply being written, as long as the reply may be (the final one is cut with a note)."""
+        if text and self.on_text is not None:
+            self.on_text(text[: self.settings.max_reply_chars])
 
     async def _call(
         self, prompt: context.Prompt, result: TurnResult, schemas: list[dict[str, Any]] | None, note: str | None

@@ -56,6 +56,9 @@ class EngineSettings(BaseSettings):
     # native: the `tools` parameter; text: tools described in the prompt, calls read from the text;
     # auto: native until the server refuses tools, then text.
     tool_mode: Literal["auto", "native", "text"] = "auto"
+    # Stream model answers (SSE) and show the reply while it is written; off: whole answers only.
+    # A server that does not stream is asked for whole answers without this.
+    stream_replies: bool = True
 
     # the default persona (agents.DEFAULT_PERSONA) must fit, or creating and resetting an agent could not write it
     persona_limit: int = Field(2000, ge=200)

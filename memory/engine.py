@@ -64,6 +64,8 @@ class _Mailbox:
     # messages stored and waiting for an answer, with the callers waiting for it
     pending: list[tuple[recall.Message, asyncio.Future[TurnResult]]] = field(default_factory=list)
     worker: asyncio.Task[None] | None = None
+    # by message id: who is shown the reply to that message while it is written (Engine.send's on_text)
+    listeners: dict[int, Callable[[str], None]] = field(default_factory=dict)
 
 
 class Engine:
@@ -173,13 +175,16 @@ class Engine:
         """Store a message the agent should remember but not answer; its next turn sees it."""
         await self._arrive(key, message)
 
-    async def send(self, key: str, message: recall.Message) -> TurnResult:
+    async def send(self, key: str, message: recall.Message, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """Store `message`, then answer it in this agent's next turn.
 
         When several messages wait for one agent, one turn answers them all: the
         last one's result carries the reply, the others get outcome "merged".
+        `on_text` gets snapshots of the reply while it is written (STREAM_REPLIES), each the
+        text so far; the result's reply is the final text. It goes to the turn's newest
+        message when the turn starts: a caller whose result is "merged" may have had some.
         """
-        future = await self._arrive(key, message, answer=True)
+        future = await self._arrive(key, message, answer=True, on_text=on_text)
         assert future is not None
         return await future
 
@@ -204,7 +209,9 @@ class Engine:
         claimed = await self.db.transact(store)
         return [self._queue(agent, message) if ok else None for (agent, message, _), ok in zip(batch, claimed, strict=True)]
 
-    async def _arrive(self, key: str, message: recall.Message, *, answer: bool = False) -> asyncio.Future[TurnResult] | None:
+    async def _arrive(
+        self, key: str, message: recall.Message, *, answer: bool = False, on_text: Callable[[str], None] | None = None
+    ) -> asyncio.Future[TurnResult] | None:
         """The one way in for messages: stored at once, in call order, waiting for the next turn.
 
         Raises StorageError when it cannot be stored: the caller must say so, nothing else will.
@@ -214,14 +221,18 @@ class Engine:
         await recall.append(self.db, agent, [message], state=recall.WAITING)
         if not answer:
             return None
-        return self._queue(agent, message)
+        return self._queue(agent, message, on_text)
 
-    def _queue(self, agent: Agent, message: recall.Message) -> asyncio.Future[TurnResult]:
+    def _queue(
+        self, agent: Agent, message: recall.Message, on_text: Callable[[str], None] | None = None
+    ) -> asyncio.Future[TurnResult]:
         """A stored message waits for the agent's next turn; the future carries that turn's result."""
         key = agent.key
         box = self._mailboxes.setdefault(key, _Mailbox())
         future: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         box.pending.append((message, future))
+        if on_text is not None:
+            box.listeners[message.id] = on_text
         if box.worker is None or box.worker.done():
             box.worker = asyncio.create_task(self._work(agent, box))
         return future
@@ -268,20 +279,24 @@ class Engine:
     async def _answer(self, agent: Agent, box: _Mailbox, hold: _Hold) -> None:
         """One turn, and its result to everyone it answered."""
         async with hold.lock:
-            result = await self.run_turn(agent, hold)
+            result = await self.run_turn(agent, hold, on_text=box.listeners.get(box.pending[-1][0].id))
         # the turn answered every message it admitted; all of them if it failed before admitting any
         through = result.admitted_through or max(m.id for m, _ in box.pending)
         batch = [p for p in box.pending if p[0].id <= through]
         box.pending = [p for p in box.pending if p[0].id > through]
+        for m, _ in batch:
+            box.listeners.pop(m.id, None)
         for _, future in batch[:-1]:
             if not future.done():
                 future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))
         if batch and not batch[-1][1].done():
             batch[-1][1].set_result(result)
 
-    async def run_turn(self, agent: Agent, hold: _Hold) -> TurnResult:
+    async def run_turn(self, agent: Agent, hold: _Hold, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """A turn that answers every message waiting for this agent; `hold`'s lock is held."""
-        turn = Turn(self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale, model=self.model)
+        turn = Turn(
+            self.db, self.llm, self.archive, self.settings, agent, token_scale=self.token_scale, model=self.model, on_text=on_text
+        )
         try:
             result = await turn.run()
         except Exception as exc:  # a full disk, or a bug: the callers must still get an answer
