@@ -36,6 +36,8 @@ class BotSettings(EngineSettings):
     catch_up_hours: float = Field(24.0, ge=0, le=24 * 365)
     # A reasoning model's thinking: never shown (off), under the reply as a spoiler, or as reasoning.txt.
     show_reasoning: Literal["off", "spoiler", "file"] = "off"
+    # With STREAM_REPLIES, a reply being written is edited at most once per this many seconds.
+    stream_edit_seconds: float = Field(1.5, ge=0.2, le=60)
 
     @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
     @classmethod
