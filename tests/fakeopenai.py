@@ -252,7 +252,8 @@ class FakeOpenAI:
             self.in_flight -= 1
 
     async def _drip(self, drip: Drip, body: dict[str, Any], request: web.Request) -> web.StreamResponse:
-        payload = (await self._answer(drip.then, body, request)).body
+        # the whole answer as one JSON body, even to a stream request: what a stalled proxy passes on
+        payload = (await self._answer(drip.then, {**body, "stream": False}, request)).body
         assert isinstance(payload, bytes)
         response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(payload))})
         self.dripping += 1
