@@ -240,7 +240,8 @@ class ModelProcess:
 # ============================================================== the fake Discord, timestamping replies
 
 
-def make_fake_discord() -> Any:
+def make_fake_discord(ending: str) -> Any:
+    """`ending`: how a complete reply ends (with --stream one is complete after its last edit)."""
     from tests.fakediscord import FakeDiscord
 
     class TimedFakeDiscord(FakeDiscord):
@@ -248,6 +249,7 @@ def make_fake_discord() -> Any:
 
         def __init__(self) -> None:
             super().__init__()
+            self.complete: dict[str, asyncio.Future[None]] = {}  # tag -> set when its reply holds the whole text
             self.reply_at: dict[str, float] = {}  # tag -> first reply's arrival
             self.waiters: dict[str, asyncio.Future[float]] = {}
             self.untagged: list[str] = []  # bot messages without a tag: apologies, warnings
@@ -265,7 +267,22 @@ def make_fake_discord() -> Any:
                 waiter = self.waiters.get(tag)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(at)
+            self._completes(record)
             return record
+
+        def _edit_message(self, message: Any, body: Any, files: Any, *, kind: str) -> None:
+            super()._edit_message(message, body, files, kind=kind)
+            self._completes(message)
+
+        def _completes(self, message: Any) -> None:
+            content = (message.get("content") or "").rstrip()
+            if content.endswith(ending):
+                for tag in TAG.findall(content):
+                    if not self.completion(tag).done():
+                        self.completion(tag).set_result(None)
+
+        def completion(self, tag: str) -> asyncio.Future[None]:
+            return self.complete.setdefault(tag, asyncio.get_running_loop().create_future())
 
         def edit_figures(self) -> tuple[int, float]:
             """(PATCHes of bot messages, the fastest any one message was written: 1 / its shortest gap)."""
@@ -409,7 +426,7 @@ class Run:
 
 async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
     """Start fresh fakes and one bot (the floor or mnemocord), run the load, stop them all."""
-    fake = make_fake_discord()
+    fake = make_fake_discord(STREAMED_TAIL.strip() if args.stream else "noted, thanks.")
     await fake.start()
     model = ModelProcess()
     model_url = await model.start(args.model_ms, args.stream)
@@ -493,6 +510,8 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
                 try:
                     at = await asyncio.wait_for(asyncio.shield(waiter), LOST_AFTER)
                     latencies.append(at - t0)
+                    # a person reads the reply to its end before writing again (streamed: its last edit)
+                    await asyncio.wait_for(asyncio.shield(fake.completion(tag)), LOST_AFTER)
                 except TimeoutError:
                     pass  # lost, unless it turns up before the end (matched by tag below)
 
