@@ -271,3 +271,12 @@ async def test_chat_prints_the_reply_as_it_streams(tmp_path: Path, fake: FakeOpe
     code, out, err = await run_cli("chat", env=base_env(tmp_path, fake), stdin="hello\n")
     assert code == 0, err
     assert f"bot> {LONG.strip()}\n" in out and fake.streamed == 1
+
+
+async def test_typing_shows_until_the_first_text(settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI) -> None:
+    fake.stream_seconds = 2.5  # the turn outlasts TYPING_AFTER by far; its first text comes well before it
+    fake.push(call("send_message", {"message": LONG}))
+    async with dm_bot(settings, fake_discord) as (_, dm, ask, _key):
+        await ask("hello")
+        assert contents(fake_discord, dm) == [LONG.strip()]
+        assert fake_discord.typing == []  # stopped at the first text, before it was due
