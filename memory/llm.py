@@ -105,8 +105,15 @@ _NO_TOOLS = re.compile(
 )
 
 
-# A server refusing `stream` or `stream_options` (e.g. "stream_options is not supported"): answered whole instead
-_NO_STREAMING = re.compile(r"stream", re.IGNORECASE)
+# How a server refuses `stream` or `stream_options`: then it is asked for whole answers. Not any
+# mention of "stream": validation errors (FastAPI's 422) echo the request, "stream": true included.
+_NO_STREAMING = re.compile(
+    r"stream(?:ing|_options)?['\"`]?\s*(?:is |are )?(?:not (?:supported|allowed|implemented|permitted)|unsupported)"
+    r"|(?:unsupported|unknown|unrecognized|invalid|extra)\s+(?:param(?:eter)?|field|argument|key|option)s?\W{0,5}stream"
+    r"|does not support stream|streaming is disabled"
+    r'|extra_forbidden"\W+loc"\W+\[\W*body"\W*,\W*"stream',
+    re.IGNORECASE,
+)
 
 
 class _NoStreaming(Exception):

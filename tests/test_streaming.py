@@ -17,7 +17,7 @@ from bot.client import MnemoBot
 from bot.config import BotSettings
 from bot.format import split_message
 from memory.agent import APOLOGY
-from memory.llm import LLMClient
+from memory.llm import LLMClient, LLMError
 from memory.streaming import partial_string
 from tests.fakediscord import FakeDiscord
 from tests.fakeopenai import Broken, Error, FakeOpenAI, call, calls, reasoning, reply, thinking, with_usage
@@ -108,6 +108,14 @@ async def test_a_server_that_does_not_stream_gets_whole_requests_from_then_on(
     assert (await client.chat("m", [{"role": "user", "content": "hi"}], on_text=lambda _: None)).content == "one"
     assert (await client.chat("m", [{"role": "user", "content": "hi"}], on_text=lambda _: None)).content == "two"
     assert "stream" not in fake.chat_requests[-1] and fake.streamed == 0
+
+
+async def test_an_unrelated_error_that_echoes_the_request_keeps_streaming_on(fake: FakeOpenAI, client: LLMClient) -> None:
+    echo = {"detail": [{"type": "missing", "loc": ["body", "model"], "input": {"stream": True}}]}
+    fake.push(Error(422, echo))
+    with pytest.raises(LLMError):
+        await client.chat("m", [{"role": "user", "content": "hi"}], on_text=lambda _: None)
+    assert client.whole_only == set() and len(fake.chat_requests) == 1
 
 
 def test_a_json_string_is_read_while_it_arrives() -> None:
