@@ -288,3 +288,19 @@ async def test_typing_shows_until_the_first_text(settings: BotSettings, fake_dis
         await ask("hello")
         assert contents(fake_discord, dm) == [LONG.strip()]
         assert fake_discord.typing == []  # stopped at the first text, before it was due
+
+
+async def test_a_streamed_reply_cut_at_max_reply_chars_ends_with_the_whole_text_attached(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI
+) -> None:
+    fake.chunk_chars = 40
+    long = "".join(f"line {i} of a very long answer.\n" for i in range(150))
+    fake.push(call("send_message", {"message": long}))
+    async with dm_bot(settings.model_copy(update={"max_reply_chars": 3000}), fake_discord) as (_, dm, ask, _key):
+        await ask("tell me everything")
+        sent = fake_discord.bot_messages(dm["id"])
+        assert len(sent) == 2 and "cut: the reply has" in sent[-1]["content"]
+        assert all(len(t) <= 2000 for t in everything_shown(fake_discord, dm)) and not fake_discord.rejected_requests
+        (attached,) = sent[-1]["attachments"]
+        assert attached["filename"] == "reply.txt"
+        assert fake_discord.messages[sent[-1]["id"]]["edits"], "the reply was not streamed"
