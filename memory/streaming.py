@@ -37,6 +37,9 @@ REPLY_ARGUMENT = "message"
 # a chat template writing "data:" lines of a megabyte would still be bounded by the call's deadline;
 # this bounds what one answer may hold in memory
 MAX_STREAMED_CHARS = 4_000_000
+# the reply text is read again after this many more characters arrived (and at the end): reading it
+# costs time in the event loop, and a reply shown every 1.5 s needs no snapshot per 4-character fragment
+SNAPSHOT_EVERY = 24
 
 
 class StreamBroken(Exception):
@@ -71,11 +74,12 @@ class StreamReader:
     done: bool = False  # an answer was read from a stream (not a whole response)
     _size: int = 0
     _shown: str = ""
+    _shown_at: int = 0  # _size when the snapshot was last read
 
     def reset(self) -> None:
         """A new attempt: what an earlier one gathered is dropped (the snapshots start again)."""
         self.content, self.reasoning, self.calls = [], [], {}
-        self.usage, self.finish_reason, self.done, self._size, self._shown = None, None, False, 0, ""
+        self.usage, self.finish_reason, self.done, self._size, self._shown, self._shown_at = None, None, False, 0, "", 0
 
     async def read(self, response: httpx.Response) -> None:
         self.reset()
@@ -107,6 +111,7 @@ class StreamReader:
             raise NotAStream
         if not ended and self.finish_reason is None:
             raise StreamBroken("the stream ended before the answer did")
+        self._show()
         self.done = True
 
     def _take(self, chunk: dict[str, Any]) -> None:
@@ -131,7 +136,8 @@ class StreamReader:
             for position, fragment in enumerate(fragments):
                 if isinstance(fragment, dict):
                     self._fragment(position, fragment)
-            self._show()
+            if self._size - self._shown_at >= SNAPSHOT_EVERY:
+                self._show()
 
     def _fragment(self, position: int, fragment: dict[str, Any]) -> None:
         # servers that send each call whole in one chunk leave out `index`
@@ -153,6 +159,7 @@ class StreamReader:
             call.arguments = json.dumps(args, ensure_ascii=False)
 
     def _show(self) -> None:
+        self._shown_at = self._size
         texts = [partial_string(c.arguments, REPLY_ARGUMENT) for _, c in sorted(self.calls.items()) if c.name == REPLY_TOOL]
         shown = "\n\n".join(t for t in (replies.clean_text(replies.split_thinking(t)[0]) for t in texts if t) if t)
         if shown != self._shown:
@@ -176,23 +183,21 @@ class StreamReader:
 
 
 _KEY = r'"{}"\s*:\s*"'
-# an escape still missing its digits at the end of what arrived (odd backslashes: not itself escaped)
-_UNFINISHED_UNICODE = re.compile(r"(\\+)u[0-9a-fA-F]{0,3}$")
-_HIGH_SURROGATE_AT_END = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
+# what an escape cut off at the end of what arrived may look like after its backslash
+_ESCAPE_SO_FAR = re.compile(r"(?:u[0-9a-fA-F]{0,3})?")
+_HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
 def partial_string(arguments: str, key: str) -> str:
     """The value of the string `key` in a JSON object that may still be arriving: as much of it
-    as has arrived, decoded; "" before the value starts."""
+    as has arrived, decoded; "" before the value starts. (Read again with every fragment, so it
+    only ever scans with str methods: a loop in Python over 8,000 characters each time adds up.)"""
     match = re.search(_KEY.format(re.escape(key)), arguments)
     if match is None:
         return ""
     raw = arguments[match.end() :]
     end = _closing_quote(raw)
-    if end is not None:
-        raw = raw[:end]
-    else:
-        raw = _complete_escapes(raw)
+    raw = raw[:end] if end is not None else _without_cut_escape(raw)
     try:
         value = json.loads(f'"{raw}"')
     except ValueError:
@@ -200,23 +205,27 @@ def partial_string(arguments: str, key: str) -> str:
     return without_surrogates(value) if isinstance(value, str) else ""
 
 
+def _escaped(raw: str, position: int) -> bool:
+    """Whether the character at `position` follows an odd run of backslashes."""
+    start = position
+    while start > 0 and raw[start - 1] == "\\":
+        start -= 1
+    return (position - start) % 2 == 1
+
+
 def _closing_quote(raw: str) -> int | None:
-    escaped = False
-    for i, ch in enumerate(raw):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            return i
-    return None
+    position = raw.find('"')
+    while position >= 0 and _escaped(raw, position):
+        position = raw.find('"', position + 1)
+    return position if position >= 0 else None
 
 
-def _complete_escapes(raw: str) -> str:
-    """`raw` without an escape cut off at its end."""
-    if (len(raw) - len(raw.rstrip("\\"))) % 2:
-        raw = raw[:-1]
-    unicode = _UNFINISHED_UNICODE.search(raw)
-    if unicode and len(unicode.group(1)) % 2:
-        raw = raw[: unicode.start() + len(unicode.group(1)) - 1]
-    return _HIGH_SURROGATE_AT_END.sub("", raw)  # its pair has not arrived
+def _without_cut_escape(raw: str) -> str:
+    """`raw` without an escape cut off at its end, nor a high surrogate whose pair has not arrived."""
+    slash = raw.rfind("\\", max(0, len(raw) - 5))
+    if slash >= 0 and _ESCAPE_SO_FAR.fullmatch(raw, slash + 1) and not _escaped(raw, slash):
+        raw = raw[:slash]
+    tail = len(raw) - 6
+    if tail >= 0 and _HIGH_SURROGATE.fullmatch(raw, tail) and not _escaped(raw, tail):
+        raw = raw[:tail]
+    return raw
