@@ -3,6 +3,7 @@
     python bench/bot_load.py                         # the issue's run: 100 users x 10 DMs, 200-ms model
     python bench/bot_load.py --users 20 --messages 3 # a quick run
     python bench/bot_load.py --floor-only            # the floor alone
+    python bench/bot_load.py --stream                # replies streamed: the model writes each over 1 s
 
 Absolute times differ about 2x between machines, so the run measures its own floor first: a bare
 discord.py bot under the same load, with the same fakes and the same process layout. Then the
@@ -44,9 +45,17 @@ At the end the bot gets SIGTERM; its exit code and time to exit are reported.
 The harness (fake Discord + 100 users) shares the machine's cores with the bot and the model;
 its own event-loop lag is reported so a slow harness is not mistaken for a slow bot.
 
+--stream: the fake model streams its answer (a longer one, so there is something to stream)
+in chunks spread over MODEL_MS (default 1000 with --stream) when asked to stream, and answers
+whole after MODEL_MS when not (the floor); mnemocord runs with STREAM_REPLIES on (off in the
+plain run). A reply's latency is then the time until its first text shows in Discord (the POST
+of the message that will hold it); `edits` counts the PATCHes of all replies, and
+`max_edits_per_msg_per_s` is the fastest any one message was written (1 / the shortest gap
+between its post and edits), which must stay at or below 1 / STREAM_EDIT_SECONDS.
+
 Figures only, no asserts. The floor's lines start with "floor". The last line is:
     bot_load users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<x> p95_reply_ms=<y> rss_mib=<r> floor_p50_reply_ms=<f> ratio_p50=<x/f>
-and with --floor-only:
+with --stream, followed by ` edits=<e> max_edits_per_msg_per_s=<m>`; and with --floor-only:
     bot_load_floor users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<f> p95_reply_ms=<y> rss_mib=<r>
 """
 
@@ -154,7 +163,11 @@ def floor_bot() -> None:
 # ============================================================== the fake model (child process)
 
 
-def serve_model(model_ms: float) -> None:
+# what the model adds to its answer with --stream: something to stream, about 300 characters
+STREAMED_TAIL = " Here is a longer answer, written a few words at a time, as a model on a small box writes." * 3
+
+
+def serve_model(model_ms: float, stream: bool = False) -> None:
     """Run FakeOpenAI until stdin closes; print its URL, answer "stats" lines with JSON."""
     from tests.fakeopenai import Delay, FakeOpenAI, call, reply
 
@@ -162,13 +175,16 @@ def serve_model(model_ms: float) -> None:
         users = [m.get("content") or "" for m in body["messages"] if m.get("role") == "user"]
         tags = TAG.findall(users[-1]) if users else []
         tag = tags[-1] if tags else "?"
-        text = f"ack #{tag}: noted, thanks."
+        text = f"ack #{tag}: noted, thanks." + (STREAMED_TAIL if stream else "")
         plain = tag != "?" and int(tag.split("m")[1]) % 5 == 4
-        return Delay(model_ms / 1000, reply(text) if plain else call("send_message", {"message": text}))
+        answer = reply(text) if plain else call("send_message", {"message": text})
+        # a streamed answer takes MODEL_MS spread over its chunks (fake.stream_seconds), a whole one all at once
+        return answer if body.get("stream") else Delay(model_ms / 1000, answer)
 
     async def main() -> None:
         fake = await FakeOpenAI(usage=True).start()
         fake.default = answer
+        fake.stream_seconds = model_ms / 1000
         print("URL", fake.url, flush=True)
         while line := await asyncio.to_thread(sys.stdin.readline):
             if line.strip() == "stats":
@@ -186,13 +202,14 @@ def serve_model(model_ms: float) -> None:
 
 
 class ModelProcess:
-    async def start(self, model_ms: float) -> str:
+    async def start(self, model_ms: float, stream: bool = False) -> str:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(Path(__file__).resolve()),
             "--serve-model",
             "--model-ms",
             str(model_ms),
+            *(["--stream"] if stream else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=str(ROOT),
@@ -223,7 +240,8 @@ class ModelProcess:
 # ============================================================== the fake Discord, timestamping replies
 
 
-def make_fake_discord() -> Any:
+def make_fake_discord(ending: str) -> Any:
+    """`ending`: how a complete reply ends (with --stream one is complete after its last edit)."""
     from tests.fakediscord import FakeDiscord
 
     class TimedFakeDiscord(FakeDiscord):
@@ -231,13 +249,16 @@ def make_fake_discord() -> Any:
 
         def __init__(self) -> None:
             super().__init__()
+            self.complete: dict[str, asyncio.Future[None]] = {}  # tag -> set when its reply holds the whole text
             self.reply_at: dict[str, float] = {}  # tag -> first reply's arrival
             self.waiters: dict[str, asyncio.Future[float]] = {}
             self.untagged: list[str] = []  # bot messages without a tag: apologies, warnings
+            self.posted_at: dict[str, float] = {}  # message id -> its POST's arrival
 
         def _create_bot_message(self, channel: Any, body: Any, files: Any, **kwargs: Any) -> Any:
             record = super()._create_bot_message(channel, body, files, **kwargs)
             at = time.monotonic()
+            self.posted_at[record["id"]] = at
             tags = TAG.findall(record.get("content") or "")
             if not tags:
                 self.untagged.append((record.get("content") or "")[:120])
@@ -246,7 +267,33 @@ def make_fake_discord() -> Any:
                 waiter = self.waiters.get(tag)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(at)
+            self._completes(record)
             return record
+
+        def _edit_message(self, message: Any, body: Any, files: Any, *, kind: str) -> None:
+            super()._edit_message(message, body, files, kind=kind)
+            self._completes(message)
+
+        def _completes(self, message: Any) -> None:
+            content = (message.get("content") or "").rstrip()
+            if content.endswith(ending):
+                for tag in TAG.findall(content):
+                    if not self.completion(tag).done():
+                        self.completion(tag).set_result(None)
+
+        def completion(self, tag: str) -> asyncio.Future[None]:
+            return self.complete.setdefault(tag, asyncio.get_running_loop().create_future())
+
+        def edit_figures(self) -> tuple[int, float]:
+            """(PATCHes of bot messages, the fastest any one message was written: 1 / its shortest gap)."""
+            edits, fastest = 0, 0.0
+            for m in self.sent_messages:
+                times = [self.posted_at.get(m["id"], 0.0), *(e["at"] for e in m["edits"])]
+                edits += len(m["edits"])
+                gaps = [b - a for a, b in zip(times, times[1:])]
+                if gaps:
+                    fastest = max(fastest, 1 / max(min(gaps), 1e-6))
+            return edits, fastest
 
         def expect(self, tag: str) -> asyncio.Future[float]:
             fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -358,6 +405,8 @@ class Run:
     untagged: list[str]
     fake_errors: list[Any]
     db_bytes: int | None  # None: the bot has no database
+    edits: int  # PATCHes of bot messages (replies shown while written)
+    max_edit_rate: float  # the fastest any one message was written, per second
     exit_code: int | None
     exit_s: float
     log_text: str
@@ -377,10 +426,10 @@ class Run:
 
 async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
     """Start fresh fakes and one bot (the floor or mnemocord), run the load, stop them all."""
-    fake = make_fake_discord()
+    fake = make_fake_discord(STREAMED_TAIL.strip() if args.stream else "noted, thanks.")
     await fake.start()
     model = ModelProcess()
-    model_url = await model.start(args.model_ms)
+    model_url = await model.start(args.model_ms, args.stream)
     tmp = tempfile.TemporaryDirectory(prefix="bot_load_")
     db_path = Path(tmp.name) / "bot.db"
 
@@ -401,6 +450,7 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
         "RATE_LIMIT_PER_MINUTE": str(args.rate_limit),
         "MAX_CONCURRENT_LLM_CALLS": str(args.max_llm),
         "LOG_LEVEL": "WARNING",
+        "STREAM_REPLIES": "true" if args.stream else "false",
         "PYTHONPATH": str(Path(args.bot_root).resolve() if args.bot_root else ROOT),
     }
     if floor:
@@ -460,6 +510,8 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
                 try:
                     at = await asyncio.wait_for(asyncio.shield(waiter), LOST_AFTER)
                     latencies.append(at - t0)
+                    # a person reads the reply to its end before writing again (streamed: its last edit)
+                    await asyncio.wait_for(asyncio.shield(fake.completion(tag)), LOST_AFTER)
                 except TimeoutError:
                     pass  # lost, unless it turns up before the end (matched by tag below)
 
@@ -493,6 +545,7 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
         foreign = busy - (cpu_total - cpu_bot0) - cpu_harness - cpu_model
         model_stats = await model.stats()
         db_bytes = None if floor else sum(p.stat().st_size for p in Path(tmp.name).glob("bot.db*"))
+        edits, max_edit_rate = fake.edit_figures()
 
         # shutdown: SIGTERM, then time to exit
         t_term = time.monotonic()
@@ -545,6 +598,8 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
         untagged=fake.untagged,
         fake_errors=fake.errors,
         db_bytes=db_bytes,
+        edits=edits,
+        max_edit_rate=max_edit_rate,
         exit_code=exit_code,
         exit_s=exit_s,
         log_text=log_text,
@@ -664,6 +719,7 @@ async def run(args: argparse.Namespace) -> None:
         f"bot_load users={args.users} messages={total} replies={bot.replies} lost={lost} "
         f"p50_reply_ms={bot.p50:.0f} p95_reply_ms={bot.p95:.0f} rss_mib={bot.hwm_mib:.0f} "
         f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50={ratio:.2f}"
+        + (f" edits={bot.edits} max_edits_per_msg_per_s={bot.max_edit_rate:.2f}" if args.stream else "")
     )
 
 
@@ -671,7 +727,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--messages", type=int, default=10, help="DMs per user")
-    parser.add_argument("--model-ms", type=float, default=200.0, help="the fake model's time per call")
+    parser.add_argument("--model-ms", type=float, help="the fake model's time per call (default 200, 1000 with --stream)")
+    parser.add_argument("--stream", action="store_true", help="the model streams its answers and the bot its replies")
     parser.add_argument("--rate-limit", type=int, default=1000, help="RATE_LIMIT_PER_MINUTE for the bot")
     parser.add_argument("--max-llm", type=int, default=128, help="MAX_CONCURRENT_LLM_CALLS for the bot")
     parser.add_argument(
@@ -686,8 +743,10 @@ def main() -> None:
     parser.add_argument("--serve-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--floor-bot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model_ms is None:
+        args.model_ms = 1000.0 if args.stream else 200.0
     if args.serve_model:
-        serve_model(args.model_ms)
+        serve_model(args.model_ms, args.stream)
     elif args.floor_bot:
         floor_bot()
     else:

@@ -104,12 +104,27 @@ async def _chat(settings: EngineSettings, key: str, verbose: bool) -> None:
                     continue
                 print(f"     Saved `{ingested.name}` to archival memory ({ingested.passages} passages).")
                 line = ingested.note
-            result = await engine.send(key, recall.Message(role="user", content=line, author="you", author_id="terminal"))
+            printed = ""
+
+            def stream(text: str) -> None:
+                # the reply as it is written; a snapshot that does not go on from what is printed
+                # (a retried call) waits for the final text
+                nonlocal printed
+                if text.startswith(printed):
+                    print(("" if printed else "bot> ") + text[len(printed) :], end="", flush=True)
+                    printed = text
+
+            message = recall.Message(role="user", content=line, author="you", author_id="terminal")
+            result = await engine.send(key, message, on_text=stream)
+            reply = result.reply or ""
+            if printed and reply.startswith(printed):
+                print(reply[len(printed) :])
+            else:
+                print(f"\nbot> {reply}" if printed else f"bot> {reply}")
             if verbose:
                 for m in await engine.memory.messages_since(key, seen):
                     _show(m)
                     seen = max(seen, m.id)
-            print(f"bot> {result.reply}")
             if verbose:
                 print(
                     f"     ({result.steps} steps, {result.tokens_in} tokens in, {result.tokens_out} out, {result.model_seconds:.1f} s model)"

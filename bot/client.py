@@ -23,6 +23,7 @@ from .access import Arrivals, Members, RateLimiter, Ticket, allowed
 from .config import BotSettings
 from .format import split_message, spoiler
 from .routing import agent_key, is_addressed, is_ignored
+from .streaming import StreamedReply
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +218,21 @@ class MnemoBot(discord.AutoShardedClient):
             return "dropped"
         # the indicator runs beside the turn: its REST calls must not delay the answer
         typing = asyncio.create_task(self._typing(message.channel))
+        streamed = (
+            StreamedReply(message, self.settings.stream_edit_seconds, typing.cancel) if self.settings.stream_replies else None
+        )
         ticket.release()
         try:
-            result = await self.engine.send(key, stored, pictures)
+            result = await self.engine.send(key, stored, pictures, on_text=streamed.update if streamed else None)
+        except BaseException:
+            if streamed:  # nothing half-written stays
+                await asyncio.shield(streamed.finish(""))
+            raise
         finally:
             typing.cancel()
-        if result.reply:
-            await self._send(message, (LATE if late else "") + result.reply, whole=result.full_reply)
+        reply = (LATE if late else "") + result.reply if result.reply else ""
+        if not (streamed and await streamed.finish(reply, result.full_reply)) and reply:
+            await self._send(message, reply, whole=result.full_reply)
         if result.thinking and self.settings.show_reasoning != "off":
             await self._show_reasoning(message, result.thinking)
         return "answered late" if late else "answered"

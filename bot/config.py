@@ -41,6 +41,8 @@ class BotSettings(EngineSettings):
     show_reasoning: Literal["off", "spoiler", "file"] = "off"
     # Gateway connections (shards) of this process. Unset: as many as Discord recommends (GET /gateway/bot).
     shard_count: int | None = Field(None, ge=1)
+    # With STREAM_REPLIES, a reply being written is edited at most once per this many seconds.
+    stream_edit_seconds: float = Field(1.5, ge=0.2, le=60)
 
     @field_validator("allowed_users", "allowed_guilds", "allowed_channels", mode="before")
     @classmethod

@@ -14,33 +14,46 @@ def split_message(text: str, limit: int = LIMIT) -> list[str]:
     A code block cut in two is closed at the end of one part and reopened, with
     its language, at the start of the next, so both halves render as code.
     """
-    text = text.strip()
-    if not text:
-        return []
     parts: list[str] = []
+    text = text.strip()
+    while (cut := first_part(text, limit)) is not None:
+        part, text = cut
+        if part.strip():  # a part of blanks only (spaces kept before a long line) is no message
+            parts.append(part)
+    last = _finished(text).strip("\n")
+    return [*parts, last] if last.strip() else parts
+
+
+def first_part(text: str, limit: int = LIMIT) -> tuple[str, str] | None:
+    """When `text` does not fit one message: (its first message, finished, and the text that
+    continues in the next, a code block cut in two reopened there); None when it fits.
+
+    For a reply shown while it is written: once a message is full it is finished, and what
+    comes after continues in a new message, split where split_message would split it."""
     lines: list[str] = []
     fences: list[str | None] = []  # the open fence after each line of `lines`
     fence: str | None = None
-    for line in _pieces(text, limit):
-        prefer_paragraph = True
-        while lines != [fence] and _size(lines) + len(line) + 1 + _reserve(fence) > limit:
-            keep = _cut_point(lines, fences) if prefer_paragraph else len(lines)
-            prefer_paragraph = False
-            carry, lines, fences = lines[keep:], lines[:keep], fences[:keep]
-            open_fence = fences[-1] if fences else None
-            parts.append("\n".join(lines + ([_closing(open_fence)] if open_fence else [])).strip("\n"))
-            reopened: list[str | None] = [open_fence] if open_fence else []
-            lines = [open_fence, *carry] if open_fence else carry
-            fences = reopened + fences_after(carry, open_fence)
+    pieces = _pieces(text, limit)
+    for i, line in enumerate(pieces):
+        if lines != [fence] and _size(lines) + len(line) + 1 + _reserve(fence) > limit:
+            keep = _cut_point(lines, fences)
+            carry, kept = lines[keep:], lines[:keep]
+            open_fence = fences[keep - 1] if keep else None
+            part = "\n".join(kept + ([_closing(open_fence)] if open_fence else [])).strip("\n")
+            rest = [open_fence, *carry] if open_fence else carry
+            return part, "\n".join(rest + pieces[i:])
         lines.append(line)
         fence = _toggle(fence, line)
         fences.append(fence)
-    if fence:  # the model left a block open: close it
-        lines.append(_closing(fence))
-    last = "\n".join(lines).strip("\n")
-    if last.strip():
-        parts.append(last)
-    return parts
+    return None
+
+
+def _finished(text: str) -> str:
+    """The last part: a block the model left open is closed."""
+    fence = None
+    for line in text.split("\n"):
+        fence = _toggle(fence, line)
+    return f"{text}\n{_closing(fence)}" if fence else text
 
 
 def fences_after(lines: list[str], fence: str | None) -> list[str | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -105,6 +106,8 @@ class Turn:
     # mailbox's own list, so a message arriving while the turn waits to begin is in it; its id is
     # known once it is stored, which is before the turn reads its prompt (Engine._arrive)
     images: list[tuple[recall.Message, list[images.Image]]] = field(default_factory=list)
+    # shown the reply while it is written (memory/streaming.py): each call gets the text so far
+    on_text: Callable[[str], None] | None = None
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
     _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
     _result: TurnResult = field(init=False)
@@ -246,8 +249,9 @@ class Turn:
         if self.model.text_tools or s.tool_mode == "text":
             messages = replies.as_text_mode(messages, schemas)
             schemas = None
+        on_text = self._show if self.on_text is not None and s.stream_replies else None
         try:
-            return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens)
+            return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens, on_text=on_text)
         except ImagesUnsupportedError as exc:
             # the person still gets an answer: the model is told in words that an image came
             self._result.model_seconds += exc.seconds
@@ -257,7 +261,9 @@ class Turn:
                     log.warning("the model server refuses images (%s); describing them in words from now on", exc)
             else:
                 log.warning("the model server refused images (%s); sent without them. Set VISION=auto or off", exc)
-            return await self.llm.chat(s.llm_model, images.without_images(messages), schemas, max_tokens=s.llm_max_tokens)
+            return await self.llm.chat(
+                s.llm_model, images.without_images(messages), schemas, max_tokens=s.llm_max_tokens, on_text=on_text
+            )
 
     def _request(self, prompt: context.Prompt, note: str | None) -> list[dict[str, Any]]:
         """The prompt's messages to send, with the images of the messages that came with them."""
@@ -268,6 +274,11 @@ class Turn:
             parts = {first + i: [image.part() for image in found[m.id]] for i, m in enumerate(prompt.history) if m.id in found}
             messages = images.attach(messages, parts)
         return _with_note(messages, note)
+
+    def _show(self, text: str) -> None:
+        """A snapshot of the reply being written, as long as the reply may be (the final one is cut with a note)."""
+        if text and self.on_text is not None:
+            self.on_text(text[: self.settings.max_reply_chars])
 
     async def _call(
         self, prompt: context.Prompt, result: TurnResult, schemas: list[dict[str, Any]] | None, note: str | None

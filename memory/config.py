@@ -59,6 +59,9 @@ class EngineSettings(BaseSettings):
     # Images people send: on: always sent to the model; off: never (the model is told one came);
     # auto: sent until the server refuses them once, then described in words (memory/images.py).
     vision: Literal["auto", "on", "off"] = "auto"
+    # Stream model answers (SSE) and show the reply while it is written; off: whole answers only.
+    # A server that does not stream is asked for whole answers without this.
+    stream_replies: bool = True
 
     # the default persona (agents.DEFAULT_PERSONA) must fit, or creating and resetting an agent could not write it
     persona_limit: int = Field(2000, ge=200)

@@ -74,6 +74,8 @@ class _Mailbox:
     images: list[tuple[recall.Message, list[Image]]] = field(default_factory=list)
     # pending scheduled events that waited for room before they fired: queue time of their turn
     waited: dict[asyncio.Future[TurnResult], float] = field(default_factory=dict)
+    # who is shown the reply while it is written (Engine.send's on_text), by the caller's future
+    listeners: dict[asyncio.Future[TurnResult], Callable[[str], None]] = field(default_factory=dict)
 
 
 class Engine:
@@ -191,15 +193,24 @@ class Engine:
         """Store a message the agent should remember but not answer; its next turn sees it."""
         await self._arrive(key, message)
 
-    async def send(self, key: str, message: recall.Message, images: list[Image] | None = None) -> TurnResult:
+    async def send(
+        self,
+        key: str,
+        message: recall.Message,
+        images: list[Image] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> TurnResult:
         """Store `message`, then answer it in this agent's next turn.
 
         When several messages wait for one agent, one turn answers them all: the
         last one's result carries the reply, the others get outcome "merged".
         `images` came with it: the turn that answers it shows them to the model, once
-        (recall keeps only the stand-ins the message's text has).
+        (recall keeps only the stand-ins the message's text has). `on_text` gets snapshots of
+        the reply while it is written (STREAM_REPLIES), each the text so far; the result's reply
+        is the final text. It goes to the turn's newest message when the turn starts: a caller
+        whose result is "merged" may have had some.
         """
-        future = await self._arrive(key, message, answer=True, images=images)
+        future = await self._arrive(key, message, answer=True, images=images, on_text=on_text)
         assert future is not None
         return await future
 
@@ -249,7 +260,13 @@ class Engine:
         ]
 
     async def _arrive(
-        self, key: str, message: recall.Message, *, answer: bool = False, images: list[Image] | None = None
+        self,
+        key: str,
+        message: recall.Message,
+        *,
+        answer: bool = False,
+        images: list[Image] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> asyncio.Future[TurnResult] | None:
         """The one way in for messages: stored at once, in call order, waiting for the next turn.
 
@@ -262,7 +279,7 @@ class Engine:
             return None
         # the worker is woken first: its turn's first transaction then goes to the database thread
         # in the same batch, right after this message's (Database.transact), one trip for both
-        future = self._queue(agent, message, images)
+        future = self._queue(agent, message, images, on_text)
         try:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
         except BaseException:
@@ -271,11 +288,18 @@ class Engine:
             if box is not None:
                 box.pending = [p for p in box.pending if p[1] is not future]
                 box.images = [p for p in box.images if p[0] is not message]
+                box.listeners.pop(future, None)
             raise
         return future
 
     def _queue(
-        self, agent: Agent, message: recall.Message, images: list[Image] | None = None, *, waited: float = 0.0
+        self,
+        agent: Agent,
+        message: recall.Message,
+        images: list[Image] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        *,
+        waited: float = 0.0,
     ) -> asyncio.Future[TurnResult]:
         """A stored message waits for the agent's next turn; the future carries that turn's result.
         `waited`: how long it already waited for room (a scheduled event, Engine.room)."""
@@ -287,6 +311,8 @@ class Engine:
             box.waited[future] = waited
         if images:
             box.images.append((message, images))
+        if on_text is not None:
+            box.listeners[future] = on_text
         if box.worker is None or box.worker.done():
             box.worker = asyncio.create_task(self._work(agent, box))
         return future
@@ -333,7 +359,9 @@ class Engine:
     async def _answer(self, agent: Agent, box: _Mailbox, hold: _Hold) -> None:
         """One turn, and its result to everyone it answered."""
         async with hold.lock:
-            result = await self.run_turn(agent, hold, box.images)
+            # the newest message a caller watches is shown the reply while it is written
+            shown = next((box.listeners[f] for _, f in reversed(box.pending) if f in box.listeners), None)
+            result = await self.run_turn(agent, hold, box.images, on_text=shown)
         # the turn answered every message it admitted; all of them if it failed before admitting any
         # (a message whose store is still on its way has no id yet: the next turn answers it)
         stored = [p for p in box.pending if p[0].id]
@@ -348,6 +376,8 @@ class Engine:
         # shown or not (a failed turn): the stand-ins are in recall, and the bytes are not kept
         box.images = [(m, found) for m, found in box.images if not m.id or m.id > through]
         result.queued_seconds += max((box.waited.pop(f, 0.0) for _, f in batch), default=0.0)
+        for _, future in batch:
+            box.listeners.pop(future, None)
         for _, future in batch[:-1]:
             if not future.done():
                 future.set_result(TurnResult(reply=None, outcome=TurnOutcome.MERGED))
@@ -355,7 +385,11 @@ class Engine:
             batch[-1][1].set_result(result)
 
     async def run_turn(
-        self, agent: Agent, hold: _Hold, images: list[tuple[recall.Message, list[Image]]] | None = None
+        self,
+        agent: Agent,
+        hold: _Hold,
+        images: list[tuple[recall.Message, list[Image]]] | None = None,
+        on_text: Callable[[str], None] | None = None,
     ) -> TurnResult:
         """A turn that answers every message waiting for this agent; `hold`'s lock is held.
         `images`: those that came with waiting messages."""
@@ -368,6 +402,7 @@ class Engine:
             token_scale=self.token_scale,
             model=self.model,
             images=[] if images is None else images,  # the mailbox's own list, even while empty
+            on_text=on_text,
         )
         queued = time.perf_counter()
         self._turns_wanted += 1

@@ -18,7 +18,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -28,6 +28,7 @@ import httpx
 import orjson
 
 from .images import carries_images
+from .streaming import NotAStream, StreamBroken, StreamReader, is_event_stream
 from .text import without_surrogates, without_surrogates_in
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,21 @@ _NO_IMAGES = re.compile(
     r"|cannot unmarshal array into [^\n]{0,80}content of type string",
     re.IGNORECASE,
 )
+
+
+# How a server refuses `stream` or `stream_options`: then it is asked for whole answers. Not any
+# mention of "stream": validation errors (FastAPI's 422) echo the request, "stream": true included.
+_NO_STREAMING = re.compile(
+    r"stream(?:ing|_options)?['\"`]?\s*(?:is |are )?(?:not (?:supported|allowed|implemented|permitted)|unsupported)"
+    r"|(?:unsupported|unknown|unrecognized|invalid|extra)\s+(?:param(?:eter)?|field|argument|key|option)s?\W{0,5}stream"
+    r"|does not support stream|streaming is disabled"
+    r'|extra_forbidden"\W+loc"\W+\[\W*body"\W*,\W*"stream',
+    re.IGNORECASE,
+)
+
+
+class _NoStreaming(Exception):
+    """The server does not stream, or streams in a way that cannot be read: ask it for whole answers."""
 
 
 def is_context_overflow(status: int, body: str) -> bool:
@@ -245,6 +261,8 @@ class LLMClient:
         self._idle.set()
         self._background_attempts: set[asyncio.Timeout] = set()
         self._preempted: set[asyncio.Timeout] = set()
+        # models whose server does not stream (or streams unreadably): asked for whole answers from then on
+        self.whole_only: set[str] = set()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -265,9 +283,14 @@ class LLMClient:
         *,
         max_tokens: int | None = None,
         background: bool = False,
+        on_text: Callable[[str], None] | None = None,
     ) -> ChatResult:
         """One chat completion. `background`: work nobody waits for (consolidation); it runs only
-        while no call a person waits for is queued or in flight, and gives way to one that comes."""
+        while no call a person waits for is queued or in flight, and gives way to one that comes.
+
+        `on_text`: stream the answer, passing on each snapshot of its reply text as it grows
+        (memory/streaming.py says which text that is). A server that does not stream is asked
+        for whole answers, for this model from then on; the result is the same either way."""
         body: dict[str, Any] = {"model": model, "messages": messages}
         if tools:
             # explicit: llama-cpp-python's server ignores tools without it (abetlen/llama-cpp-python#1338)
@@ -276,12 +299,26 @@ class LLMClient:
             body["max_tokens"] = max_tokens
         started = time.perf_counter()
         try:
-            result = parse_chat(await self._post("chat/completions", body, background=background))
+            reader = StreamReader(on_text) if on_text is not None and model not in self.whole_only else None
+            try:
+                data = await self._post("chat/completions", body, background=background, reader=reader)
+            except _NoStreaming as exc:
+                self._stop_streaming(model, str(exc))
+                data = await self._post("chat/completions", body, background=background)
+            else:
+                if reader is not None and not reader.done:
+                    self._stop_streaming(model, "it answered a stream request with a whole response")
+            result = parse_chat(data)
         except LLMError as exc:
             exc.seconds = time.perf_counter() - started
             raise
         result.seconds = time.perf_counter() - started
         return result
+
+    def _stop_streaming(self, model: str, why: str) -> None:
+        if model not in self.whole_only:
+            log.info("the model server does not stream %s (%s): asking for whole answers from now on", model, why)
+            self.whole_only.add(model)
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
         started = time.perf_counter()
@@ -354,7 +391,13 @@ class LLMClient:
             if not self._foreground:
                 self._idle.set()
 
-    async def _post(self, path: str, body: dict[str, Any], *, background: bool = False) -> dict[str, Any]:
+    async def _post(
+        self, path: str, body: dict[str, Any], *, background: bool = False, reader: StreamReader | None = None
+    ) -> dict[str, Any]:
+        """The endpoint's answer; with `reader`, streamed (SSE) and gathered into the same shape.
+        Raises _NoStreaming when the server refuses or garbles the stream."""
+        if reader is not None:
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         data = orjson.dumps(body)
         deadline = time.monotonic() + self.retry_budget
         attempt = 0
@@ -369,9 +412,15 @@ class LLMClient:
                     extensions={"timeout": self._timeout.as_dict()},
                 )
                 async with self._slot(background):
-                    response = await self._attempt(request, background)
+                    response = await self._attempt(request, background, reader)
             except _GaveWay:
                 continue
+            except NotAStream:
+                raise _NoStreaming("its stream held no chat completion chunk") from None
+            except StreamBroken as exc:
+                # retried like a dropped connection: the next attempt's snapshots start again
+                problem, wait = f"the answer's stream broke off ({exc})", None
+                brief = problem
             except TimeoutError:
                 if path == "chat/completions":
                     # the model was still writing: a retry would queue behind the abandoned request
@@ -391,7 +440,7 @@ class LLMClient:
                 brief = problem
             else:
                 if response.status_code < 300:
-                    return _json(response.content, path)
+                    return reader.body() if reader is not None and reader.done else _json(response.content, path)
                 text = response.text
                 # the raw body only goes to the log: it may echo the request, key included
                 log.warning(
@@ -407,6 +456,13 @@ class LLMClient:
                     raise ToolsUnsupportedError(problem, brief=brief)
                 if refuses_images(response.status_code, text) and carries_images(body.get("messages", [])):
                     raise ImagesUnsupportedError(problem, brief=brief)
+                if (
+                    reader is not None
+                    and 400 <= response.status_code < 500
+                    and response.status_code != 429
+                    and _NO_STREAMING.search(text)
+                ):
+                    raise _NoStreaming(problem)
                 if response.status_code != 429 and response.status_code < 500:
                     raise LLMError(problem, brief=brief)
                 wait = _retry_after(response)
@@ -418,8 +474,11 @@ class LLMClient:
             log.warning("%s: %s; retrying in %.1f s", path, problem, backoff)
             await self._pause(backoff)
 
-    async def _attempt(self, request: httpx.Request, background: bool = False) -> httpx.Response:
-        """One request within `timeout` in all; abort() ends it at once, a person's call ends a background one."""
+    async def _attempt(
+        self, request: httpx.Request, background: bool = False, reader: StreamReader | None = None
+    ) -> httpx.Response:
+        """One request within `timeout` in all; abort() ends it at once, a person's call ends a background one.
+        With `reader`, a streamed answer is read into it within the same limit (the body is then not kept)."""
         if self._aborting.is_set():
             raise LLMError(SHUTTING_DOWN)
         limit = asyncio.timeout(self.timeout)
@@ -429,7 +488,17 @@ class LLMClient:
                 if background:
                     self._background_attempts.add(limit)
                 try:
-                    return await self._http.send(request)
+                    if reader is None:
+                        return await self._http.send(request)
+                    response = await self._http.send(request, stream=True)
+                    try:
+                        if response.status_code < 300 and is_event_stream(response):
+                            await reader.read(response)
+                        else:
+                            await response.aread()
+                    finally:
+                        await response.aclose()
+                    return response
                 finally:
                     self._attempts.discard(limit)
                     self._background_attempts.discard(limit)

@@ -220,7 +220,7 @@ class FakeDiscord:
         # Every message the bot created, by any route: the wire message plus record-only keys
         # "allowed_mentions" (as sent, None if absent), "files" [{filename, data, content_type}],
         # "source" (channel | interaction | followup), "interaction_id", "ephemeral",
-        # "deleted" and "edits" [{kind, body, files}].  Records are updated in place on edits.
+        # "deleted" and "edits" [{kind, body, files, at}] (at: time.monotonic()).  Records are updated in place on edits.
         self.sent_messages: list[Json] = []
         self.interactions: dict[str, Json] = {}  # interaction records by interaction id
         self.interaction_responses: list[Json] = []  # callbacks, followups, @original edits/deletes
@@ -241,6 +241,7 @@ class FakeDiscord:
         self.cdn_gate: asyncio.Event | None = None
         self.cdn_waiting = 0  # downloads being held
         self.cdn_served: list[str] = []  # ids of the attachments downloaded, in order
+        self.refuse_edits = 0  # the next this many PATCHes of channel messages are refused (403 Missing Permissions)
 
         # --- plumbing ------------------------------------------------------------------
         self._by_token: dict[str, Json] = {}
@@ -603,6 +604,11 @@ class FakeDiscord:
             timeout,
             what=f"client READY (count={count})",
         )
+
+    def delete_message(self, target: Id) -> None:
+        """A person deletes a message (the bot's too, as a moderator may): MESSAGE_DELETE goes to the client."""
+        self._delete_message(self._message(target))
+        self._changed()
 
     def bot_messages(self, channel_id: Id | None = None, *, include_deleted: bool = False) -> list[Json]:
         """Messages the bot created (optionally in one channel), oldest first."""
@@ -998,7 +1004,7 @@ class FakeDiscord:
             )
         message["edited_timestamp"] = _now_iso()
         if "edits" in message:
-            message["edits"].append({"kind": kind, "body": body, "files": files})
+            message["edits"].append({"kind": kind, "body": body, "files": files, "at": time.monotonic()})
         if not message["flags"] & EPHEMERAL:
             self._emit("MESSAGE_UPDATE", self._wire(message))
 
@@ -1606,6 +1612,9 @@ class FakeDiscord:
             return _error(404, 10008, "Unknown Message")
         if message["author"]["id"] != self.bot_user_id:
             return self._reject(403, 50005, "Cannot edit a message authored by another user")
+        if self.refuse_edits:
+            self.refuse_edits -= 1
+            return self._reject(403, 50013, "Missing Permissions")
         body, files = await self._read_body(request)
         if (rejection := self._validate_body(body, files, editing=True)) is not None:
             return rejection

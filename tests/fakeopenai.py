@@ -167,7 +167,16 @@ class Drip:
     then: dict[str, Any] = field(default_factory=lambda: reply("dripped"))
 
 
-Script = dict[str, Any] | Error | Delay | Drip | Callable[[dict[str, Any]], Any]
+@dataclass
+class Broken:
+    """Streamed, the answer's connection drops after `after` chunks (no finish, no [DONE]);
+    a request that does not stream gets the whole answer."""
+
+    after: int
+    then: dict[str, Any]
+
+
+Script = dict[str, Any] | Error | Delay | Drip | Broken | Callable[[dict[str, Any]], Any]
 
 
 _SKIP = frozenset("a an the is are was were do does did where what who when how to of in and or i you it".split())
@@ -206,6 +215,12 @@ class FakeOpenAI:
         self.lmstudio_models: dict[str, Any] | None = None  # LM Studio GET /api/v0/models
         self.model_fields: dict[str, Any] = {}  # added to the model's /v1/models entry (vLLM: max_model_len)
         self.silent = False  # the self-description endpoints accept the connection and never answer
+        # streamed answers (requests with "stream": true): the characters of content or arguments per
+        # chunk, and the time the whole answer takes, spread over its chunks
+        self.chunk_chars = 8
+        self.stream_seconds = 0.0
+        self.streams = True  # False: a server that ignores "stream" and answers whole
+        self.streamed = 0  # answers sent as server-sent events
         self._runner: web.AppRunner | None = None
         self.url = ""
         self._arrived = asyncio.Event()  # set by every request, for `wait_until`
@@ -282,7 +297,8 @@ class FakeOpenAI:
             self.in_flight -= 1
 
     async def _drip(self, drip: Drip, body: dict[str, Any], request: web.Request) -> web.StreamResponse:
-        payload = (await self._answer(drip.then, body, request)).body
+        # the whole answer as one JSON body, even to a stream request: what a stalled proxy passes on
+        payload = (await self._answer(drip.then, {**body, "stream": False}, request)).body
         assert isinstance(payload, bytes)
         response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(payload))})
         self.dripping += 1
@@ -313,6 +329,9 @@ class FakeOpenAI:
                 break
         if isinstance(item, Drip):
             return await self._drip(item, body, request)
+        broken_after = None
+        if isinstance(item, Broken):
+            broken_after, item = item.after, item.then
         if isinstance(item, Error):
             payload = item.body if isinstance(item.body, str) else json.dumps(item.body)
             return web.Response(text=payload, status=item.status, headers=item.headers, content_type="application/json")
@@ -333,24 +352,58 @@ class FakeOpenAI:
             data["usage"] = {"prompt_tokens": prompt, "completion_tokens": 10, "total_tokens": prompt + 10}
         if self.usage_body is not None:
             data["usage"] = self.usage_body
-        if body.get("stream"):
-            return await self._stream(data, request)
+        if body.get("stream") and self.streams:
+            usage = data.get("usage") if (body.get("stream_options") or {}).get("include_usage") else None
+            return await self._stream(data, usage, request, broken_after)
         return web.json_response(data)
 
-    async def _stream(self, data: dict[str, Any], request: web.Request) -> web.StreamResponse:
-        """The answer as server-sent events: the content in pieces, then the finish, then [DONE]."""
+    def chunks(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """The deltas a streaming server sends for `message`: reasoning, then content, then each tool
+        call (its id and name first, its arguments in fragments), `chunk_chars` characters at a time."""
+        n = self.chunk_chars
+        deltas: list[dict[str, Any]] = [{"role": "assistant"}]
+        for key in ("reasoning_content", "reasoning", "content"):
+            text = message.get(key) or ""
+            deltas += [{key: text[i : i + n]} for i in range(0, len(text), n)]
+        for index, tool_call in enumerate(message.get("tool_calls") or []):
+            fn = tool_call["function"]
+            head = {"index": index, "id": tool_call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
+            deltas.append({"tool_calls": [head]})
+            args = fn["arguments"]
+            deltas += [
+                {"tool_calls": [{"index": index, "function": {"arguments": args[i : i + n]}}]} for i in range(0, len(args), n)
+            ]
+        return deltas
+
+    async def _stream(
+        self, data: dict[str, Any], usage: dict[str, Any] | None, request: web.Request, broken_after: int | None
+    ) -> web.StreamResponse:
+        """The answer as server-sent events: deltas, then the finish, the usage when asked for, then [DONE]."""
+        self.streamed += 1
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        message = data["choices"][0]["message"]
-        content = message.get("content") or ""
-        pieces = [content[i : i + 8] for i in range(0, len(content), 8)] or [""]
-        for piece in pieces:
-            chunk = {"id": data["id"], "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        finish = {"index": 0, "delta": {}, "finish_reason": data["choices"][0].get("finish_reason")}
-        await response.write(f"data: {json.dumps({'id': data['id'], 'choices': [finish]})}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        deltas = self.chunks(data["choices"][0]["message"])
+        pause = self.stream_seconds / len(deltas)
+
+        async def send(chunk: dict[str, Any]) -> None:
+            await response.write(
+                f"data: {json.dumps({'id': data['id'], 'object': 'chat.completion.chunk', **chunk})}\n\n".encode()
+            )
+
+        try:
+            for i, delta in enumerate(deltas):
+                if broken_after is not None and i >= broken_after:
+                    return response  # the connection ends without a finish
+                await send({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                if pause:
+                    await asyncio.sleep(pause)
+            await send({"choices": [{"index": 0, "delta": {}, "finish_reason": data["choices"][0].get("finish_reason")}]})
+            if usage is not None:
+                await send({"choices": [], "usage": usage})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:  # the client gave up
+            pass
         return response
 
     async def _embeddings(self, request: web.Request) -> web.Response:
