@@ -261,9 +261,16 @@ class Turn:
                     log.warning("the model server refuses images (%s); describing them in words from now on", exc)
             else:
                 log.warning("the model server refused images (%s); sent without them. Set VISION=auto or off", exc)
-            return await self.llm.chat(
-                s.llm_model, images.without_images(messages), schemas, max_tokens=s.llm_max_tokens, on_text=on_text
-            )
+        except LLMError as exc:
+            refused = exc.status is not None and 400 <= exc.status < 500 and exc.status != 429
+            if not refused or isinstance(exc, ToolsUnsupportedError) or not images.carries_images(messages):
+                raise
+            # refused for their number or size, not for being images: this once without them, nothing learned
+            self._result.model_seconds += exc.seconds
+            log.warning("the model server refused a request with images (%s); sent again without them", exc)
+        return await self.llm.chat(
+            s.llm_model, images.without_images(messages), schemas, max_tokens=s.llm_max_tokens, on_text=on_text
+        )
 
     def _request(self, prompt: context.Prompt, note: str | None) -> list[dict[str, Any]]:
         """The prompt's messages to send, with the images of the messages that came with them."""

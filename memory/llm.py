@@ -52,21 +52,24 @@ class LLMError(Exception):
     str() is one short sentence without secrets, for the log and the person's error; `brief` is
     the same without the endpoint's own words (an error body may quote anything), fit to store
     in memory and show the model; `seconds` is the time the call spent, all attempts and pauses
-    between them included.
+    between them included; `status` the endpoint's HTTP status when it answered with an error.
     """
 
-    def __init__(self, message: str, *, seconds: float = 0.0, brief: str | None = None) -> None:
+    def __init__(self, message: str, *, seconds: float = 0.0, brief: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.seconds = seconds
         self.brief = brief if brief is not None else message
+        self.status = status
 
 
 class ContextOverflowError(LLMError):
     """The request was larger than the model's context window; `limit` is the window the
     server stated in its error, when it did."""
 
-    def __init__(self, message: str, *, seconds: float = 0.0, brief: str | None = None, limit: int | None = None) -> None:
-        super().__init__(message, seconds=seconds, brief=brief)
+    def __init__(
+        self, message: str, *, seconds: float = 0.0, brief: str | None = None, limit: int | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(message, seconds=seconds, brief=brief, status=status)
         self.limit = limit
 
 
@@ -450,7 +453,10 @@ class LLMClient:
                 brief = f"HTTP {response.status_code} from the model endpoint"
                 if is_context_overflow(response.status_code, text):
                     raise ContextOverflowError(
-                        problem, brief=f"{brief}: the request is larger than the model's context window", limit=stated_limit(text)
+                        problem,
+                        brief=f"{brief}: the request is larger than the model's context window",
+                        limit=stated_limit(text),
+                        status=response.status_code,
                     )
                 if "tools" in body and refuses_tools(response.status_code, text):
                     raise ToolsUnsupportedError(problem, brief=brief)
@@ -464,7 +470,7 @@ class LLMClient:
                 ):
                     raise _NoStreaming(problem)
                 if response.status_code != 429 and response.status_code < 500:
-                    raise LLMError(problem, brief=brief)
+                    raise LLMError(problem, brief=brief, status=response.status_code)
                 wait = _retry_after(response)
             attempt += 1
             backoff = wait if wait is not None else random.uniform(0, min(8.0, 0.5 * 2**attempt))

@@ -334,3 +334,20 @@ async def test_an_image_sent_while_the_turn_waits_to_begin_goes_with_that_turn(t
         await asyncio.gather(*others, text, with_picture)
     (request,) = [r for r in fake.chat_requests if "picture" in "".join(user_texts(r))]
     assert parts_by_message(request) == {"picture": [data_url("image/png", picture)]}
+
+
+async def test_a_refusal_of_too_many_images_is_answered_without_them_and_vision_stays_on(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    # vLLM with --limit-mm-per-prompt: a refusal of this request's images, not of images
+    too_many = Error(400, {"object": "error", "message": "At most 1 image(s) may be provided in one request.", "code": 400})
+    fake.default = lambda body: too_many if len(image_parts(body)) > 1 else reply("answered")
+    async with engine_for(tmp_path, fake) as engine:
+        message, pictures = with_image("two", "a.png", png())
+        result = await engine.send("dm:1", message, [*pictures, images.read("b.gif", GIF, 10**7)])
+        assert result.reply == "answered"
+        assert (await engine.send("dm:1", *with_image("one", "c.png", png(2, 2)))).reply == "answered"
+        assert not engine.model.no_vision
+    refused, again, later = fake.chat_requests
+    assert len(image_parts(refused)) == 2 and image_parts(again) == [] and len(image_parts(later)) == 1
+    assert user_texts(again)[-1].endswith(images.CANNOT_SEE)
