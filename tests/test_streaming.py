@@ -18,7 +18,7 @@ from bot.config import BotSettings
 from bot.format import split_message
 from memory.agent import APOLOGY
 from memory.llm import LLMClient, LLMError
-from memory.streaming import partial_string
+from memory.streaming import PartialString
 from tests.fakediscord import FakeDiscord
 from tests.fakeopenai import Broken, Error, FakeOpenAI, call, calls, reasoning, reply, thinking, with_usage
 from tests.test_bot import fake_discord, running  # noqa: F401  (fixture)
@@ -121,9 +121,13 @@ async def test_an_unrelated_error_that_echoes_the_request_keeps_streaming_on(fak
 def test_a_json_string_is_read_while_it_arrives() -> None:
     arguments = json.dumps({"message": 'quote " slash \\ newline \n é 😀 tab\t'}, ensure_ascii=True)
     final = json.loads(arguments)["message"]
+    reading = PartialString("message")
     for i in range(len(arguments) + 1):
-        assert final.startswith(partial_string(arguments[:i], "message"))
-    assert partial_string(arguments, "message") == final and partial_string('{"other": 1', "message") == ""
+        reading.feed(arguments[:i])
+        assert final.startswith(reading.value)
+    assert reading.value == final
+    other = PartialString("message")
+    assert not other.feed('{"other": 1') and other.value == ""
 
 
 # ---------------------------------------------------------------- in Discord
