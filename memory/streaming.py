@@ -73,8 +73,10 @@ def is_event_stream(response: httpx.Response) -> bool:
 class _Call:
     id: str = ""
     name: str = ""
-    arguments: str = ""
+    # in the pieces they came in: adding to one string would copy all of it with every fragment
+    arguments: list[str] = field(default_factory=list)
     reply: PartialString | None = None  # its `message` read so far; None: a call past those run, never shown
+    unread: list[str] = field(default_factory=list)  # pieces of the arguments `reply` has not read yet
     shown: str = ""  # that text as it may be shown
 
 
@@ -147,7 +149,7 @@ class StreamReader:
         if not ended and self.finish_reason is None:
             raise StreamBroken("the stream ended before the answer did")
         if not self._full:
-            self._show(everything=True)
+            self._show()
         self.done = True
 
     def _take(self, chunk: dict[str, Any]) -> None:
@@ -198,29 +200,36 @@ class StreamReader:
             self._size += len(name)
         args = fn.get("arguments")
         if isinstance(args, str):
-            call.arguments += args
+            call.arguments.append(args)
             self._size += len(args)
-            self._changed.add(index)
         elif isinstance(args, dict):  # sent as an object, not a JSON string
-            call.arguments = json.dumps(args, ensure_ascii=False)
-            self._size += len(call.arguments)
-            if call.reply is not None:
-                call.reply = self._reading()  # read again from the start
+            args = json.dumps(args, ensure_ascii=False)
+            call.arguments = [args]
+            self._size += len(args)
+            if call.reply is not None:  # read again from the start
+                call.reply, call.unread = self._reading(), []
+        else:
+            return
+        if call.reply is not None:
+            call.unread.append(args)
             self._changed.add(index)
 
     def _reading(self) -> PartialString:
         return PartialString(REPLY_ARGUMENT, self.max_chars)
 
-    def _show(self, everything: bool = False) -> None:
-        """Read what arrived of the reply calls that changed (`everything`: of all of them) and pass
-        the text on if it changed. Each call's text is decoded where it left off, so a reply costs
-        time in proportion to its length, not to its length times the number of snapshots."""
+    def _show(self) -> None:
+        """Read what arrived of the reply calls that changed, and pass the text on if it changed. Each
+        call's text is decoded where it left off, so a reply costs time in proportion to its length,
+        not to its length times the number of snapshots. (A call named after its arguments came is
+        not shown while it arrives: servers send the name first.)"""
         self._shown_at = self._size
-        changed, self._changed = (self.calls.keys() if everything else self._changed), set()
+        changed, self._changed = self._changed, set()
         grew = False
         for index in changed:
             call = self.calls[index]
-            if call.reply is not None and call.name == REPLY_TOOL and call.reply.feed(call.arguments):
+            assert call.reply is not None
+            unread, call.unread = "".join(call.unread), []
+            if call.name == REPLY_TOOL and call.reply.feed(unread):
                 call.shown = replies.clean_text(replies.split_thinking(call.reply.value)[0])
                 grew = True
         if not grew:
@@ -237,7 +246,7 @@ class StreamReader:
             message["reasoning_content"] = "".join(self.reasoning)
         if self.calls:
             message["tool_calls"] = [
-                {"id": c.id or None, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                {"id": c.id or None, "type": "function", "function": {"name": c.name, "arguments": "".join(c.arguments)}}
                 for _, c in sorted(self.calls.items())
             ]
         data: dict[str, Any] = {"choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}]}
@@ -255,45 +264,47 @@ _HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 class PartialString:
     """The value of the string `key` in a JSON object that is still arriving, decoded as it comes:
-    `feed` is given the whole text so far and reads only what arrived since it last did (a reply
-    read again every few characters must not be scanned from its start each time). `value` holds
-    as much as has arrived, decoded, up to `limit` characters; "" before the value starts."""
+    `feed` is given each new piece of the object and reads only that (a reply read again every few
+    characters must not be scanned from its start each time). `value` holds as much as has arrived,
+    decoded, up to `limit` characters; "" before the value starts."""
 
     def __init__(self, key: str, limit: int | None = None) -> None:
         self.value = ""
         self._key = re.compile(_KEY.format(re.escape(key)))
         self._longest = len(key) + 2 * 32 + 4  # the longest text the key pattern matches
         self._limit = limit
-        self._searched = 0  # no match of the key starts before this
-        self._read: int | None = None  # where the value's undecoded text starts, once found
+        # what arrived and was not read: before the value, the end of the text, where the key may be
+        # starting; in it, an escape cut off
+        self._held = ""
+        self._started = False
         self._ended = False
 
-    def feed(self, arguments: str) -> bool:
-        """Read what arrived of `arguments`; True when `value` grew."""
+    def feed(self, piece: str) -> bool:
+        """Read the next piece of the object; True when `value` grew."""
         if self._ended:
             return False
-        if self._read is None:
-            match = self._key.search(arguments, self._searched)
+        raw, self._held = self._held + piece, ""
+        if not self._started:
+            match = self._key.search(raw)
             if match is None:
-                self._searched = max(self._searched, len(arguments) - self._longest + 1)
+                self._held = raw[-self._longest :]
                 return False
-            self._read = match.end()
+            self._started, raw = True, raw[match.end() :]
         # it starts where an escape ended or the value began: its backslashes and quotes are its own
-        raw = arguments[self._read :]
         end = _closing_quote(raw)
         if end is not None:
             raw, self._ended = raw[:end], True
         else:
-            raw = _without_cut_escape(raw)
+            complete = _without_cut_escape(raw)
+            raw, self._held = complete, raw[len(complete) :]
         if not raw:
             return False
         try:
-            piece = json.loads(f'"{raw}"', strict=False)
+            text = json.loads(f'"{raw}"', strict=False)
         except ValueError:  # not a JSON string: nothing more of it is shown
             self._ended = True
             return False
-        self._read += len(raw)
-        self.value += without_surrogates(piece)
+        self.value += without_surrogates(text)
         if self._limit is not None and len(self.value) >= self._limit:
             self._ended = True
         return True
