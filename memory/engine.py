@@ -359,8 +359,8 @@ class Engine:
     async def _answer(self, agent: Agent, box: _Mailbox, hold: _Hold) -> None:
         """One turn, and its result to everyone it answered."""
         async with hold.lock:
-            listen = functools.partial(self._listener, box) if box.listeners else None
-            result = await self.run_turn(agent, hold, box.images, listen=listen)
+            # chosen once the turn has taken in its messages: one may arrive while it waits to begin
+            result = await self.run_turn(agent, hold, box.images, listen=functools.partial(self._listener, box))
         # the turn answered every message it admitted; all of them if it failed before admitting any
         # (a message whose store is still on its way has no id yet: the next turn answers it)
         stored = [p for p in box.pending if p[0].id]
