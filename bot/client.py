@@ -231,7 +231,9 @@ class MnemoBot(discord.AutoShardedClient):
         finally:
             typing.cancel()
         reply = (LATE if late else "") + result.reply if result.reply else ""
-        if not (streamed and await streamed.finish(reply, result.full_reply)) and reply:
+        # shielded as above: a handler cancelled at shutdown must not leave the reply half-written
+        shown = await asyncio.shield(streamed.finish(reply, result.full_reply)) if streamed else False
+        if not shown and reply:
             await self._send(message, reply, whole=result.full_reply)
         if result.thinking and self.settings.show_reasoning != "off":
             await self._show_reasoning(message, result.thinking)

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import discord
 
 from .format import first_part, split_message
@@ -104,7 +105,8 @@ class StreamedReply:
                 await self.sent[index].edit(content=text, **extra)
                 self.shown[index] = text
                 self.written_at[index] = asyncio.get_running_loop().time()
-        except discord.HTTPException as exc:  # NotFound: the person deleted it
+        # NotFound: the person deleted it; ClientError, OSError: Discord could not be reached
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             log.warning("could not show the reply being written in channel %s: %s", self.message.channel.id, exc)
             self.broken = True
             return False
@@ -146,7 +148,7 @@ class StreamedReply:
             await message.delete()
         except discord.NotFound:
             pass
-        except discord.HTTPException as exc:
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             log.warning("could not remove a reply that was being written in channel %s: %s", self.message.channel.id, exc)
             return False
         return True

@@ -106,8 +106,11 @@ class Turn:
     # mailbox's own list, so a message arriving while the turn waits to begin is in it; its id is
     # known once it is stored, which is before the turn reads its prompt (Engine._arrive)
     images: list[tuple[recall.Message, list[images.Image]]] = field(default_factory=list)
-    # shown the reply while it is written (memory/streaming.py): each call gets the text so far
-    on_text: Callable[[str], None] | None = None
+    # who is shown the reply while it is written (memory/streaming.py), asked once the turn has taken in
+    # its messages, with the newest one's id: the caller whose message carries the reply, if it watches
+    listen: Callable[[int], Callable[[str], None] | None] | None = None
+    # that caller's callback: each call gets the text so far
+    on_text: Callable[[str], None] | None = field(default=None, init=False)
     # (tokens in, tokens out, model calls) of this turn already added to the agent's row
     _recorded: tuple[int, int, int] = field(default=(0, 0, 0), init=False)
     _result: TurnResult = field(init=False)
@@ -130,6 +133,8 @@ class Turn:
         if not result.admitted_through:
             result.outcome = TurnOutcome.NOTHING
             return result
+        if self.listen is not None:
+            self.on_text = self.listen(self.admitted_through)
         if filed:
             await self._event(
                 result,
@@ -251,7 +256,15 @@ class Turn:
             schemas = None
         on_text = self._show if self.on_text is not None and s.stream_replies else None
         try:
-            return await self.llm.chat(s.llm_model, messages, schemas, max_tokens=s.llm_max_tokens, on_text=on_text)
+            return await self.llm.chat(
+                s.llm_model,
+                messages,
+                schemas,
+                max_tokens=s.llm_max_tokens,
+                on_text=on_text,
+                shown_chars=s.max_reply_chars,
+                shown_calls=s.max_tool_calls_per_answer,
+            )
         except ImagesUnsupportedError as exc:
             # the person still gets an answer: the model is told in words that an image came
             self._result.model_seconds += exc.seconds
@@ -269,7 +282,13 @@ class Turn:
             self._result.model_seconds += exc.seconds
             log.warning("the model server refused a request with images (%s); sent again without them", exc)
         return await self.llm.chat(
-            s.llm_model, images.without_images(messages), schemas, max_tokens=s.llm_max_tokens, on_text=on_text
+            s.llm_model,
+            images.without_images(messages),
+            schemas,
+            max_tokens=s.llm_max_tokens,
+            on_text=on_text,
+            shown_chars=s.max_reply_chars,
+            shown_calls=s.max_tool_calls_per_answer,
         )
 
     def _request(self, prompt: context.Prompt, note: str | None) -> list[dict[str, Any]]:

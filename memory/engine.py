@@ -207,8 +207,8 @@ class Engine:
         `images` came with it: the turn that answers it shows them to the model, once
         (recall keeps only the stand-ins the message's text has). `on_text` gets snapshots of
         the reply while it is written (STREAM_REPLIES), each the text so far; the result's reply
-        is the final text. It goes to the turn's newest message when the turn starts: a caller
-        whose result is "merged" may have had some.
+        is the final text. Only the caller whose message carries the result is shown it: one whose
+        result is "merged" gets none.
         """
         future = await self._arrive(key, message, answer=True, images=images, on_text=on_text)
         assert future is not None
@@ -359,9 +359,8 @@ class Engine:
     async def _answer(self, agent: Agent, box: _Mailbox, hold: _Hold) -> None:
         """One turn, and its result to everyone it answered."""
         async with hold.lock:
-            # the newest message a caller watches is shown the reply while it is written
-            shown = next((box.listeners[f] for _, f in reversed(box.pending) if f in box.listeners), None)
-            result = await self.run_turn(agent, hold, box.images, on_text=shown)
+            # chosen once the turn has taken in its messages: one may arrive while it waits to begin
+            result = await self.run_turn(agent, hold, box.images, listen=functools.partial(self._listener, box))
         # the turn answered every message it admitted; all of them if it failed before admitting any
         # (a message whose store is still on its way has no id yet: the next turn answers it)
         stored = [p for p in box.pending if p[0].id]
@@ -384,15 +383,22 @@ class Engine:
         if batch and not batch[-1][1].done():
             batch[-1][1].set_result(result)
 
+    @staticmethod
+    def _listener(box: _Mailbox, through: int) -> Callable[[str], None] | None:
+        """Who is shown the reply of a turn that took in the messages up to `through`: the caller of
+        the newest, whose result carries the reply (as `_answer` gives it), if that caller watches."""
+        admitted = [(m.id, f) for m, f in box.pending if 0 < m.id <= through]
+        return box.listeners.get(max(admitted, key=lambda p: p[0])[1]) if admitted else None
+
     async def run_turn(
         self,
         agent: Agent,
         hold: _Hold,
         images: list[tuple[recall.Message, list[Image]]] | None = None,
-        on_text: Callable[[str], None] | None = None,
+        listen: Callable[[int], Callable[[str], None] | None] | None = None,
     ) -> TurnResult:
         """A turn that answers every message waiting for this agent; `hold`'s lock is held.
-        `images`: those that came with waiting messages."""
+        `images`: those that came with waiting messages; `listen`: Turn.listen."""
         turn = Turn(
             self.db,
             self.llm,
@@ -402,7 +408,7 @@ class Engine:
             token_scale=self.token_scale,
             model=self.model,
             images=[] if images is None else images,  # the mailbox's own list, even while empty
-            on_text=on_text,
+            listen=listen,
         )
         queued = time.perf_counter()
         self._turns_wanted += 1

@@ -28,7 +28,7 @@ import httpx
 import orjson
 
 from .images import carries_images
-from .streaming import NotAStream, StreamBroken, StreamReader, is_event_stream
+from .streaming import MAX_STREAMED_CALLS, NotAStream, StreamBroken, StreamFailed, StreamReader, is_event_stream
 from .text import without_surrogates, without_surrogates_in
 
 log = logging.getLogger(__name__)
@@ -287,13 +287,17 @@ class LLMClient:
         max_tokens: int | None = None,
         background: bool = False,
         on_text: Callable[[str], None] | None = None,
+        shown_chars: int | None = None,
+        shown_calls: int = MAX_STREAMED_CALLS,
     ) -> ChatResult:
         """One chat completion. `background`: work nobody waits for (consolidation); it runs only
         while no call a person waits for is queued or in flight, and gives way to one that comes.
 
         `on_text`: stream the answer, passing on each snapshot of its reply text as it grows
         (memory/streaming.py says which text that is). A server that does not stream is asked
-        for whole answers, for this model from then on; the result is the same either way."""
+        for whole answers, for this model from then on; the result is the same either way.
+        `shown_chars`, `shown_calls`: the reply's length limit and the calls of an answer that are
+        run; text past the one and calls past the other are never passed on."""
         body: dict[str, Any] = {"model": model, "messages": messages}
         if tools:
             # explicit: llama-cpp-python's server ignores tools without it (abetlen/llama-cpp-python#1338)
@@ -302,7 +306,9 @@ class LLMClient:
             body["max_tokens"] = max_tokens
         started = time.perf_counter()
         try:
-            reader = StreamReader(on_text) if on_text is not None and model not in self.whole_only else None
+            reader = (
+                StreamReader(on_text, shown_chars, shown_calls) if on_text is not None and model not in self.whole_only else None
+            )
             try:
                 data = await self._post("chat/completions", body, background=background, reader=reader)
             except _NoStreaming as exc:
@@ -424,6 +430,17 @@ class LLMClient:
                 # retried like a dropped connection: the next attempt's snapshots start again
                 problem, wait = f"the answer's stream broke off ({exc})", None
                 brief = problem
+            except StreamFailed as exc:
+                log.warning(
+                    "%s: error inside the stream from %s: %s", path, self.base_url, self.redact(exc.body[:LOGGED_BODY_CHARS])
+                )
+                problem = f"the model endpoint reported an error inside the stream: {self._message(exc.body)}"
+                brief = "the model endpoint reported an error inside the stream"
+                # a refusal is one whether it came as a status or inside the stream; anything else is retried
+                refused = _refusal(exc.status, exc.body, body, problem, brief)
+                if refused is not None:
+                    raise refused from None
+                wait = None
             except TimeoutError:
                 if path == "chat/completions":
                     # the model was still writing: a retry would queue behind the abandoned request
@@ -451,17 +468,9 @@ class LLMClient:
                 )
                 problem = self._status(response.status_code, text)
                 brief = f"HTTP {response.status_code} from the model endpoint"
-                if is_context_overflow(response.status_code, text):
-                    raise ContextOverflowError(
-                        problem,
-                        brief=f"{brief}: the request is larger than the model's context window",
-                        limit=stated_limit(text),
-                        status=response.status_code,
-                    )
-                if "tools" in body and refuses_tools(response.status_code, text):
-                    raise ToolsUnsupportedError(problem, brief=brief)
-                if refuses_images(response.status_code, text) and carries_images(body.get("messages", [])):
-                    raise ImagesUnsupportedError(problem, brief=brief)
+                refused = _refusal(response.status_code, text, body, problem, brief)
+                if refused is not None:
+                    raise refused
                 if (
                     reader is not None
                     and 400 <= response.status_code < 500
@@ -527,6 +536,11 @@ class LLMClient:
 
     def _status(self, status: int, text: str) -> str:
         """An error status as a short sentence: the endpoint's message, redacted, on one line, clipped."""
+        message = self._message(text)
+        return f"HTTP {status} from the model endpoint: {message}" if message else f"HTTP {status} from the model endpoint"
+
+    def _message(self, text: str) -> str:
+        """The message of an error body, redacted, on one line, clipped."""
         try:
             error = json.loads(text).get("error", text)
             message = error.get("message", error) if isinstance(error, dict) else error
@@ -535,7 +549,24 @@ class LLMClient:
         message = " ".join(self.redact(without_surrogates(str(message))).split())
         if len(message) > ERROR_MESSAGE_CHARS:
             message = message[:ERROR_MESSAGE_CHARS] + "…"
-        return f"HTTP {status} from the model endpoint: {message}" if message else f"HTTP {status} from the model endpoint"
+        return message
+
+
+def _refusal(status: int, text: str, body: dict[str, Any], problem: str, brief: str) -> LLMError | None:
+    """The error for a refusal that retrying never fixes and the caller has a way around: the
+    request too large for the window, tools or images refused. None for any other error."""
+    if is_context_overflow(status, text):
+        return ContextOverflowError(
+            problem,
+            brief=f"{brief}: the request is larger than the model's context window",
+            limit=stated_limit(text),
+            status=status,
+        )
+    if "tools" in body and refuses_tools(status, text):
+        return ToolsUnsupportedError(problem, brief=brief)
+    if refuses_images(status, text) and carries_images(body.get("messages", [])):
+        return ImagesUnsupportedError(problem, brief=brief)
+    return None
 
 
 def _json(content: bytes, path: str) -> Any:

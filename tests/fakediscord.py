@@ -242,6 +242,8 @@ class FakeDiscord:
         self.cdn_waiting = 0  # downloads being held
         self.cdn_served: list[str] = []  # ids of the attachments downloaded, in order
         self.refuse_edits = 0  # the next this many PATCHes of channel messages are refused (403 Missing Permissions)
+        # the next this many PATCHes and DELETEs of channel messages get their connection closed unanswered
+        self.drop_writes = 0
 
         # --- plumbing ------------------------------------------------------------------
         self._by_token: dict[str, Json] = {}
@@ -1612,6 +1614,8 @@ class FakeDiscord:
             return _error(404, 10008, "Unknown Message")
         if message["author"]["id"] != self.bot_user_id:
             return self._reject(403, 50005, "Cannot edit a message authored by another user")
+        if self.drop_writes:
+            return await self._drop(request)
         if self.refuse_edits:
             self.refuse_edits -= 1
             return self._reject(403, 50013, "Missing Permissions")
@@ -1625,8 +1629,17 @@ class FakeDiscord:
         message = self._channel_message(channel_id, message_id)
         if message is None:
             return _error(404, 10008, "Unknown Message")
+        if self.drop_writes:
+            return await self._drop(request)
         self._delete_message(message)
         return _no_content()
+
+    async def _drop(self, request: web.Request) -> web.StreamResponse:
+        """The connection closed without an answer: Discord unreachable halfway (the client sees aiohttp.ClientError)."""
+        self.drop_writes -= 1
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response(status=204)
 
     async def _put_reaction(self, request: web.Request, channel_id: str, message_id: str, emoji: str) -> web.Response:
         if self._channel_message(channel_id, message_id) is None:

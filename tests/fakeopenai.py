@@ -176,7 +176,15 @@ class Broken:
     then: dict[str, Any]
 
 
-Script = dict[str, Any] | Error | Delay | Drip | Broken | Callable[[dict[str, Any]], Any]
+@dataclass
+class Events:
+    """Streamed as given, to any request: each item a chunk (a dict, sent as `data:` JSON) or a raw
+    line ("data: [DONE]", ": keep-alive"), then the connection closes cleanly."""
+
+    items: list[dict[str, Any] | str]
+
+
+Script = dict[str, Any] | Error | Delay | Drip | Broken | Events | Callable[[dict[str, Any]], Any]
 
 
 _SKIP = frozenset("a an the is are was were do does did where what who when how to of in and or i you it".split())
@@ -329,6 +337,8 @@ class FakeOpenAI:
                 break
         if isinstance(item, Drip):
             return await self._drip(item, body, request)
+        if isinstance(item, Events):
+            return await self._events(item, request)
         broken_after = None
         if isinstance(item, Broken):
             broken_after, item = item.after, item.then
@@ -404,6 +414,16 @@ class FakeOpenAI:
             await response.write_eof()
         except ConnectionError:  # the client gave up
             pass
+        return response
+
+    async def _events(self, events: Events, request: web.Request) -> web.StreamResponse:
+        self.streamed += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for item in events.items:
+            line = item if isinstance(item, str) else f"data: {json.dumps(item)}"
+            await response.write(f"{line}\n\n".encode())
+        await response.write_eof()
         return response
 
     async def _embeddings(self, request: web.Request) -> web.Response:

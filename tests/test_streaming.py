@@ -16,11 +16,15 @@ import pytest
 from bot.client import MnemoBot
 from bot.config import BotSettings
 from bot.format import split_message
+from bot.streaming import StreamedReply
+from memory import recall, replies
 from memory.agent import APOLOGY
-from memory.llm import LLMClient, LLMError
-from memory.streaming import partial_string
+from memory.engine import TURNS_PER_CALL_SLOT, Engine
+from memory.llm import ContextOverflowError, LLMClient, LLMError
+from memory.streaming import MAX_STREAMED_CALLS, MAX_STREAMED_CHARS, SNAPSHOT_EVERY, PartialString
 from tests.fakediscord import FakeDiscord
-from tests.fakeopenai import Broken, Error, FakeOpenAI, call, calls, reasoning, reply, thinking, with_usage
+from tests.fakeopenai import Broken, Error, Events, FakeOpenAI, call, calls, reasoning, reply, thinking, with_usage
+from tests.test_agent_loop import make_settings
 from tests.test_bot import fake_discord, running  # noqa: F401  (fixture)
 from tests.test_cli import base_env, run_cli
 
@@ -118,12 +122,179 @@ async def test_an_unrelated_error_that_echoes_the_request_keeps_streaming_on(fak
     assert client.whole_only == set() and len(fake.chat_requests) == 1
 
 
+@pytest.fixture
+def cleaned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every text the reply snapshots clean (the real replies.clean_text, counted)."""
+    lengths: list[int] = []
+    clean_text = replies.clean_text
+
+    def counted(text: str) -> str:
+        lengths.append(len(text))
+        return clean_text(text)
+
+    monkeypatch.setattr(replies, "clean_text", counted)
+    return lengths
+
+
+async def test_a_long_streamed_reply_costs_time_in_proportion_to_its_length(
+    fake: FakeOpenAI, client: LLMClient, cleaned: list[int]
+) -> None:
+    """Every snapshot used to read every reply from its start: 128k characters held the event loop 8 s.
+    Each is now read where it left off, and not at all once the text shown reaches the reply's limit."""
+    fake.chunk_chars = 16
+    text = "".join(f"word{i} " for i in range(40_000))[:200_000]
+    snapshots: list[str] = []
+    fake.push(call("send_message", {"message": text}))
+    result = await client.chat("m", [{"role": "user", "content": "hi"}], SEND, on_text=snapshots.append, shown_chars=3000)
+    assert json.loads(result.tool_calls[0].arguments)["message"] == text  # the answer itself is whole
+    assert text.startswith(snapshots[-1]) and len(snapshots[-1]) >= 3000
+    assert len(snapshots) <= 3000 // SNAPSHOT_EVERY + 3
+    assert sum(cleaned) < 10 * len(text)
+
+
+async def test_many_reply_calls_at_once_cost_time_in_proportion_to_what_arrived(
+    fake: FakeOpenAI, client: LLMClient, cleaned: list[int]
+) -> None:
+    """Thousands of send_message calls, each in one fragment: only the calls an answer runs are shown,
+    only the one that changed is read again, and no more calls are kept than any answer may run."""
+    fragments = [
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": i, "function": {"name": "send_message", "arguments": '{"message": "' + f"part {i:05} " * 3}}
+                        ]
+                    },
+                }
+            ]
+        }
+        for i in range(2000)
+    ]
+    snapshots: list[str] = []
+    fake.push(Events([*fragments, {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}, "data: [DONE]"]))
+    result = await client.chat("m", [{"role": "user", "content": "hi"}], SEND, on_text=snapshots.append, shown_calls=8)
+    assert len(result.tool_calls) == MAX_STREAMED_CALLS
+    assert snapshots[-1].count("part") == 8 * 3
+    assert sum(cleaned) < 10 * sum(len(json.dumps(f)) for f in fragments)
+
+
+def tool_chunk(**fragment: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, **fragment}]}}]}
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        [tool_chunk(function={"name": "n" * (MAX_STREAMED_CHARS + 1)})],  # a name
+        [tool_chunk(id=f"{i}" + "c" * 100_000) for i in range(MAX_STREAMED_CHARS // 100_000 + 1)],  # ids
+        [tool_chunk(function={"arguments": {"message": "x" * 100_000}}) for _ in range(MAX_STREAMED_CHARS // 100_000 + 1)],
+    ],
+    ids=["name", "ids", "object arguments"],
+)
+async def test_everything_a_stream_holds_counts_toward_the_size_of_an_answer(
+    fake: FakeOpenAI, client: LLMClient, flood: list[dict[str, Any]]
+) -> None:
+    fake.default = Events([*flood, {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}, "data: [DONE]"])
+    with pytest.raises(LLMError, match="past the size"):
+        await client.chat("m", [{"role": "user", "content": "hi"}], SEND, on_text=lambda _: None)
+
+
+async def test_a_function_name_is_cut_at_a_length_no_tool_has(fake: FakeOpenAI, client: LLMClient) -> None:
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    fake.push(Events([tool_chunk(function={"name": "n" * 10_000, "arguments": "{}"}), finish, "data: [DONE]"]))
+    result = await client.chat("m", [{"role": "user", "content": "hi"}], SEND, on_text=lambda _: None)
+    assert 0 < len(result.tool_calls[0].name) <= 256
+
+
+@pytest.mark.parametrize("empty", [["data: [DONE]"], [": keep-alive", ": keep-alive"], []], ids=["done", "comments", "nothing"])
+async def test_a_stream_that_carries_no_chunk_is_asked_again_and_streaming_stays_on(
+    fake: FakeOpenAI, client: LLMClient, empty: list[str]
+) -> None:
+    """A proxy that timed out closes the stream cleanly with nothing in it: that says nothing about
+    whether the server streams."""
+    fake.push(Events(list(empty)), reply("answered"))
+    result = await client.chat("m", [{"role": "user", "content": "hi"}], on_text=lambda _: None)
+    assert result.content == "answered" and client.whole_only == set()
+    assert fake.streamed == 2 and fake.chat_requests[-1]["stream"] is True
+
+
+async def test_a_stream_of_events_that_are_not_chunks_turns_streaming_off(fake: FakeOpenAI, client: LLMClient) -> None:
+    fake.push(Events([{"status": "working"}, "data: not json", "data: [DONE]"]), reply("whole"))
+    assert (await client.chat("m", [{"role": "user", "content": "hi"}], on_text=lambda _: None)).content == "whole"
+    assert client.whole_only == {"m"} and "stream" not in fake.chat_requests[-1]
+
+
+async def test_an_overflow_reported_inside_the_stream_is_an_overflow(fake: FakeOpenAI, client: LLMClient) -> None:
+    """vLLM and llama-server may report an error as an event of a stream already begun: an overflow
+    must reach the turn as one, so it compacts, instead of being asked again as it is."""
+    too_long = {"message": "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.", "code": 400}
+    fake.default = Events([{"error": too_long}])
+    with pytest.raises(ContextOverflowError) as raised:
+        await client.chat("m", [{"role": "user", "content": "hi"}], on_text=lambda _: None)
+    assert raised.value.limit == 4096 and len(fake.chat_requests) == 1
+
+
+async def test_in_a_merged_turn_only_the_caller_whose_message_carries_the_reply_is_shown_it(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """A's turn waits to begin behind other conversations' turns; B arrives meanwhile and the same
+    turn answers both. B's result carries the reply: B's caller is shown it, A's (merged) nothing."""
+    release = asyncio.Event()
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        if "others" in json.dumps(body["messages"][-1]):
+            await release.wait()
+            return reply("ok")
+        return call("send_message", {"message": LONG})
+
+    fake.default = answer
+    engine = await Engine.open(make_settings(tmp_path, fake, max_concurrent_llm_calls=1))
+    try:
+        others = [
+            asyncio.create_task(
+                engine.send(f"dm:{9 + i}", recall.Message(role="user", content="others", author="b", author_id="2"))
+            )
+            for i in range(TURNS_PER_CALL_SLOT)
+        ]
+        sql = "SELECT count(*) FROM messages WHERE content = 'others' AND in_context = 1"
+        while await engine.db.fetchval(sql) < TURNS_PER_CALL_SLOT:  # every turn slot is taken
+            await asyncio.sleep(0.01)
+        shown: dict[str, list[str]] = {"A": [], "B": []}
+        first = asyncio.create_task(
+            engine.send(
+                "dm:1", recall.Message(role="user", content="first", author="u", author_id="1"), on_text=shown["A"].append
+            )
+        )
+        agent = await engine.agent("dm:1")
+        while await recall.count(engine.db, agent) < 1:  # stored; its turn waits to begin
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(
+            engine.send(
+                "dm:1", recall.Message(role="user", content="second", author="u", author_id="1"), on_text=shown["B"].append
+            )
+        )
+        while await recall.count(engine.db, agent) < 2:
+            await asyncio.sleep(0.01)
+        release.set()
+        a, b, *_ = await asyncio.gather(first, second, *others)
+    finally:
+        await engine.close()
+    assert a.outcome == "merged" and b.reply == LONG.strip()
+    assert shown["A"] == [] and shown["B"] and shown["B"][-1] == LONG.strip()
+
+
 def test_a_json_string_is_read_while_it_arrives() -> None:
     arguments = json.dumps({"message": 'quote " slash \\ newline \n é 😀 tab\t'}, ensure_ascii=True)
     final = json.loads(arguments)["message"]
-    for i in range(len(arguments) + 1):
-        assert final.startswith(partial_string(arguments[:i], "message"))
-    assert partial_string(arguments, "message") == final and partial_string('{"other": 1', "message") == ""
+    reading = PartialString("message")
+    for character in arguments:
+        reading.feed(character)
+        assert final.startswith(reading.value)
+    assert reading.value == final
+    other = PartialString("message")
+    assert not other.feed('{"other": 1') and other.value == ""
 
 
 # ---------------------------------------------------------------- in Discord
@@ -304,3 +475,38 @@ async def test_a_streamed_reply_cut_at_max_reply_chars_ends_with_the_whole_text_
         (attached,) = sent[-1]["attachments"]
         assert attached["filename"] == "reply.txt"
         assert fake_discord.messages[sent[-1]["id"]]["edits"], "the reply was not streamed"
+
+
+async def test_a_handler_cancelled_while_it_finishes_a_streamed_reply_still_finishes_it(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown's last resort cancels handlers: one that is putting the final text in place must not
+    leave the reply half-written."""
+    settings.stream_edit_seconds = 2.0  # the final edit waits this long after the last one
+    finishing = asyncio.Event()
+    finish = StreamedReply.finish
+
+    async def watched(self: StreamedReply, final: str, whole: str | None = None) -> bool:
+        if final:
+            finishing.set()
+        return await finish(self, final, whole)
+
+    monkeypatch.setattr(StreamedReply, "finish", watched)
+    fake.push(call("send_message", {"message": LONG}))
+    async with dm_bot(settings, fake_discord) as (bot, dm, ask, _key):
+        asking = asyncio.create_task(ask("hello"))
+        await asyncio.wait_for(finishing.wait(), 15)
+        bot.cancel_in_flight()
+        await asking
+        await fake_discord.wait_for(lambda f: contents(f, dm) == [LONG.strip()], timeout=10)
+
+
+async def test_when_discord_cannot_be_reached_for_the_edits_the_reply_is_still_sent_whole(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI
+) -> None:
+    fake.push(call("send_message", {"message": LONG}))
+    async with dm_bot(settings, fake_discord) as (_, dm, ask, _key):
+        fake_discord.drop_writes = 1000  # every edit and every delete: the connection closes unanswered
+        await ask("hello")
+        shown = contents(fake_discord, dm)
+        assert shown[-1] == LONG.strip() and len(shown) == 2  # what was shown could not be removed either
