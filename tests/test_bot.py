@@ -33,10 +33,8 @@ async def fake_discord(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDis
         yield server
 
 
-@pytest.fixture
-def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> BotSettings:
-    return BotSettings(  # type: ignore[call-arg]
-        _env_file=None,
+def bot_settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI, **over: Any) -> BotSettings:
+    values: dict[str, Any] = dict(
         database_path=tmp_path / "bot.db",
         llm_base_url=fake.url,
         llm_model="fake-model",
@@ -47,6 +45,13 @@ def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> Bot
         discord_api_base=fake_discord.rest_base,
         discord_gateway_url=fake_discord.gateway_url,
     )
+    values.update(over)
+    return BotSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> BotSettings:
+    return bot_settings(tmp_path, fake_discord, fake)
 
 
 @contextlib.asynccontextmanager

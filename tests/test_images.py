@@ -16,11 +16,12 @@ import pytest
 
 from bot.config import BotSettings
 from memory import images, recall
-from memory.config import EngineSettings
 from memory.engine import Engine
 from tests.fakediscord import FakeDiscord
 from tests.fakeopenai import IMAGE_REFUSALS, Error, FakeOpenAI, call, image_parts, image_refusal, reply
+from tests.test_agent_loop import make_settings
 from tests.test_bot import chat_requests, fake_discord, running, settings, world  # noqa: F401  (fixtures)
+from tests.test_intake import occupy_turn_slots
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9"
 GIF = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
@@ -173,15 +174,8 @@ async def test_an_image_in_a_channel_message_not_for_the_bot_is_kept_as_a_stand_
 
 @contextlib.asynccontextmanager
 async def engine_for(tmp_path: Path, fake: FakeOpenAI, **overrides: Any) -> AsyncIterator[Engine]:
-    settings = EngineSettings(  # type: ignore[call-arg]
-        _env_file=None,
-        database_path=tmp_path / "images.db",
-        llm_base_url=fake.url,
-        llm_model="fake-model",
-        llm_timeout=5,
-        llm_max_retries=0,
-        llm_retry_budget=5,
-        **overrides,
+    settings = make_settings(
+        tmp_path, fake, database_path=tmp_path / "images.db", llm_max_retries=0, llm_retry_budget=5, **overrides
     )
     engine = await Engine.open(settings)
     try:
@@ -300,7 +294,6 @@ def test_the_type_is_read_from_the_bytes() -> None:
 async def test_an_image_sent_while_the_turn_waits_to_begin_goes_with_that_turn(tmp_path: Path, fake: FakeOpenAI) -> None:
     """The turn waits behind others (one call slot, TURNS_PER_CALL_SLOT turns): a message with an
     image that arrives meanwhile is admitted by that turn, and so are its images."""
-    from memory.engine import TURNS_PER_CALL_SLOT
 
     release = asyncio.Event()
 
@@ -312,15 +305,7 @@ async def test_an_image_sent_while_the_turn_waits_to_begin_goes_with_that_turn(t
     fake.default = answer
     picture = png(padding=100)
     async with engine_for(tmp_path, fake, max_concurrent_llm_calls=1) as engine:
-        others = [
-            asyncio.create_task(
-                engine.send(f"dm:{9 + i}", recall.Message(role="user", content="others", author="b", author_id="2"))
-            )
-            for i in range(TURNS_PER_CALL_SLOT)
-        ]
-        sql = "SELECT count(*) FROM messages WHERE content = 'others' AND in_context = 1"
-        while await engine.db.fetchval(sql) < TURNS_PER_CALL_SLOT:  # every turn slot is taken
-            await asyncio.sleep(0.01)
+        others = await occupy_turn_slots(engine)  # every turn slot is taken
         text = asyncio.create_task(
             engine.send("dm:1", recall.Message(role="user", content="words", author="ann", author_id="1001"))
         )

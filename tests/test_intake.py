@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from memory import recall
+from memory.agent import TurnResult
 from memory.config import EngineSettings
 from memory.db import sqlite3
 from memory.engine import Engine
 from tests.fakeopenai import FakeOpenAI, reply
+from tests.test_agent_loop import make_settings
 
 MODEL_SECONDS = 0.05
 
@@ -240,14 +242,7 @@ async def test_turns_beyond_the_model_call_limit_wait_before_reading_their_promp
     wait for the model: each would be as late as the whole crowd's work."""
     from memory.engine import TURNS_PER_CALL_SLOT
 
-    settings = EngineSettings(  # type: ignore[call-arg]
-        _env_file=None,
-        database_path=tmp_path / "crowd.db",
-        llm_base_url=fake.url,
-        llm_model="fake-model",
-        max_concurrent_llm_calls=1,
-    )
-    engine = await Engine.open(settings)
+    engine = await Engine.open(make_settings(tmp_path, fake, database_path=tmp_path / "crowd.db", max_concurrent_llm_calls=1))
     admitted: list[int] = []
 
     async def answer(body: dict[str, Any]) -> dict[str, Any]:
@@ -296,3 +291,18 @@ async def test_the_reply_goes_to_the_person_when_an_event_is_answered_in_the_sam
     assert (await sent).reply == "ok"
     assert (await answer).outcome == "merged"
     assert len(fake.chat_requests) == 1
+
+
+async def occupy_turn_slots(engine: Engine) -> list[asyncio.Task[TurnResult]]:
+    """Turns of other agents ("others") that take every turn slot: the test's model must hold the
+    first of them (one call slot) until the test lets it go. Returns when all have begun."""
+    from memory.engine import TURNS_PER_CALL_SLOT
+
+    others = [
+        asyncio.create_task(engine.send(f"dm:{9 + i}", recall.Message(role="user", content="others", author="b", author_id="2")))
+        for i in range(TURNS_PER_CALL_SLOT)
+    ]
+    sql = "SELECT count(*) FROM messages WHERE content = 'others' AND in_context = 1"
+    while await engine.db.fetchval(sql) < TURNS_PER_CALL_SLOT:
+        await asyncio.sleep(0.01)
+    return others

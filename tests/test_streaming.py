@@ -19,14 +19,15 @@ from bot.format import split_message
 from bot.streaming import StreamedReply
 from memory import recall, replies
 from memory.agent import APOLOGY
-from memory.engine import TURNS_PER_CALL_SLOT, Engine
+from memory.engine import Engine
 from memory.llm import ContextOverflowError, LLMClient, LLMError
 from memory.streaming import MAX_STREAMED_CALLS, MAX_STREAMED_CHARS, SNAPSHOT_EVERY, PartialString
 from tests.fakediscord import FakeDiscord
 from tests.fakeopenai import Broken, Error, Events, FakeOpenAI, call, calls, reasoning, reply, thinking, with_usage
 from tests.test_agent_loop import make_settings
-from tests.test_bot import fake_discord, running  # noqa: F401  (fixture)
+from tests.test_bot import bot_settings, fake_discord, running  # noqa: F401  (fixture)
 from tests.test_cli import base_env, run_cli
+from tests.test_intake import occupy_turn_slots
 
 SEND = [{"type": "function", "function": {"name": "send_message", "parameters": {"type": "object"}}}]
 LONG = "Here is a longer answer, written a few words at a time so that it streams. " * 4
@@ -252,15 +253,7 @@ async def test_in_a_merged_turn_only_the_caller_whose_message_carries_the_reply_
     fake.default = answer
     engine = await Engine.open(make_settings(tmp_path, fake, max_concurrent_llm_calls=1))
     try:
-        others = [
-            asyncio.create_task(
-                engine.send(f"dm:{9 + i}", recall.Message(role="user", content="others", author="b", author_id="2"))
-            )
-            for i in range(TURNS_PER_CALL_SLOT)
-        ]
-        sql = "SELECT count(*) FROM messages WHERE content = 'others' AND in_context = 1"
-        while await engine.db.fetchval(sql) < TURNS_PER_CALL_SLOT:  # every turn slot is taken
-            await asyncio.sleep(0.01)
+        others = await occupy_turn_slots(engine)  # every turn slot is taken
         shown: dict[str, list[str]] = {"A": [], "B": []}
         first = asyncio.create_task(
             engine.send(
@@ -304,19 +297,7 @@ def test_a_json_string_is_read_while_it_arrives() -> None:
 def settings(tmp_path: Path, fake_discord: FakeDiscord, fake: FakeOpenAI) -> BotSettings:  # noqa: F811
     fake.chunk_chars = 6
     fake.stream_seconds = 1.0
-    return BotSettings(  # type: ignore[call-arg]
-        _env_file=None,
-        database_path=tmp_path / "bot.db",
-        llm_base_url=fake.url,
-        llm_model="fake-model",
-        llm_max_retries=1,
-        llm_retry_budget=5,
-        llm_timeout=10,
-        discord_token="fake-token",
-        discord_api_base=fake_discord.rest_base,
-        discord_gateway_url=fake_discord.gateway_url,
-        stream_edit_seconds=0.25,
-    )
+    return bot_settings(tmp_path, fake_discord, fake, llm_retry_budget=5, llm_timeout=10, stream_edit_seconds=0.25)
 
 
 @contextlib.asynccontextmanager
