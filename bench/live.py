@@ -5,10 +5,15 @@ asks for them back. What must be zero with any model, however small: protocol er
 model call the engine could not complete) and markup leaks (thinking, call markup,
 template tokens or engine text in a reply). Recall is the model's own skill.
 
-    .venv/bin/python bench/live.py --base-url http://127.0.0.1:8080/v1 --model smollm2 [--tool-mode text]
+With --stream every model call streams (Engine.send's on_text) and each snapshot of the reply
+is checked too: it holds no markup, and the snapshots of the model call the reply came from are
+prefixes of it (each attempt of a model call starts its snapshots again; earlier runs are not compared).
+
+    .venv/bin/python bench/live.py --base-url http://127.0.0.1:8080/v1 --model smollm2 [--tool-mode text] [--stream]
 
 Last line:
 live model=<name> turns=<n> protocol_errors=<n> markup_leaks=<n> empty_replies=<n> facts_recalled=<k>/<m> p50_turn_s=<x>
+and with --stream: ... stream_snapshots=<n> streamed_turns=<n> snapshot_errors=<n>
 """
 
 from __future__ import annotations
@@ -73,12 +78,15 @@ async def run(args: argparse.Namespace) -> str:
     print(f"context window {settings.context_window}, tool mode {args.tool_mode}, database {settings.database_path}")
     key = "dm:live"
     turns = errors = leaks = empty = recalled = 0
+    snapshots = streamed = snapshot_errors = 0
     seconds: list[float] = []
 
     async def say(text: str) -> str:
-        nonlocal turns, errors, leaks, empty
+        nonlocal turns, errors, leaks, empty, snapshots, streamed, snapshot_errors
+        shown: list[str] = []
         started = time.perf_counter()
-        result = await engine.send(key, recall.Message(role="user", content=text, author="Priya", author_id="42"))
+        message = recall.Message(role="user", content=text, author="Priya", author_id="42")
+        result = await engine.send(key, message, on_text=shown.append if args.stream else None)
         seconds.append(time.perf_counter() - started)
         turns += 1
         reply = result.reply or ""
@@ -88,6 +96,13 @@ async def run(args: argparse.Namespace) -> str:
             leaks += 1
         if not reply.strip() or reply == STUCK:
             empty += 1
+        if shown:
+            streamed += 1
+            snapshots += len(shown)
+            bad = _snapshot_errors(shown, reply, result.outcome)
+            snapshot_errors += bad
+            if bad:
+                print(f"    {bad} bad snapshots: {[s[:80] for s in shown]!r}")
         flag = f" [{result.outcome}: {result.error}]" if result.error else ""
         print(f"  {text!r} -> {reply[:160]!r} ({result.steps} steps, {seconds[-1]:.1f} s){flag}")
         return reply
@@ -108,10 +123,28 @@ async def run(args: argparse.Namespace) -> str:
     finally:
         await engine.close()
     p50 = statistics.median(seconds) if seconds else 0.0
-    return (
+    line = (
         f"live model={args.model} turns={turns} protocol_errors={errors} markup_leaks={leaks} empty_replies={empty} "
         f"facts_recalled={recalled}/{len(FACTS)} p50_turn_s={p50:.1f}"
     )
+    if args.stream:
+        line += f" stream_snapshots={snapshots} streamed_turns={streamed} snapshot_errors={snapshot_errors}"
+    return line
+
+
+def _snapshot_errors(shown: list[str], reply: str, outcome: TurnOutcome) -> int:
+    """Snapshots that hold markup, or that are no prefix of the reply they lead to.
+
+    Snapshots start again with each model call's attempt (a retried stream, the turn's next
+    step); only the last run, the one the turn's reply came from, is checked against the
+    reply, and only when the reply is the model's, not a failed turn's apology."""
+    bad = sum(1 for text in shown if LEAK.search(text))
+    if outcome not in (TurnOutcome.ERROR, TurnOutcome.OVERFLOW):
+        first = len(shown) - 1
+        while first > 0 and shown[first].startswith(shown[first - 1]):
+            first -= 1
+        bad += sum(1 for text in shown[first:] if not reply.startswith(text))
+    return bad
 
 
 def main() -> None:
@@ -122,6 +155,7 @@ def main() -> None:
     parser.add_argument("--context-window", type=int, default=0, help="default: what the server says, else 8192")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--stream", action="store_true", help="stream every model call and check each snapshot")
     parser.add_argument("-v", action="store_true", help="engine log lines too")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.v else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
