@@ -196,7 +196,9 @@ class StreamReader:
             return
         name = fn.get("name")
         if isinstance(name, str):
-            call.name = (call.name + name)[:MAX_NAME_CHARS]
+            # servers send the name once, whole; llama.cpp may send it again whole with more of it
+            # (common_chat_msg_diff), which appending would double: "send_messagesend_message"
+            call.name = (name if call.name and name.startswith(call.name) else call.name + name)[:MAX_NAME_CHARS]
             self._size += len(name)
         args = fn.get("arguments")
         if isinstance(args, str):

@@ -491,3 +491,34 @@ async def test_when_discord_cannot_be_reached_for_the_edits_the_reply_is_still_s
         await ask("hello")
         shown = contents(fake_discord, dm)
         assert shown[-1] == LONG.strip() and len(shown) == 2  # what was shown could not be removed either
+
+
+async def test_llama_servers_stream_shape_reads_as_its_whole_answer(fake: FakeOpenAI, client: LLMClient) -> None:
+    """As llama-server (llama-cpp-python 0.3.36's) streams a call, captured: a role delta with
+    content null, the name and the first argument text in one chunk, a usage chunk with no choices;
+    and a name sent again whole, as llama.cpp's diffing may do, which must not be doubled."""
+    first = {
+        "index": 0,
+        "id": "69k99",
+        "type": "function",
+        "function": {"name": "send_message", "arguments": '{"message": "Hello there'},
+    }
+    fake.push(
+        Events(
+            [
+                {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": None}]},
+                {"choices": [{"index": 0, "delta": {"tool_calls": [first]}, "finish_reason": None}]},
+                tool_chunk(function={"name": "send_message", "arguments": '!"'}),
+                tool_chunk(function={"arguments": "}"}),
+                {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+                {"choices": [], "usage": {"completion_tokens": 9, "prompt_tokens": 41, "total_tokens": 50}},
+                "data: [DONE]",
+            ]
+        )
+    )
+    snapshots: list[str] = []
+    result = await client.chat("m", [{"role": "user", "content": "hi"}], SEND, on_text=snapshots.append)
+    (called,) = result.tool_calls
+    assert (called.name, json.loads(called.arguments)) == ("send_message", {"message": "Hello there!"})
+    assert snapshots[-1] == "Hello there!" and all("Hello there!".startswith(s) for s in snapshots)
+    assert result.usage is not None and result.usage.prompt_tokens == 41
