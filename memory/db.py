@@ -56,7 +56,7 @@ T = TypeVar("T")
 _Queued = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 # SQLite releases the GIL while it works: two readers let two queries run at once
 READERS = 2
-# most transactions committed together (Database._flush)
+# most transactions committed together (Database._drain_inbox)
 BATCH = 8
 # files up to this size get SQLite's quick_check whole at open: it reads every page, 15-40 s
 # per GB measured here; larger ones a bounded check, and Database.check() for the rest

@@ -378,6 +378,7 @@ class Scheduler:
         self._deliver: Deliver | None = None
         self._only: int | None = None
         self._answers: set[asyncio.Task[None]] = set()
+        self._backlog: datetime | None = None  # since when due events wait for the engine's room
         _SCHEDULERS[engine.db] = self
 
     def changed(self) -> None:
@@ -421,8 +422,12 @@ class Scheduler:
                         await asyncio.wait_for(self._changed.wait(), wait)
                     continue
                 # no more than the engine has room for: the rest stay due in the database meanwhile
-                room = await self.engine.room()
-                if not await self._fire_due(min(room, FIRE_BATCH)):
+                since = self._backlog = self._backlog or self.now()
+                limit = min(await self.engine.room(), FIRE_BATCH)
+                fired = await self._fire_due(limit, since)
+                if fired < limit:
+                    self._backlog = None  # nothing due is left waiting for room
+                if not fired:
                     # due, yet nothing could be claimed (a row the text comparison misses): never spin on it
                     log.warning("scheduled events: event due %s could not be fired; trying again in %.0f s", due, RETRY_SECONDS)
                     with contextlib.suppress(TimeoutError):
@@ -433,8 +438,10 @@ class Scheduler:
                 log.exception("scheduled events: the timer failed; trying again in %.0f s", RETRY_SECONDS)
                 await asyncio.sleep(RETRY_SECONDS)
 
-    async def _fire_due(self, limit: int) -> int:
-        """Fire up to `limit` events due now, the engine having room for them; returns how many rows it read."""
+    async def _fire_due(self, limit: int, since: datetime) -> int:
+        """Fire up to `limit` events due now, the engine having room for them; returns how many rows it
+        read. `since`: when the timer began firing this backlog (events waited for room from then on,
+        or from their due time if later; not while the bot was down)."""
         now = self.now()
         scope, params = self._scope("e.agent_id")
         rows = await self.engine.db.fetchall(
@@ -447,8 +454,8 @@ class Scheduler:
         # one transaction for the whole pass: each occurrence is spent where its system event is stored
         answers = await self.engine.wake(
             [(Agent(e.agent_id, r[9]), message, claim) for (e, message, claim), r in zip(fired, rows, strict=True)],
-            # due until now, the engine had no room for them: their turns' queue time
-            waited=[max(0.0, (now - parse_stamp(e.due_at)).total_seconds()) for e, _, _ in fired],
+            # due while the engine had no room for them: their turns' queue time
+            waited=[max(0.0, (now - max(since, parse_stamp(e.due_at))).total_seconds()) for e, _, _ in fired],
         )
         for (event, _, _), r, answer in zip(fired, rows, answers, strict=True):
             if answer is not None:

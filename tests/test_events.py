@@ -346,6 +346,7 @@ async def test_due_events_fire_only_as_the_engine_has_room_and_a_person_goes_bef
     async def answer(body: dict[str, Any]) -> dict[str, Any]:
         text = str(body["messages"][-1]["content"])
         asked.append("person" if "hello there" in text else "event")
+        clock.now += timedelta(minutes=1)  # each answer takes a minute of the timer's clock
         if len(asked) == 1:  # a person writes while the events are backed up
             person.append(asyncio.create_task(engine.send("dm:7", user("hello there"))))
         return reply("done")
@@ -365,5 +366,7 @@ async def test_due_events_fire_only_as_the_engine_has_room_and_a_person_goes_bef
     await engine.close()
     # only TURNS_PER_CALL_SLOT events had fired when the person wrote: the person's turn came next
     assert asked.index("person") == TURNS_PER_CALL_SLOT, asked
-    # the events that stayed due while there was no room count that wait as their turns' queue time
-    assert all(q > 0 for q in queued[TURNS_PER_CALL_SLOT:]), queued
+    # the events that stayed due while there was no room count that wait as their turns' queue time:
+    # at least the minute of the answer they waited for
+    assert all(q >= 60 for q in queued[TURNS_PER_CALL_SLOT:]), queued
+    assert all(q < 60 for q in queued[:TURNS_PER_CALL_SLOT]), queued
