@@ -350,13 +350,19 @@ class MnemoBot(discord.AutoShardedClient):
         stand_ins: list[str] = []
         problems: list[str] = []
         over: list[str] = []
+        busy: list[str] = []
         limit = self.settings.max_images_per_message
+        waiting = self.engine.image_bytes_waiting()
         for attachment in filter(attachments.is_image, message.attachments):
             if not self.engine.sees_images:  # no download: the model is told in words
                 stand_ins.append(attachments.stand_in(attachment, "this model cannot see images"))
             elif len(pictures) >= limit:
                 over.append(f"`{attachment.filename}`")
                 stand_ins.append(attachments.stand_in(attachment, f"over the limit of {limit} images per message"))
+            elif waiting + sum(len(p.data) for p in pictures) + attachment.size > self.settings.max_images_waiting_bytes:
+                # checked before reading: the bytes of images waiting for turns are in memory, all at once
+                busy.append(f"`{attachment.filename}`")
+                stand_ins.append(attachments.stand_in(attachment, "too many images were waiting to be seen"))
             else:
                 try:
                     picture = await attachments.read_image(attachment, self.settings.max_image_bytes)
@@ -368,6 +374,11 @@ class MnemoBot(discord.AutoShardedClient):
                     stand_ins.append(picture.stand_in())
         if over:
             problems.append(f"I look at up to {limit} images per message; I did not see {', '.join(over)}.")
+        if busy:
+            again = "it" if len(busy) == 1 else "them"
+            problems.append(
+                f"Too many images are waiting for me right now; I did not see {', '.join(busy)}. Send {again} again soon."
+            )
         if problems:
             await self._send(message, "\n".join(problems))
         return pictures, stand_ins

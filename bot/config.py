@@ -33,6 +33,8 @@ class BotSettings(EngineSettings):
     # Images shown to the model (PNG, JPEG, WebP, GIF): the largest, and how many of one message.
     max_image_bytes: int = Field(5_000_000, ge=1_000)
     max_images_per_message: int = Field(4, ge=1, le=10)
+    # Image bytes held in memory for turns not yet run, all conversations together (a small VPS's RAM).
+    max_images_waiting_bytes: int = Field(64_000_000, ge=1_000)
     # On start, messages sent while the bot was down are read from each conversation's history:
     # at most this many per conversation, and none older than this many hours (0 turns catch-up off).
     catch_up_messages: int = Field(50, ge=0, le=1000)

@@ -214,6 +214,10 @@ class Engine:
         assert future is not None
         return await future
 
+    def image_bytes_waiting(self) -> int:
+        """The bytes of the images held for turns not yet run (they are only in memory)."""
+        return sum(len(i.data) for box in self._mailboxes.values() for _, found in box.images for i in found)
+
     async def room(self) -> int:
         """How many more turns could begin now without waiting behind others; if none, waits for a
         turn to end and then says at least 1.

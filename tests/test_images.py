@@ -336,3 +336,35 @@ async def test_a_refusal_of_too_many_images_is_answered_without_them_and_vision_
     refused, again, later = fake.chat_requests
     assert len(image_parts(refused)) == 2 and image_parts(again) == [] and len(image_parts(later)) == 1
     assert user_texts(again)[-1].endswith(images.CANNOT_SEE)
+
+
+async def test_images_waiting_in_memory_past_the_budget_are_not_downloaded(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    """The bytes of images waiting for their turns are all in memory at once: past
+    MAX_IMAGES_WAITING_BYTES a new one is described in words and the person told to send it again."""
+    first, second = png(padding=3000), png(2, 2, padding=3000)
+    settings = settings.model_copy(update={"max_images_waiting_bytes": len(first) + len(second) // 2})
+    alice, bob = world["alice"], world["bob"]
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def answer(body: dict[str, Any]) -> dict[str, Any]:
+        if "alice's" in user_texts(body)[-1]:
+            held.set()
+            await release.wait()
+        return reply("seen")
+
+    fake.default = answer
+    async with running(settings, fake_discord):
+        await fake_discord.send_dm(alice["id"], "alice's picture", attachments=[("a.png", first, "image/png")])
+        await held.wait()  # alice's image is held for her turn, which is running
+        await fake_discord.send_dm(bob["id"], "bob's picture", attachments=[("b.png", second, "image/png")])
+        bob_dm = fake_discord.dm_channel(bob["id"])
+        await fake_discord.wait_for(lambda f: any("waiting for me" in m["content"] for m in f.bot_messages(bob_dm["id"])))
+        release.set()
+        await fake_discord.wait_for(lambda f: sum(m["content"] == "seen" for m in f.bot_messages()) == 2)
+    (note,) = [m["content"] for m in fake_discord.bot_messages(bob_dm["id"]) if "waiting" in m["content"]]
+    assert note == "Too many images are waiting for me right now; I did not see `b.png`. Send it again soon."
+    assert len(fake_discord.cdn_served) == 1  # bob's image was never read
+    (bobs,) = [r for r in chat_requests(fake) if "bob's" in user_texts(r)[-1]]
+    assert image_parts(bobs) == [] and "too many images were waiting to be seen" in user_texts(bobs)[-1]
