@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import resource
 import statistics
@@ -69,33 +68,13 @@ MODEL_SECONDS = 0.05
 
 
 def serve() -> None:
-    """The fake model: every chat request gets a send_message call after MODEL_SECONDS."""
-    from aiohttp import web
-
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        await asyncio.sleep(MODEL_SECONDS)
-        arguments = json.dumps({"message": "Reminder!"})
-        message = {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "send_message", "arguments": arguments}}],
-        }
-        return web.json_response({"choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "fake"}]})
+    """The fake model (tests/fakeopenai.py): every chat request gets a send_message call after MODEL_SECONDS."""
+    from tests.fakeopenai import Delay, FakeOpenAI, call
 
     async def main() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_get("/v1/models", models)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        print(port, flush=True)
+        fake = await FakeOpenAI(usage=False).start()
+        fake.default = lambda body: Delay(MODEL_SECONDS, call("send_message", {"message": "Reminder!"}))
+        print(fake.url, flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -244,7 +223,7 @@ def main() -> None:
     child = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
-        port = int(child.stdout.readline())
+        url = child.stdout.readline().strip()
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "events.db"
             counts = [f"--{name}={getattr(args, name)}" for name in ("agents", "events", "due", "lead")]
@@ -253,7 +232,7 @@ def main() -> None:
                 [sys.executable, __file__, "--setup", str(path), *counts], check=True, capture_output=True, text=True
             ).stdout.strip()
             print(f"set-up (a child process): {time.perf_counter() - started:.1f} s")
-            asyncio.run(run(args, f"http://127.0.0.1:{port}/v1", path, due))
+            asyncio.run(run(args, url, path, due))
     finally:
         child.terminate()
         child.wait()

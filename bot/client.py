@@ -348,6 +348,8 @@ class MnemoBot(discord.AutoShardedClient):
         for the message's text. What is not shown is said in one short reply."""
         pictures: list[images.Image] = []
         stand_ins: list[str] = []
+        if not any(map(attachments.is_image, message.attachments)):
+            return pictures, stand_ins
         problems: list[str] = []
         over: list[str] = []
         busy: list[str] = []
