@@ -14,7 +14,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from memory.config import ConfigError, load_settings
 from memory.engine import Engine
-from memory.llm import LLMClient, Redactor, without_credentials
+from memory.llm import LLMClient, Redactor, env_proxied, without_credentials
 
 from .client import MnemoBot
 from .commands import sync_if_changed
@@ -31,8 +31,9 @@ ENDPOINT_CHECK_SECONDS = 10.0
 
 async def open_engine(settings: BotSettings) -> Engine:
     """The engine with aiohttp (already here for discord.py) under httpx: httpcore's pool
-    costs grow with the calls in flight, aiohttp's do not."""
-    return await Engine.open(settings, http_transport=AiohttpTransport)
+    costs grow with the calls in flight, aiohttp's do not. Through a proxy from the
+    environment, httpx's own transport, which goes through it."""
+    return await Engine.open(settings, http_transport=None if env_proxied() else AiohttpTransport)
 
 
 def point_discord_at(settings: BotSettings) -> None:

@@ -139,6 +139,21 @@ async def test_aiohttp_transport_keeps_errors_readable(fake: FakeOpenAI) -> None
     await slow.aclose()
 
 
+async def test_a_proxy_from_the_environment_is_used(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the model calls skip httpx's client for speed, except through a proxy: the base URL here
+    # cannot be reached, and the fake answers as the proxy (it reads the absolute-form target's path)
+    monkeypatch.setenv("HTTP_PROXY", fake.url.removesuffix("/v1"))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    fake.push(reply("through the proxy"))
+    proxied = LLMClient("http://model.invalid/v1", max_retries=0)
+    try:
+        result = await proxied.chat("m", [{"role": "user", "content": "x"}])
+    finally:
+        await proxied.aclose()
+    assert result.content == "through the proxy"
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_dripping_endpoint_hits_the_whole_call_deadline_and_frees_its_slot(fake: FakeOpenAI, transport: str) -> None:
     # a byte every 0.05 s never trips a per-read timeout of 0.5 s; the answer would take ~10 s
