@@ -85,11 +85,28 @@ class MnemoBot(discord.AutoShardedClient):
         self._catching_up: set[asyncio.Task[None]] = set()  # held here so they are not garbage-collected
 
     async def setup_hook(self) -> None:
+        self._skip_own_messages()
         if self.sync_commands:
             try:
                 await commands.sync_if_changed(self.tree, self.engine, self.application_id)
             except discord.HTTPException as exc:  # chat still works without slash commands
                 log.warning("could not register slash commands (%s); try `mnemocord sync` later", exc)
+
+    def _skip_own_messages(self) -> None:
+        """Every message the bot posts comes back from the gateway, and nothing here reads it:
+        it is dropped before discord.py builds a Message and schedules on_message for it, which
+        cost as much as building the person's message it answered."""
+        assert self.user is not None  # setup_hook runs after login
+        me = str(self.user.id)
+        parsers = self._connection.parsers
+        parse = parsers["MESSAGE_CREATE"]
+
+        def parse_message_create(data: Any) -> None:
+            author = data.get("author") if isinstance(data, dict) else None
+            if not (isinstance(author, dict) and author.get("id") == me):
+                parse(data)
+
+        parsers["MESSAGE_CREATE"] = parse_message_create
 
     async def on_ready(self) -> None:
         # every shard is connected. Later on_ready (every shard had to start a new session at once)

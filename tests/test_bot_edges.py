@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import discord
 
 from bot import wire
 from bot.client import MnemoBot
@@ -45,6 +48,24 @@ async def test_lone_surrogate_in_a_gateway_message_is_replaced_and_the_bot_keeps
         await fake_discord.send_dm(alice["id"], "still there?")
         await fake_discord.wait_for(lambda f: len(f.bot_messages(dm["id"])) == 2)
         assert await stored_contents(bot, f"dm:{alice['id']}") == ["broken emoji \ufffd here", "still there?"]
+
+
+async def test_the_bots_own_messages_from_the_gateway_are_dropped_before_discord_py_builds_them(
+    settings: BotSettings, fake_discord: FakeDiscord, fake: FakeOpenAI, world: dict[str, Any]
+) -> None:
+    alice = world["alice"]
+    dm = fake_discord.dm_channel(alice["id"])
+    fake.default = lambda body: reply("noted")
+    async with running(settings, fake_discord) as bot:
+        built: list[discord.Message] = []  # every message discord.py builds and dispatches
+        watch = asyncio.ensure_future(bot.wait_for("message", check=lambda m: built.append(m) or False))
+        assert await outcome_of(bot, "first", lambda: fake_discord.send_dm(alice["id"], "first")) == "answered"
+        (answer,) = fake_discord.bot_messages(dm["id"])
+        # the gateway keeps order: the reply's MESSAGE_CREATE came before this message's
+        assert await outcome_of(bot, "second", lambda: fake_discord.send_dm(alice["id"], "second")) == "answered"
+        watch.cancel()
+        assert [m.content for m in built] == ["first", "second"]
+        assert answer["content"] == "noted"
 
 
 def test_wire_hooks_read_and_write_what_orjson_refuses() -> None:
