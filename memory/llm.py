@@ -261,10 +261,11 @@ class LLMClient:
         # flows, hooks), which an API call does not use, cost a fifth of a call's CPU. Through a
         # proxy from the environment they take the client, which knows how to reach it (when
         # it makes its own transport: httpx ignores the environment's proxies beside a given one).
-        if transport is None and not env_proxied():
+        proxied = env_proxied()
+        if transport is None and not proxied:
             transport = httpx.AsyncHTTPTransport()
         self._http = httpx.AsyncClient(timeout=self._timeout, transport=transport)
-        self._direct = None if env_proxied() else transport
+        self._direct = None if proxied else transport
         self.max_retries = max_retries
         self.retry_budget = retry_budget
         # a global cap on model calls in flight, shared by all agents
