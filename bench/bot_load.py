@@ -534,6 +534,9 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
         latencies += [fake.reply_at[t] - sent_at[t] for t in late]
 
         t_end = time.monotonic()
+        if os.environ.get("BOTLOAD_DUMP") and not floor:
+            with open(os.environ["BOTLOAD_DUMP"], "w") as f:
+                json.dump({t: [sent_at[t] - t_load, fake.reply_at.get(t, 0) - t_load] for t in sent_at}, f)
         status = proc_status(pid)
         cpu_total = cpu_seconds(pid)
         cpu_loop = cpu_seconds(pid, pid) - cpu_loop0
