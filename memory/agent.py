@@ -128,7 +128,7 @@ class Turn:
             # database thread, which costs more CPU than these statements
             return recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent)
 
-        (filed, result.admitted_through), snapshot = await self.db.transact(start)
+        (filed, result.admitted_through), snapshot = await self.db.transact(start, quick=True)
         self.admitted_through = result.admitted_through
         if not result.admitted_through:
             result.outcome = TurnOutcome.NOTHING
@@ -383,7 +383,7 @@ class Turn:
 
         recall.prepare(messages)
         if messages or calls:
-            await self.db.transact(store)
+            await self.db.transact(store, quick=len(messages) <= recall.QUICK_MESSAGES)
 
 
 def _usage(result: TurnResult) -> tuple[int, int, int]:

@@ -103,7 +103,7 @@ class Snapshot(NamedTuple):
 
 async def build(db: Database, agent: Agent, window: int) -> Prompt:
     # one trip to the database thread: each costs more CPU than these small queries (bench/bot_load.py)
-    return assemble(await db.transact(lambda c: read(c, agent)), window)
+    return assemble(await db.transact(lambda c: read(c, agent), quick=True), window)
 
 
 def read(c: sqlite3.Connection, agent: Agent) -> Snapshot:

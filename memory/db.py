@@ -1,11 +1,13 @@
 """The SQLite file: its lock, connections with sqlite-vec loaded, the writer thread and group commit.
 
-One writer: a connection owned by a single thread, to which every transaction
-is handed whole as a function (`Database.transact`), so a transaction costs one
-trip between threads and writers queue without holding anything on the event
-loop; transactions that queue up share a trip and a commit. (An asyncio lock
-held across a transaction's many awaits instead makes concurrent turns queue
-behind each other's awaits.) Reads go through aiosqlite on two more connections,
+One writer connection, to which every transaction is handed whole as a function
+(`Database.transact`): transactions that queue up share a commit, and writers queue
+without holding anything on the event loop. (An asyncio lock held across a
+transaction's many awaits instead makes concurrent turns queue behind each other's
+awaits.) A transaction runs on the writer's own thread, unless it is one of a turn's
+few small ones (`quick`): those run on the event loop itself while that thread is
+idle, since the trip there costs more CPU than their statements. Checkpoints, which
+copy pages and sync the file, always run on the thread. Reads go through aiosqlite on two more connections,
 which in WAL mode see committed data only and never wait for the writer; a
 turn's prompt is read on the writer, in one transaction (with its first writes
 for the first prompt), since a trip there costs less than several reads.
@@ -58,6 +60,10 @@ _Queued = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 READERS = 2
 # most transactions committed together (Database._drain_inbox)
 BATCH = 8
+# most quick transactions committed together on the event loop (a pass of them blocks it ~5 ms)
+INLINE = 64
+# commits between two checkpoints; SQLite's own (every 1,000 pages) would run in a commit on the loop
+CHECKPOINT_COMMITS = 128
 # files up to this size get SQLite's quick_check whole at open: it reads every page, 15-40 s
 # per GB measured here; larger ones a bounded check, and Database.check() for the rest
 FULL_CHECK_BYTES = 32 << 20
@@ -100,6 +106,9 @@ class Database:
         self._busy = [0] * len(readers)
         # transactions of this pass of the event loop, handed to the writer together at its end
         self._queued: list[_Queued] = []
+        self._all_quick = True  # every transaction in _queued is quick
+        self._commits = 0  # since the last checkpoint
+        self._checkpoint_due = False  # (under _guard)
         self._soon: asyncio.Handle | None = None
         # handed over, not yet taken by the writer thread, which drains it without waiting for the
         # event loop between batches (a busy loop would otherwise leave the writer idle)
@@ -180,19 +189,22 @@ class Database:
             return [str(exc)]
         return [] if rows == ["ok"] else rows
 
-    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def transact(self, fn: Callable[[sqlite3.Connection], T], *, quick: bool = False) -> T:
         """Run `fn(connection)` as one transaction on the writer thread; rolled back if it raises.
 
         Transactions queued while the thread is busy, or in the same pass of the event loop,
         go together: one trip to the thread and one commit, each in a savepoint of its own.
-        The transaction finishes even if the awaiting task is cancelled. Raises StorageFull
-        when the disk is full.
+        `quick`: a few statements over a few rows (a turn's own reads and writes). A pass of
+        the loop whose transactions are all quick commits them on the loop, without the trip,
+        when the thread is idle. The transaction finishes even if the awaiting task is
+        cancelled. Raises StorageFull when the disk is full.
         """
         if self._closed:
             raise StorageError(f"database {self._lock.database} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((fn, future))
+        self._all_quick = self._all_quick and quick
         if self._soon is None:
             # after the callbacks already scheduled, so that tasks they start join the batch (a
             # message's arrival and the turn that answers it: Engine._arrive)
@@ -207,8 +219,18 @@ class Database:
         if not self._queued:
             return
         queued, self._queued = self._queued, []
+        quick, self._all_quick = self._all_quick, True
+        # only the loop sets _draining, so False read here stays False: the connection is the loop's
+        if quick and len(queued) <= INLINE and not self._draining:
+            self._settle(queued, self._outcomes(queued))
+            return
         with self._guard:
             self._inbox.extend(queued)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Start a drain of the inbox (and of a due checkpoint) on the thread, unless one runs."""
+        with self._guard:
             start, self._draining = not self._draining, True
         if start:
             loop = asyncio.get_running_loop()
@@ -224,16 +246,30 @@ class Database:
         handed to the loop as it commits."""
         while True:
             with self._guard:
-                if not self._inbox:
-                    self._draining = False
-                    return
-                # a larger batch costs less CPU, but its first transaction waits for all the others
-                batch = [self._inbox.popleft() for _ in range(min(BATCH, len(self._inbox)))]
-            try:
-                outcomes = self._commit([fn for fn, _ in batch])
-            except Exception as exc:
-                outcomes = [(False, exc)] * len(batch)
-            loop.call_soon_threadsafe(self._settle, batch, outcomes)
+                checkpoint, self._checkpoint_due = self._checkpoint_due, False
+                if not checkpoint:
+                    if not self._inbox:
+                        self._draining = False
+                        return
+                    # a larger batch costs less CPU, but its first transaction waits for all the others
+                    batch = [self._inbox.popleft() for _ in range(min(BATCH, len(self._inbox)))]
+            if checkpoint:
+                self._checkpoint()
+            else:
+                loop.call_soon_threadsafe(self._settle, batch, self._outcomes(batch))
+
+    def _checkpoint(self) -> None:
+        """Fold the WAL back into the file as far as readers allow (PASSIVE: nobody waits)."""
+        try:
+            self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # a full disk: the WAL keeps every commit, and the next try folds it
+            log.warning("could not checkpoint %s: %s", self._lock.database, exc)
+
+    def _outcomes(self, batch: list[_Queued]) -> list[tuple[bool, Any]]:
+        try:
+            return self._commit([fn for fn, _ in batch])
+        except Exception as exc:
+            return [(False, exc)] * len(batch)
 
     def _commit(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
         c = self._writer
@@ -265,11 +301,17 @@ class Database:
             return StorageFull(f"storage is full: database {self._lock.database} cannot grow ({exc}); free disk space")
         return None
 
-    @staticmethod
-    def _settle(batch: list[_Queued], outcomes: list[tuple[bool, Any]]) -> None:
+    def _settle(self, batch: list[_Queued], outcomes: list[tuple[bool, Any]]) -> None:
+        """On the loop: hand a committed batch's results to its callers."""
         for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
             if not future.done():  # cancelled: nobody waits for it
                 future.set_result(value) if ok else future.set_exception(value)
+        self._commits += 1
+        if self._commits >= CHECKPOINT_COMMITS:
+            self._commits = 0
+            with self._guard:
+                self._checkpoint_due = True
+            self._wake()
 
     async def execute(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One write statement as a transaction of its own; returns the rows it changed."""
@@ -301,6 +343,8 @@ def _open_writer(path: Path, migrations: list[Migration]) -> sqlite3.Connection:
         # NORMAL in WAL mode: a committed write survives a crash of the process;
         # only an OS crash or power cut can lose the last transactions.
         conn.execute("PRAGMA synchronous = NORMAL")
+        # checkpoints are the thread's (Database._settle): SQLite's own would also run in commits on the loop
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         _check_writable(conn, path)
         _check_pages(conn, path)
         migrate(conn, migrations)

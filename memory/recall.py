@@ -23,6 +23,8 @@ ROLES = ("user", "assistant", "tool", "system")
 
 # messages.in_context
 EVICTED, IN_CONTEXT, WAITING = 0, 1, 2
+# messages stored in one transaction that is still quick (Database.transact)
+QUICK_MESSAGES = 8
 
 
 @dataclass
@@ -106,7 +108,7 @@ async def append(db: Database, agent: Agent, messages: list[Message], *, state: 
     """
     prepare(messages)
     if messages:
-        await db.transact(lambda c: insert(c, agent, messages, state))
+        await db.transact(lambda c: insert(c, agent, messages, state), quick=len(messages) <= QUICK_MESSAGES)
     return messages
 
 

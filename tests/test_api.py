@@ -162,11 +162,11 @@ async def test_notes_arriving_while_an_erase_is_under_way_are_dropped(
     erasing, notes_sent = asyncio.Event(), asyncio.Event()
     real_transact = engine.db.transact
 
-    async def paused(fn: Any) -> Any:  # the erase has begun, its transaction not yet run, when the notes come
+    async def paused(fn: Any, **options: Any) -> Any:  # the erase has begun, its transaction not yet run, when the notes come
         if getattr(fn, "__name__", "") == "erase":
             erasing.set()
             await notes_sent.wait()
-        return await real_transact(fn)
+        return await real_transact(fn, **options)
 
     async def consolidation(body: dict[str, Any]) -> dict[str, Any]:
         if body["messages"][-1]["role"] == "tool":

@@ -293,6 +293,67 @@ async def test_the_writer_keeps_committing_queued_batches_while_the_event_loop_i
     assert await db.fetchval("SELECT count(*) FROM meta WHERE key LIKE 'w%'") == 3 * BATCH
 
 
+async def test_quick_transactions_run_on_the_loop_while_the_writer_thread_is_idle_and_queue_behind_it_otherwise(
+    db: Database,
+) -> None:
+    loop_thread = threading.get_ident()
+    ran: list[tuple[str, int]] = []
+
+    def note(name: str) -> Callable[[sqlite3.Connection], None]:
+        def run(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO meta(key, value) VALUES (?, 'v')", (name,))
+            ran.append((name, threading.get_ident()))
+
+        return run
+
+    await db.transact(note("quick"), quick=True)
+    await db.transact(note("slow"))
+    assert ran[0] == ("quick", loop_thread) and ran[1][0] == "slow" and ran[1][1] != loop_thread
+
+    # while the thread is busy, a quick one waits behind what is queued there, in order
+    release, started = threading.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        loop.call_soon_threadsafe(started.set)
+        release.wait()
+        note("blocker")(c)
+
+    first = asyncio.create_task(db.transact(blocker))
+    await started.wait()
+    behind = asyncio.create_task(db.transact(note("quick behind"), quick=True))
+    release.set()
+    await asyncio.gather(first, behind)
+    assert [name for name, _ in ran[2:]] == ["blocker", "quick behind"]
+    assert ran[3][1] != loop_thread
+    # a pass mixing quick and other transactions goes to the thread whole, in order
+    await asyncio.gather(db.transact(note("q1"), quick=True), db.transact(note("other")), db.transact(note("q2"), quick=True))
+    assert [(name, thread != loop_thread) for name, thread in ran[4:]] == [("q1", True), ("other", True), ("q2", True)]
+
+
+async def test_checkpoints_run_on_the_writer_thread_and_keep_the_wal_small_under_quick_commits(tmp_path: Path) -> None:
+    from memory.db import CHECKPOINT_COMMITS
+
+    path = tmp_path / "wal.db"
+    db = await Database.open(path)
+    loop_thread = threading.get_ident()
+    checkpoints: list[int] = []
+    # SQLite's own checkpoints would run inside commits, some of them on the event loop
+    assert await db.transact(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+
+    def traced(c: sqlite3.Connection) -> None:
+        c.set_trace_callback(lambda sql: checkpoints.append(threading.get_ident()) if "wal_checkpoint" in sql else None)
+
+    await db.transact(traced)
+    row = "x" * 4000
+    for n in range(40 * CHECKPOINT_COMMITS):  # 20 MB written, one commit each, all quick
+        await db.transact(lambda c, n=n: c.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (f"r{n}", row)), quick=True)
+    wal = path.with_name(path.name + "-wal").stat().st_size
+    await db.close()
+    assert len(checkpoints) >= 39 and loop_thread not in checkpoints
+    assert wal < 4 << 20, f"the WAL grew to {wal} bytes"
+
+
 async def test_close_during_a_batch_finishes_every_queued_transaction(tmp_path: Path) -> None:
     path = tmp_path / "closing.db"
     db = await Database.open(path)
