@@ -62,8 +62,11 @@ READERS = 2
 BATCH = 8
 # most quick transactions committed together on the event loop (a pass of them blocks it ~5 ms)
 INLINE = 64
-# commits between two checkpoints; SQLite's own (every 1,000 pages) would run in a commit on the loop
+# commits between two checkpoints, and the WAL's size that calls for one sooner (SQLite's own, every
+# 1,000 pages, would run inside commits, some of them on the loop). A small WAL keeps reads fast:
+# a page in it is looked up and read there, not in the mapped file.
 CHECKPOINT_COMMITS = 128
+WAL_BYTES = 4 << 20
 # files up to this size get SQLite's quick_check whole at open: it reads every page, 15-40 s
 # per GB measured here; larger ones a bounded check, and Database.check() for the rest
 FULL_CHECK_BYTES = 32 << 20
@@ -107,7 +110,9 @@ class Database:
         # transactions of this pass of the event loop, handed to the writer together at its end
         self._queued: list[_Queued] = []
         self._all_quick = True  # every transaction in _queued is quick
-        self._commits = 0  # since the last checkpoint
+        self._wal = Path(f"{lock.database}-wal")
+        self._wal_mark = WAL_BYTES  # the WAL's size that calls for the next checkpoint
+        self._commits = 0  # since the last checkpoint was called for
         self._checkpoint_due = False  # (under _guard)
         self._soon: asyncio.Handle | None = None
         # handed over, not yet taken by the writer thread, which drains it without waiting for the
@@ -246,11 +251,13 @@ class Database:
         handed to the loop as it commits."""
         while True:
             with self._guard:
-                checkpoint, self._checkpoint_due = self._checkpoint_due, False
-                if not checkpoint:
-                    if not self._inbox:
-                        self._draining = False
-                        return
+                checkpoint = not self._inbox and self._checkpoint_due
+                if checkpoint:  # once the queue is empty: a large transaction is in the WAL by then
+                    self._checkpoint_due = False
+                elif not self._inbox:
+                    self._draining = False
+                    return
+                else:
                     # a larger batch costs less CPU, but its first transaction waits for all the others
                     batch = [self._inbox.popleft() for _ in range(min(BATCH, len(self._inbox)))]
             if checkpoint:
@@ -307,6 +314,16 @@ class Database:
             if not future.done():  # cancelled: nobody waits for it
                 future.set_result(value) if ok else future.set_exception(value)
         self._commits += 1
+        try:
+            size = self._wal.stat().st_size
+        except OSError:
+            size = 0
+        if size <= WAL_BYTES:  # checkpointed and cut back since: the WAL is reused from its start
+            self._wal_mark = WAL_BYTES
+        elif size >= self._wal_mark:
+            # a PASSIVE checkpoint stops short while a reader holds old pages: tried again as the WAL grows
+            self._wal_mark = size + WAL_BYTES // 4
+            self._commits = CHECKPOINT_COMMITS
         if self._commits >= CHECKPOINT_COMMITS:
             self._commits = 0
             with self._guard:
@@ -345,6 +362,7 @@ def _open_writer(path: Path, migrations: list[Migration]) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")
         # checkpoints are the thread's (Database._settle): SQLite's own would also run in commits on the loop
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_BYTES}")
         _check_writable(conn, path)
         _check_pages(conn, path)
         migrate(conn, migrations)
