@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import string
 import sys
 import threading
 from collections.abc import Callable
@@ -127,6 +129,16 @@ async def test_full_text_rows_of_an_older_database_are_indexed_anew(tmp_path: Pa
     assert [h.id for h in (await archive.search(channel, "heron counts 8 May")).hits] == [7]
     assert (await archive.search(dm, "heron")).total == 0
     await new.close()
+
+
+def test_ascii_text_is_cut_into_the_same_words_by_the_fast_path() -> None:
+    from memory import fulltext
+
+    rng = random.Random(7)
+    samples = ["".join(map(chr, range(128))), "snake_case __x__ a1b2 C3PO it's #u17m3: noted, thanks."]
+    samples += ["".join(rng.choice(string.printable) for _ in range(200)) for _ in range(200)]
+    for text in samples:
+        assert fulltext.words(text) == fulltext._words().findall(text)
 
 
 async def test_words_with_marks_and_accents_are_searchable(db: Database, settings: EngineSettings) -> None:
@@ -322,6 +334,9 @@ async def test_quick_transactions_run_on_the_loop_while_the_writer_thread_is_idl
     first = asyncio.create_task(db.transact(blocker))
     await started.wait()
     behind = asyncio.create_task(db.transact(note("quick behind"), quick=True))
+    # one pass runs the task (it queues its transaction), the next hands it over while the thread is held
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
     release.set()
     await asyncio.gather(first, behind)
     assert [name for name, _ in ran[2:]] == ["blocker", "quick behind"]
