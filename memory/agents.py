@@ -53,7 +53,7 @@ async def get_or_create(db: Database, key: str, settings: EngineSettings) -> Age
         )
         return int(agent_id)
 
-    return Agent(await db.transact(create), key)
+    return Agent(await db.transact(create, quick=True), key)
 
 
 async def find(db: Database, key: str) -> Agent | None:
