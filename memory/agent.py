@@ -124,8 +124,8 @@ class Turn:
         budget = self.settings.context_window // 4
 
         def start(c: sqlite3.Connection) -> tuple[tuple[int, int], context.Snapshot]:
-            # admitting the waiting messages and reading the first prompt: one trip to the
-            # database thread, which costs more CPU than these statements
+            # admitting the waiting messages and reading the first prompt: one transaction,
+            # which costs less CPU than a read and a write apart
             return recall.admit_waiting(c, self.agent, budget), context.read(c, self.agent)
 
         (filed, result.admitted_through), snapshot = await self.db.transact(start, quick=True)

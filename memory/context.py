@@ -102,7 +102,7 @@ class Snapshot(NamedTuple):
 
 
 async def build(db: Database, agent: Agent, window: int) -> Prompt:
-    # one trip to the database thread: each costs more CPU than these small queries (bench/bot_load.py)
+    # on the writer, in one transaction: each trip to a reader's thread costs more CPU than these small queries
     return assemble(await db.transact(lambda c: read(c, agent), quick=True), window)
 
 

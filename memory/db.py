@@ -7,10 +7,10 @@ transaction's many awaits instead makes concurrent turns queue behind each other
 awaits.) A transaction runs on the writer's own thread, unless it is one of a turn's
 few small ones (`quick`): those run on the event loop itself while that thread is
 idle, since the trip there costs more CPU than their statements. Checkpoints, which
-copy pages and sync the file, always run on the thread. Reads go through aiosqlite on two more connections,
-which in WAL mode see committed data only and never wait for the writer; a
-turn's prompt is read on the writer, in one transaction (with its first writes
-for the first prompt), since a trip there costs less than several reads.
+copy pages and sync the file, always run on the thread. Reads go through aiosqlite
+on two more connections, which in WAL mode see committed data only and never wait
+for the writer; a turn's prompt is read on the writer, in one transaction (with its
+first writes for the first prompt), since that costs less than several reads.
 
 The schema is memory/migrations.py's; the full-text rules are memory/fulltext.py's.
 """
@@ -195,7 +195,7 @@ class Database:
         return [] if rows == ["ok"] else rows
 
     async def transact(self, fn: Callable[[sqlite3.Connection], T], *, quick: bool = False) -> T:
-        """Run `fn(connection)` as one transaction on the writer thread; rolled back if it raises.
+        """Run `fn(connection)` as one transaction of the writer connection; rolled back if it raises.
 
         Transactions queued while the thread is busy, or in the same pass of the event loop,
         go together: one trip to the thread and one commit, each in a savepoint of its own.
@@ -217,7 +217,7 @@ class Database:
         return await future
 
     def _flush(self) -> None:
-        """Hand this pass's transactions to the writer thread, starting a drain if none runs."""
+        """Commit this pass's transactions here if they are quick, else hand them to the writer thread."""
         if self._soon is not None:
             self._soon.cancel()
             self._soon = None

@@ -281,8 +281,8 @@ class Engine:
         if not answer:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
             return None
-        # the worker is woken first: its turn's first transaction then goes to the database thread
-        # in the same batch, right after this message's (Database.transact), one trip for both
+        # the worker is woken first: its turn's first transaction then goes to the writer in the
+        # same batch, right after this message's (Database.transact), one commit for both
         future = self._queue(agent, message, images, on_text)
         try:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
