@@ -62,9 +62,9 @@ READERS = 2
 BATCH = 8
 # most quick transactions committed together on the event loop (a pass of them blocks it ~5 ms)
 INLINE = 64
-# commits between two checkpoints, and the WAL's size that calls for one sooner (SQLite's own, every
-# 1,000 pages, would run inside commits, some of them on the loop). A small WAL keeps reads fast:
-# a page in it is looked up and read there, not in the mapped file.
+# commits between two checkpoints, and the WAL's size after a transaction on the thread that calls
+# for one sooner (SQLite's own, every 1,000 pages, would run inside commits, some of them on the
+# loop). A small WAL keeps reads fast: a page in it is looked up and read there, not in the mapped file.
 CHECKPOINT_COMMITS = 128
 WAL_BYTES = 4 << 20
 # files up to this size get SQLite's quick_check whole at open: it reads every page, 15-40 s
@@ -111,8 +111,8 @@ class Database:
         self._queued: list[_Queued] = []
         self._all_quick = True  # every transaction in _queued is quick
         self._wal = Path(f"{lock.database}-wal")
-        self._wal_mark = WAL_BYTES  # the WAL's size that calls for the next checkpoint
-        self._commits = 0  # since the last checkpoint was called for
+        self._wal_mark = WAL_BYTES  # the WAL's size that calls for the next checkpoint (the thread's)
+        self._commits = 0  # since the last checkpoint was called for (the loop's)
         self._checkpoint_due = False  # (under _guard)
         self._soon: asyncio.Handle | None = None
         # handed over, not yet taken by the writer thread, which drains it without waiting for the
@@ -262,8 +262,27 @@ class Database:
                     batch = [self._inbox.popleft() for _ in range(min(BATCH, len(self._inbox)))]
             if checkpoint:
                 self._checkpoint()
-            else:
-                loop.call_soon_threadsafe(self._settle, batch, self._outcomes(batch))
+                continue
+            loop.call_soon_threadsafe(self._settle, batch, self._outcomes(batch))
+            # the large transactions run here (quick ones are small): one may have grown the WAL past
+            # WAL_BYTES, and the checkpoint follows once the queue is empty
+            if self._wal_grown():
+                with self._guard:
+                    self._checkpoint_due = True
+
+    def _wal_grown(self) -> bool:
+        try:
+            size = self._wal.stat().st_size
+        except OSError:
+            return False
+        if size <= WAL_BYTES:  # checkpointed and cut back since: the WAL is reused from its start
+            self._wal_mark = WAL_BYTES
+            return False
+        if size < self._wal_mark:
+            return False
+        # a PASSIVE checkpoint stops short while a reader holds old pages: tried again as the WAL grows
+        self._wal_mark = size + WAL_BYTES // 4
+        return True
 
     def _checkpoint(self) -> None:
         """Fold the WAL back into the file as far as readers allow (PASSIVE: nobody waits)."""
@@ -314,16 +333,6 @@ class Database:
             if not future.done():  # cancelled: nobody waits for it
                 future.set_result(value) if ok else future.set_exception(value)
         self._commits += 1
-        try:
-            size = self._wal.stat().st_size
-        except OSError:
-            size = 0
-        if size <= WAL_BYTES:  # checkpointed and cut back since: the WAL is reused from its start
-            self._wal_mark = WAL_BYTES
-        elif size >= self._wal_mark:
-            # a PASSIVE checkpoint stops short while a reader holds old pages: tried again as the WAL grows
-            self._wal_mark = size + WAL_BYTES // 4
-            self._commits = CHECKPOINT_COMMITS
         if self._commits >= CHECKPOINT_COMMITS:
             self._commits = 0
             with self._guard:
