@@ -42,6 +42,31 @@ NOT_STORED_FULL = "Sorry, I couldn't keep your message: my storage is full. The 
 NOT_STORED = "Sorry, I couldn't keep your message because of a storage problem on my side. Please try again later."
 
 
+class Typing:
+    """Discord's typing indicator, for a turn still running after TYPING_AFTER. It runs beside the
+    turn, so its REST calls never delay the answer; a timer starts it, as most turns end sooner."""
+
+    def __init__(self, channel: discord.abc.Messageable) -> None:
+        self._channel = channel
+        self._timer = asyncio.get_running_loop().call_later(TYPING_AFTER, self._start)
+        self._task: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _start(self) -> None:
+        self._task = asyncio.create_task(self._show())
+
+    async def _show(self) -> None:
+        try:
+            async with self._channel.typing():
+                await asyncio.Event().wait()  # until stopped
+        except discord.HTTPException as exc:
+            log.debug("typing indicator failed in %s: %s", getattr(self._channel, "id", "?"), exc)
+
+
 class MnemoBot(discord.AutoShardedClient):
     """One process holding every shard (SHARD_COUNT, else as many as Discord recommends): Discord
     refuses a bot in more than 2,500 servers that does not shard."""
@@ -244,10 +269,9 @@ class MnemoBot(discord.AutoShardedClient):
             stored.content = "\n".join(part for part in (self._edits.pop(message.id), notes) if part)
         if not stored.content.strip():
             return "dropped"
-        # the indicator runs beside the turn: its REST calls must not delay the answer
-        typing = asyncio.create_task(self._typing(message.channel))
+        typing = Typing(message.channel)
         streamed = (
-            StreamedReply(message, self.settings.stream_edit_seconds, typing.cancel) if self.settings.stream_replies else None
+            StreamedReply(message, self.settings.stream_edit_seconds, typing.stop) if self.settings.stream_replies else None
         )
         ticket.release()
         try:
@@ -257,7 +281,7 @@ class MnemoBot(discord.AutoShardedClient):
                 await asyncio.shield(streamed.finish(""))
             raise
         finally:
-            typing.cancel()
+            typing.stop()
         reply = (LATE if late else "") + result.reply if result.reply else ""
         # shielded as above: a handler cancelled at shutdown must not leave the reply half-written
         shown = await asyncio.shield(streamed.finish(reply, result.full_reply)) if streamed else False
@@ -412,14 +436,6 @@ class MnemoBot(discord.AutoShardedClient):
         if problems:
             await self._send(message, "\n".join(problems))
         return pictures, stand_ins
-
-    async def _typing(self, channel: discord.abc.Messageable) -> None:
-        await asyncio.sleep(TYPING_AFTER)
-        try:
-            async with channel.typing():
-                await asyncio.Event().wait()  # until cancelled
-        except discord.HTTPException as exc:
-            log.debug("typing indicator failed in %s: %s", getattr(channel, "id", "?"), exc)
 
     async def _send(self, message: discord.Message, text: str, *, whole: str | None = None) -> discord.Message | None:
         """Reply in parts; the reference tolerates a deleted original. `whole`, the text of a reply

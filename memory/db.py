@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import aiosqlite
 
@@ -36,6 +36,7 @@ import aiosqlite
 import sqlean as sqlite3
 import sqlite_vec
 
+from . import fulltext
 from .migrations import MIGRATIONS, Migration, migrate
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ def marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _connect_sync(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def _connect_sync(path: str, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=factory)
     try:
         conn.enable_load_extension(True)
         sqlite_vec.load(conn)
@@ -100,7 +101,7 @@ class Database:
     """
 
     def __init__(
-        self, writer: sqlite3.Connection, thread: ThreadPoolExecutor, readers: list[aiosqlite.Connection], lock: _Lock
+        self, writer: fulltext.Held, thread: ThreadPoolExecutor, readers: list[aiosqlite.Connection], lock: _Lock
     ) -> None:
         self._writer = writer
         self._thread = thread
@@ -134,7 +135,7 @@ class Database:
         except OSError as exc:
             raise StorageError(f"cannot use database {path}: {exc}") from exc
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
-        writer: sqlite3.Connection | None = None
+        writer: fulltext.Held | None = None
         readers: list[aiosqlite.Connection] = []
         try:
             writer = await loop.run_in_executor(
@@ -298,20 +299,29 @@ class Database:
             return [(False, exc)] * len(batch)
 
     def _commit(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """The batch in one transaction, each function in a savepoint of its own; the full-text
+        writes are held to the end (fulltext.Held), so a failure there fails the whole batch."""
         c = self._writer
         outcomes: list[tuple[bool, Any]] = []
+        held: list[fulltext.Write] = []
+        c.writes = held
         try:
             c.execute("BEGIN IMMEDIATE")
             for fn in fns:
                 c.execute("SAVEPOINT one")
+                mark = len(held)
                 try:
                     outcomes.append((True, fn(c)))
                 except Exception as exc:
                     if not c.in_transaction:  # SQLite rolled back the whole batch (disk full, I/O)
                         raise
                     c.execute("ROLLBACK TO one")
+                    del held[mark:]
                     outcomes.append((False, self._full(exc) or exc))
                 c.execute("RELEASE one")
+            c.writes = None
+            for sql, rows in held:
+                c.executemany(sql, rows)
             c.execute("COMMIT")
         except BaseException as exc:
             if c.in_transaction:
@@ -319,6 +329,8 @@ class Database:
             if full := self._full(exc):
                 raise full from exc
             raise
+        finally:
+            c.writes = None
         return outcomes
 
     def _full(self, exc: BaseException) -> StorageFull | None:
@@ -362,8 +374,8 @@ class Database:
         return row[0] if row else default
 
 
-def _open_writer(path: Path, migrations: list[Migration]) -> sqlite3.Connection:
-    conn = _connect_sync(str(path))
+def _open_writer(path: Path, migrations: list[Migration]) -> fulltext.Held:
+    conn = cast(fulltext.Held, _connect_sync(str(path), fulltext.Held))
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode: a committed write survives a crash of the process;

@@ -157,14 +157,16 @@ MessageRow = tuple[int, str, str, list[dict[str, Any]] | None]
 
 
 def index_messages(c: sqlite3.Connection, agent_id: int, messages: Iterable[MessageRow]) -> None:
-    c.executemany(
+    _write(
+        c,
         "INSERT INTO messages_fts(rowid, content) VALUES (?, ?)",
         [(i, text) for i, role, content, calls in messages if (text := message_row(agent_id, role, content, calls))],
     )
 
 
 def unindex_messages(c: sqlite3.Connection, agent_id: int, messages: Iterable[MessageRow]) -> None:
-    c.executemany(
+    _write(
+        c,
         "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', ?, ?)",
         [(i, text) for i, role, content, calls in messages if (text := message_row(agent_id, role, content, calls))],
     )
@@ -192,20 +194,46 @@ PassageRow = tuple[int, str, str, str]
 
 
 def index_passages(c: sqlite3.Connection, agent_id: int, passages: Iterable[PassageRow]) -> None:
-    c.executemany(
+    _write(
+        c,
         "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
         [(i, *passage_row(agent_id, content, context, at)) for i, content, context, at in passages],
     )
 
 
 def unindex_passages(c: sqlite3.Connection, agent_id: int, passages: Iterable[PassageRow]) -> None:
-    c.executemany(
+    _write(
+        c,
         "INSERT INTO passages_fts(passages_fts, rowid, content, context, date) VALUES ('delete', ?, ?, ?, ?)",
         [(i, *passage_row(agent_id, content, context, at)) for i, content, context, at in passages],
     )
 
 
 # --- both --------------------------------------------------------------------
+
+
+# FTS5 writes the terms it holds out as a new segment at every savepoint and commit (~100 µs each
+# here, whatever their number), and Database._commit gives each transaction of a batch a savepoint.
+# So inside a batch the writer connection holds the index writes (`Held.writes`, None outside one)
+# and does them together before the commit: in their order, which a contentless index needs (a row
+# is deleted with what it was given), and without those of a transaction that rolled back.
+Write = tuple[str, list[tuple[Any, ...]]]
+
+
+class Held(sqlite3.Connection):
+    """A connection that can hold its full-text writes until the end of a batch (memory/db.py's writer)."""
+
+    writes: list[Write] | None = None
+
+
+def _write(c: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    held = c.writes if isinstance(c, Held) else None
+    if held is None:
+        c.executemany(sql, rows)
+    else:
+        held.append((sql, rows))
 
 
 def reindex(c: sqlite3.Connection) -> None:

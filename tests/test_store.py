@@ -346,6 +346,48 @@ async def test_quick_transactions_run_on_the_loop_while_the_writer_thread_is_idl
     assert [(name, thread != loop_thread) for name, thread in ran[4:]] == [("q1", True), ("other", True), ("q2", True)]
 
 
+async def test_a_batchs_full_text_writes_go_together_at_its_end_in_order_without_those_rolled_back(
+    db: Database, agent: agents.Agent
+) -> None:
+    def said(text: str, fail: bool = False) -> Callable[[sqlite3.Connection], None]:
+        def run(c: sqlite3.Connection) -> None:
+            recall.insert(c, agent, [recall.Message(role="user", content=text, author="ann", author_id="1")])
+            if fail:
+                raise ValueError("rolled back")
+
+        return run
+
+    def forget(text: str) -> Callable[[sqlite3.Connection], int]:
+        def run(c: sqlite3.Connection) -> int:
+            (found,) = c.execute("SELECT id FROM messages WHERE content = ?", (text,)).fetchone()
+            return recall.forget(c, agent, [found])
+
+        return run
+
+    await db.transact(said("warm up"))  # the index's first segment and its structure record
+    segments = await db.fetchval("SELECT count(*) FROM messages_fts_data")
+    # one pass of the loop: one batch, a savepoint each
+    outcomes = await asyncio.gather(
+        db.transact(said("otters swim")),
+        db.transact(said("badgers dig", fail=True)),
+        db.transact(said("herons wait")),
+        db.transact(said("otters again")),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], ValueError)
+    # FTS5 writes out a segment at every savepoint and commit it holds terms at: the batch wrote one
+    assert await db.fetchval("SELECT count(*) FROM messages_fts_data") == segments + 1
+    # a row indexed and forgotten in one batch: deleted from the index after it was added
+    assert await asyncio.gather(db.transact(said("kites fly")), db.transact(forget("kites fly"))) == [None, 1]
+
+    async def found(query: str) -> list[str]:
+        return sorted(hit.text for hit in (await recall.search_messages(db, agent, query)).hits)
+
+    assert await found("otters") == ["otters again", "otters swim"]
+    assert await found("badgers") == [] and await found("kites") == [] and await found("herons") == ["herons wait"]
+    await db.transact(lambda c: c.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 0)"))
+
+
 async def test_checkpoints_run_on_the_writer_thread_and_keep_the_wal_small_under_quick_commits(tmp_path: Path) -> None:
     path = tmp_path / "wal.db"
     db = await Database.open(path)
