@@ -173,10 +173,13 @@ def serve_model(model_ms: float, stream: bool = False) -> None:
     """Run FakeOpenAI until stdin closes; print its URL, answer "stats" lines with JSON."""
     from tests.fakeopenai import Delay, FakeOpenAI, call, reply
 
+    arrived: dict[str, float] = {}  # tag -> time.monotonic() of its first chat request (one clock for all processes)
+
     def answer(body: dict[str, Any]) -> Any:
         users = [m.get("content") or "" for m in body["messages"] if m.get("role") == "user"]
         tags = TAG.findall(users[-1]) if users else []
         tag = tags[-1] if tags else "?"
+        arrived.setdefault(tag, time.monotonic())
         text = f"ack #{tag}: noted, thanks." + (STREAMED_TAIL if stream else "")
         plain = tag != "?" and int(tag.split("m")[1]) % 5 == 4
         answer = reply(text) if plain else call("send_message", {"message": text})
@@ -196,6 +199,7 @@ def serve_model(model_ms: float, stream: bool = False) -> None:
                     "requests": len(fake.requests),
                     "max_in_flight": fake.max_in_flight,
                     "prompt_chars_mean": statistics.fmean(len(json.dumps(b["messages"])) for b in chats) if chats else 0,
+                    "arrived": arrived,
                 }
                 print(json.dumps(stats), flush=True)
         await fake.stop()
@@ -387,6 +391,8 @@ class Run:
     lat_ms: list[float]
     first_ms: list[float]  # of each user's first message: all users write it at once, to a bot that is cold
     later_ms: list[float]  # of the others
+    before_model_ms: list[float]  # from a message to its chat request reaching the model (one monotonic clock)
+    after_model_ms: list[float]  # from the model's answer (request + MODEL_MS) to the reply reaching the fake
     late: int
     wall: float  # the load
     span: float  # the load plus any wait for stragglers
@@ -548,6 +554,7 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
         busy = machine1[0] - machine0[0]
         foreign = busy - (cpu_total - cpu_bot0) - cpu_harness - cpu_model
         model_stats = await model.stats()
+        arrived: dict[str, float] = model_stats.pop("arrived")
         db_bytes = None if floor else sum(p.stat().st_size for p in Path(tmp.name).glob("bot.db*"))
         edits, max_edit_rate = fake.edit_figures()
 
@@ -582,6 +589,10 @@ async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
         lat_ms=[x * 1000 for x in latencies],
         first_ms=[(fake.reply_at[t] - sent_at[t]) * 1000 for t in sent_at if t.endswith("m0") and t in fake.reply_at],
         later_ms=[(fake.reply_at[t] - sent_at[t]) * 1000 for t in sent_at if not t.endswith("m0") and t in fake.reply_at],
+        before_model_ms=[(arrived[t] - sent_at[t]) * 1000 for t in sent_at if t in arrived and t in fake.reply_at],
+        after_model_ms=[
+            (fake.reply_at[t] - arrived[t]) * 1000 - args.model_ms for t in sent_at if t in arrived and t in fake.reply_at
+        ],
         late=len(late),
         wall=t_done - t_load,
         span=t_end - t_load,
@@ -639,6 +650,12 @@ def report(args: argparse.Namespace, r: Run) -> None:
         f"model: {model_stats['chat_calls']} chat calls ({model_stats['chat_calls'] / max(1, replies):.2f} per reply), "
         f"max in flight {model_stats['max_in_flight']}, mean prompt {model_stats['prompt_chars_mean']:.0f} chars"
     )
+    if r.before_model_ms:
+        out(
+            f"where a reply's time goes, p50: {pct(r.before_model_ms, 50):.1f} ms from the message to the model's request, "
+            f"{args.model_ms:.0f} ms of model, {pct(r.after_model_ms, 50):.1f} ms from its answer to the reply "
+            f"(p95 {pct(r.before_model_ms, 95):.1f} and {pct(r.after_model_ms, 95):.1f})"
+        )
     out(
         f"bot memory: VmHWM {r.hwm_mib:.1f} MiB, VmRSS after start-up {r.idle.get('VmRSS', 0) / 1024:.1f} MiB, "
         f"at end {r.status.get('VmRSS', 0) / 1024:.1f} MiB (sampled max {max(r.rss_samples, default=0) / 1024:.1f}), "

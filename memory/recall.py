@@ -178,9 +178,11 @@ def admit_waiting(c: sqlite3.Connection, agent: Agent, budget: int) -> tuple[int
         first_kept = message_id
     if first_kept is None:
         return 0, 0
-    filed = c.execute(
-        "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
-    ).rowcount
+    filed = 0
+    if first_kept != waiting[-1][0]:  # not all of them fit
+        filed = c.execute(
+            "UPDATE messages SET in_context = 0 WHERE agent_id = ? AND in_context = 2 AND id < ?", (agent.id, first_kept)
+        ).rowcount
     c.execute(
         "UPDATE messages SET in_context = 1, position = base + n FROM ("
         " SELECT id AS wid, row_number() OVER (ORDER BY id) AS n,"
