@@ -303,34 +303,30 @@ class Database:
         writes are held to the end (fulltext.Held), so a failure there fails the whole batch."""
         c = self._writer
         outcomes: list[tuple[bool, Any]] = []
-        held: list[fulltext.Write] = []
-        c.writes = held
+        c.hold()
         try:
             c.execute("BEGIN IMMEDIATE")
             for fn in fns:
                 c.execute("SAVEPOINT one")
-                mark = len(held)
+                c.begin()
                 try:
                     outcomes.append((True, fn(c)))
                 except Exception as exc:
                     if not c.in_transaction:  # SQLite rolled back the whole batch (disk full, I/O)
                         raise
                     c.execute("ROLLBACK TO one")
-                    del held[mark:]
+                    c.rolled_back()
                     outcomes.append((False, self._full(exc) or exc))
                 c.execute("RELEASE one")
-            c.writes = None
-            for sql, rows in held:
-                c.executemany(sql, rows)
+            c.release()
             c.execute("COMMIT")
         except BaseException as exc:
+            c.drop()
             if c.in_transaction:
                 c.execute("ROLLBACK")
             if full := self._full(exc):
                 raise full from exc
             raise
-        finally:
-            c.writes = None
         return outcomes
 
     def _full(self, exc: BaseException) -> StorageFull | None:

@@ -214,26 +214,68 @@ def unindex_passages(c: sqlite3.Connection, agent_id: int, passages: Iterable[Pa
 
 # FTS5 writes the terms it holds out as a new segment at every savepoint and commit (~100 µs each
 # here, whatever their number), and Database._commit gives each transaction of a batch a savepoint.
-# So inside a batch the writer connection holds the index writes (`Held.writes`, None outside one)
-# and does them together before the commit: in their order, which a contentless index needs (a row
-# is deleted with what it was given), and without those of a transaction that rolled back.
+# So inside a batch the writer connection holds the index writes and does them together before the
+# commit: in their order, which a contentless index needs (a row is deleted with what it was given),
+# and without those of a transaction that rolled back. At most HELD_ROWS rows are held: past that
+# they are done at once, inside the running transaction's savepoint.
+HELD_ROWS = 1_000
+
 Write = tuple[str, list[tuple[Any, ...]]]
 
 
 class Held(sqlite3.Connection):
-    """A connection that can hold its full-text writes until the end of a batch (memory/db.py's writer)."""
+    """A connection that holds its full-text writes while a batch runs (memory/db.py's writer)."""
 
-    writes: list[Write] | None = None
+    _writes: list[Write] | None = None  # None: not in a batch, writes are done at once
+    _rows = 0
+    _mark = 0  # where the running transaction's writes begin
+    # earlier transactions' writes done inside the running one's savepoint: its rollback undoes them
+    _spilled: list[Write] = []
+
+    def hold(self) -> None:
+        """A batch begins."""
+        self._writes, self._rows, self._mark, self._spilled = [], 0, 0, []
+
+    def begin(self) -> None:
+        """A transaction of the batch begins, in its savepoint."""
+        self._mark, self._spilled = len(self._writes or ()), []
+
+    def rolled_back(self) -> None:
+        """The transaction was rolled back to its savepoint: its writes go, the earlier ones stay held."""
+        if self._writes is not None:
+            self._writes = self._spilled + self._writes[: self._mark]
+            self._rows = sum(len(rows) for _, rows in self._writes)
+
+    def release(self) -> None:
+        """Do the held writes (before the batch commits) and stop holding."""
+        writes, self._writes = self._writes or [], None
+        for sql, rows in writes:
+            self.executemany(sql, rows)
+
+    def drop(self) -> None:
+        """The batch failed: nothing held is done."""
+        self._writes = None
+
+    def write(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if self._writes is None:
+            self.executemany(sql, rows)
+            return
+        self._writes.append((sql, rows))
+        self._rows += len(rows)
+        if self._rows > HELD_ROWS:
+            self._spilled += self._writes[: self._mark]
+            writes, self._writes, self._rows, self._mark = self._writes, [], 0, 0
+            for held_sql, held_rows in writes:
+                self.executemany(held_sql, held_rows)
 
 
 def _write(c: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
     if not rows:
         return
-    held = c.writes if isinstance(c, Held) else None
-    if held is None:
-        c.executemany(sql, rows)
+    if isinstance(c, Held):
+        c.write(sql, rows)
     else:
-        held.append((sql, rows))
+        c.executemany(sql, rows)
 
 
 def reindex(c: sqlite3.Connection) -> None:

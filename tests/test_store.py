@@ -388,6 +388,45 @@ async def test_a_batchs_full_text_writes_go_together_at_its_end_in_order_without
     await db.transact(lambda c: c.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 0)"))
 
 
+async def test_held_full_text_writes_past_the_bound_are_done_at_once_and_a_rollback_still_undoes_only_its_own(
+    db: Database, agent: agents.Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memory import fulltext
+
+    monkeypatch.setattr(fulltext, "HELD_ROWS", 2)
+
+    def said(*texts: str, fail: bool = False) -> Callable[[sqlite3.Connection], int]:
+        def run(c: sqlite3.Connection) -> int:
+            for text in texts:  # one write each: the third goes past the bound
+                recall.insert(c, agent, [recall.Message(role="user", content=text, author="ann", author_id="1")])
+            if fail:
+                raise ValueError("rolled back")
+            # what the index holds already, as this transaction sees it
+            expression = fulltext.match(agent.id, texts[0].split()[0], "{content}")
+            return int(c.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH ?", (expression,)).fetchone()[0])
+
+        return run
+
+    # the second transaction's third row does the first one's held write inside its own savepoint
+    outcomes = await asyncio.gather(
+        db.transact(said("otters swim")),
+        db.transact(said("badgers dig", "badgers sleep", "badgers eat", "badgers hide", fail=True)),
+        db.transact(said("herons wait", "herons fish", "herons fly")),
+        return_exceptions=True,
+    )
+    # the first held; in the third, the second row goes past the bound: the held writes are done at
+    # once (with the first transaction's, restored after the second one's rollback), the third is held
+    assert outcomes[0] == 0 and isinstance(outcomes[1], ValueError) and outcomes[2] == 2
+
+    async def found(query: str) -> list[str]:
+        return sorted(hit.text for hit in (await recall.search_messages(db, agent, query)).hits)
+
+    assert await found("otters") == ["otters swim"]
+    assert await found("badgers") == []
+    assert await found("herons") == ["herons fish", "herons fly", "herons wait"]
+    await db.transact(lambda c: c.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 0)"))
+
+
 async def test_checkpoints_run_on_the_writer_thread_and_keep_the_wal_small_under_quick_commits(tmp_path: Path) -> None:
     path = tmp_path / "wal.db"
     db = await Database.open(path)
