@@ -63,7 +63,7 @@ class Typing:
         try:
             async with self._channel.typing():
                 await asyncio.Event().wait()  # until stopped
-        except discord.HTTPException as exc:
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             log.debug("typing indicator failed in %s: %s", getattr(self._channel, "id", "?"), exc)
 
 

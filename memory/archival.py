@@ -121,25 +121,28 @@ def store(
     """
     ids = []
     previous = c.execute(f"SELECT {_ROW} FROM passages WHERE agent_id = ? ORDER BY id DESC LIMIT 1", (agent.id,)).fetchone()
-    for piece in pieces:
-        before = previous["content"][-CONTEXT_CHARS:] if previous else ""
+    if previous and pieces:  # the first piece is the previous passage's "after" context
+        context = f"{previous['context']} {pieces[0][:CONTEXT_CHARS]}".strip()
+        c.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
+        fulltext.unindex_passages(c, agent.id, [_passage(previous)])
+        fulltext.index_passages(c, agent.id, [(previous["id"], previous["content"], context, previous["created_at"])])
+    before = previous["content"][-CONTEXT_CHARS:] if previous else ""
+    # each passage is written once, with the pieces on both sides: rewriting one in the index after
+    # the next one is in makes FTS5 write out a segment (its rowids must rise)
+    for i, piece in enumerate(pieces):
+        context = f"{before} {pieces[i + 1][:CONTEXT_CHARS]}".strip() if i + 1 < len(pieces) else before
         pid = c.execute(
             "INSERT INTO passages(agent_id, content, context, tags, source, created_at, text_hash, origin)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (agent.id, piece, before, json.dumps(tags), source, stamp, text_hash(piece), origin),
+            (agent.id, piece, context, json.dumps(tags), source, stamp, text_hash(piece), origin),
         ).lastrowid
         ids.append(pid)
-        fulltext.index_passages(c, agent.id, [(pid, piece, before, stamp)])
+        fulltext.index_passages(c, agent.id, [(pid, piece, context, stamp)])
         c.executemany(
             "INSERT OR IGNORE INTO passage_tags(passage_id, agent_id, tag) VALUES (?, ?, ?)",
             [(pid, agent.id, t) for t in tags],
         )
-        if previous:  # this passage is the previous one's "after" context
-            context = f"{previous['context']} {piece[:CONTEXT_CHARS]}".strip()
-            c.execute("UPDATE passages SET context = ? WHERE id = ?", (context, previous["id"]))
-            fulltext.unindex_passages(c, agent.id, [_passage(previous)])
-            fulltext.index_passages(c, agent.id, [(previous["id"], previous["content"], context, previous["created_at"])])
-        previous = {"id": pid, "content": piece, "context": before, "created_at": stamp}
+        before = piece[-CONTEXT_CHARS:]
     return ids
 
 

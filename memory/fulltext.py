@@ -230,7 +230,7 @@ class Held(sqlite3.Connection):
     _rows = 0
     _mark = 0  # where the running transaction's writes begin
     # earlier transactions' writes done inside the running one's savepoint: its rollback undoes them
-    _spilled: list[Write] = []
+    _spilled: list[Write]  # set by hold()
 
     def hold(self) -> None:
         """A batch begins."""

@@ -6,7 +6,7 @@ import pytest
 
 from memory import agents, core, fulltext, recall, search
 from memory.agents import Agent
-from memory.archival import MAX_INSERT_CHARS, Archive, chunk
+from memory.archival import CONTEXT_CHARS, MAX_INSERT_CHARS, Archive, chunk
 from memory.config import EngineSettings
 from memory.db import Database
 from tests.fakeopenai import Error, FakeOpenAI
@@ -299,6 +299,38 @@ async def test_bm25_statistics_stay_exact_through_updates_and_deletes(db: Databa
     await fresh.close()
     assert [r[0] for r in scores] == [r[0] for r in expected] and len(scores) == 11
     assert [r[1] for r in scores] == pytest.approx([r[1] for r in expected], rel=1e-9)
+
+
+async def test_each_passages_context_holds_its_neighbours_and_a_document_is_indexed_in_one_segment(
+    db: Database, agent: Agent, tmp_path
+) -> None:
+    arch = Archive(db, None)
+    document = " ".join(f"Paragraph {i} tells of herons, reeds and the slow river." for i in range(400))
+    ids = await arch.insert(agent, document, max_chars=len(document))
+    assert len(ids) == len(chunk(document)) > 10
+    # rowids rising in one transaction: FTS5 writes the terms out once, as one segment, as a fresh
+    # table given the same rows at once holds them (rewriting a row after the next one splits it)
+    rows = await db.fetchall("SELECT id, content, context, created_at FROM passages ORDER BY id")
+    fresh = await Database.open(tmp_path / "fresh.db")
+    await fresh.transact(
+        lambda c: c.executemany(
+            "INSERT INTO passages_fts(rowid, content, context, date) VALUES (?, ?, ?, ?)",
+            [(r[0], *fulltext.passage_row(agent.id, r[1], r[2], r[3])) for r in rows],
+        )
+    )
+    assert await db.fetchval("SELECT count(*) FROM passages_fts_data") == await fresh.fetchval(
+        "SELECT count(*) FROM passages_fts_data"
+    )
+    await fresh.close()
+    await arch.insert(agent, "a short note about otters")  # the document's last passage gets its beginning
+    rows = await db.fetchall("SELECT content, context FROM passages WHERE agent_id = ? ORDER BY id", (agent.id,))
+    contents = [r[0] for r in rows]
+    expected = [
+        f"{contents[i - 1][-CONTEXT_CHARS:] if i else ''} {contents[i + 1][:CONTEXT_CHARS] if i + 1 < len(rows) else ''}".strip()
+        for i in range(len(rows))
+    ]
+    assert [r[1] for r in rows] == expected
+    await db.transact(lambda c: c.execute("INSERT INTO passages_fts(passages_fts, rank) VALUES ('integrity-check', 0)"))
 
 
 async def test_forgetting_never_separates_a_call_from_its_result(db: Database, agent: Agent) -> None:

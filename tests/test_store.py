@@ -407,7 +407,7 @@ async def test_held_full_text_writes_past_the_bound_are_done_at_once_and_a_rollb
 
         return run
 
-    # the second transaction's third row does the first one's held write inside its own savepoint
+    # the second transaction's second row does the first one's held write inside its own savepoint
     outcomes = await asyncio.gather(
         db.transact(said("otters swim")),
         db.transact(said("badgers dig", "badgers sleep", "badgers eat", "badgers hide", fail=True)),
