@@ -213,7 +213,7 @@ class Database:
         self._all_quick = self._all_quick and quick
         if self._soon is None:
             # after the callbacks already scheduled, so that tasks they start join the batch (a
-            # message's arrival and the turn that answers it: Engine._arrive)
+            # message's arrival and the turn that answers it, when the message opens it: Engine._arrive)
             self._soon = loop.call_soon(self._flush)
         return await future
 

@@ -281,8 +281,9 @@ class Engine:
         if not answer:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
             return None
-        # the worker is woken first: its turn's first transaction then goes to the writer in the
-        # same batch, right after this message's (Database.transact), one commit for both
+        # the worker is woken first: its turn's first transaction joins this message's batch, one
+        # commit for both, when this message's transaction opened the batch (Database.transact);
+        # under load an earlier one of the pass usually has, and the batch commits before the worker runs
         future = self._queue(agent, message, images, on_text)
         try:
             await recall.append(self.db, agent, [message], state=recall.WAITING)
