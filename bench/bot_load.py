@@ -171,13 +171,21 @@ STREAMED_TAIL = " Here is a longer answer, written a few words at a time, as a m
 
 def serve_model(model_ms: float, stream: bool = False) -> None:
     """Run FakeOpenAI until stdin closes; print its URL, answer "stats" lines with JSON."""
+    from memory.context import SUMMARY_INSTRUCTIONS
     from tests.fakeopenai import Delay, FakeOpenAI, call, reply
+
+    summarizer = SUMMARY_INSTRUCTIONS.partition("\n")[0]  # how its requests begin
 
     arrived: dict[str, float] = {}  # tag -> time.monotonic() of its first chat request (one clock for all processes)
 
     def answer(body: dict[str, Any]) -> Any:
-        users = [m.get("content") or "" for m in body["messages"] if m.get("role") == "user"]
-        tags = TAG.findall(users[-1]) if users else []
+        messages = body["messages"]
+        if messages and str(messages[0].get("content", "")).startswith(summarizer):
+            # a long conversation (--messages 100) fills the window: the summarizer gets a summary, not a reply
+            return Delay(model_ms / 1000, reply("The user and the assistant exchanged greetings and tagged messages."))
+        # the newest message with a tag: a memory-pressure event may come after it
+        users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
+        tags = next((found for text in reversed(users) if (found := TAG.findall(text))), [])
         tag = tags[-1] if tags else "?"
         arrived.setdefault(tag, time.monotonic())
         text = f"ack #{tag}: noted, thanks." + (STREAMED_TAIL if stream else "")
@@ -219,6 +227,8 @@ class ModelProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=str(ROOT),
+            # the stats line holds every message's arrival time: past 64 KiB (asyncio's default) from ~2,000 messages
+            limit=64 << 20,
         )
         assert self.proc.stdout is not None
         line = (await asyncio.wait_for(self.proc.stdout.readline(), 30)).decode()
