@@ -678,6 +678,14 @@ def report(args: argparse.Namespace, r: Run) -> None:
         f"({r.cpu_loop / max(1, replies) * 1000:.2f} on the event loop's thread, {threads}), "
         f"{r.cpu_load / span * 100 if span else 0:.0f}% of one core; start-up to READY {r.startup_s:.2f} s"
     )
+    # every user waits for their answer, so the users' messages come in rounds; the loop keeps up with
+    # a round only while its work on all of them fits in one model call
+    round_ms = args.users * r.cpu_loop / max(1, replies) * 1000
+    out(
+        f"event loop per round of messages: {args.users} users x {r.cpu_loop / max(1, replies) * 1000:.2f} ms = "
+        f"{round_ms:.0f} ms of work against {args.model_ms:.0f} ms of model ({round_ms / args.model_ms:.2f}); "
+        f"near 1 and above, replies queue behind each other's work and p50 follows the CPU per reply"
+    )
     out(
         f"other processes under load: harness (fake Discord + users) {r.cpu_harness:.2f} s CPU "
         f"({r.cpu_harness / span * 100 if span else 0:.0f}% of one core), fake model {r.cpu_model:.2f} s "
