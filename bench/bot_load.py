@@ -18,7 +18,8 @@ Three processes per run, so the bot's memory and CPU are the bot's alone:
                    chat completion after asyncio.sleep(MODEL_MS) with one send_message tool call
                    (4 in 5) or a plain reply (1 in 5) -- one model call per turn. The answer
                    quotes the message's tag (#u<user>m<n>), so each reply is matched to its
-                   message. It has no /models route: the bot's start-up check gets a 404, which
+                   message. (In long conversations, --messages 100, the summarizer's calls
+                   get a summary.) It has no /models route: the bot's start-up check gets a 404, which
                    it accepts.
     bot            the floor: `bench/bot_load.py --floor-bot`, a plain discord.Client with no
                    memory and no database (the same intents and client options as mnemocord's);
@@ -680,9 +681,10 @@ def report(args: argparse.Namespace, r: Run) -> None:
     )
     # every user waits for their answer, so the users' messages come in rounds; the loop keeps up with
     # a round only while its work on all of them fits in one model call
-    round_ms = args.users * r.cpu_loop / max(1, replies) * 1000
+    loop_ms = r.cpu_loop / max(1, replies) * 1000
+    round_ms = args.users * loop_ms
     out(
-        f"event loop per round of messages: {args.users} users x {r.cpu_loop / max(1, replies) * 1000:.2f} ms = "
+        f"event loop per round of messages: {args.users} users x {loop_ms:.2f} ms = "
         f"{round_ms:.0f} ms of work against {args.model_ms:.0f} ms of model ({round_ms / args.model_ms:.2f}); "
         f"near 1 and above, replies queue behind each other's work and p50 follows the CPU per reply"
     )
