@@ -42,6 +42,9 @@ MAX_TOKEN_COUNT = 10**7
 ERROR_MESSAGE_CHARS = 200
 # the part of an endpoint's error body written to the log
 LOGGED_BODY_CHARS = 2000
+# the most bytes one answer of an endpoint may have (decompressed): its time limit does not bound it, since a
+# LAN carries gigabytes within LLM_TIMEOUT; the largest real ones, batches of embeddings, are a few MB
+MAX_BODY_BYTES = 32 << 20
 # shorter secrets would blank out ordinary words wherever they occur
 MIN_SECRET_CHARS = 4
 SHUTTING_DOWN = "shutting down"
@@ -363,18 +366,19 @@ class LLMClient:
         self, method: str, url: str, timeout: float, body: dict[str, Any] | None = None, *, headers: dict[str, str] | None = None
     ) -> tuple[int, Any]:
         """One request, within `timeout`, without retries: for asking a server about itself.
-        (status, decoded JSON or the text); status 0 when it did not answer."""
+        (status, decoded JSON or the text); status 0 when it did not answer, or answered past MAX_BODY_BYTES."""
         try:
             async with asyncio.timeout(timeout):
                 content = None if body is None else orjson.dumps(body)
                 sent = self._headers if headers is None else httpx.Headers({**self._headers, **headers})
-                response = await self._http.request(method, url, headers=sent, content=content)
-        except (TimeoutError, httpx.HTTPError):
+                async with self._http.stream(method, url, headers=sent, content=content) as response:
+                    answer = await _body(response)
+        except (TimeoutError, httpx.HTTPError, LLMError):
             return 0, None
         try:
-            return response.status_code, orjson.loads(response.content)
+            return response.status_code, orjson.loads(answer)
         except ValueError:
-            return response.status_code, without_surrogates(response.content.decode("utf-8", "replace"))
+            return response.status_code, without_surrogates(answer.decode("utf-8", "replace"))
 
     async def get_json(self, url: str, timeout: float) -> Any:
         """A JSON document the server gives at `url`, or None."""
@@ -435,7 +439,7 @@ class LLMClient:
                     extensions={"timeout": self._timeout.as_dict()},
                 )
                 async with self._slot(background):
-                    response = await self._attempt(request, background, reader)
+                    response, content = await self._attempt(request, background, reader)
             except _GaveWay:
                 continue
             except NotAStream:
@@ -474,8 +478,8 @@ class LLMClient:
                 brief = problem
             else:
                 if response.status_code < 300:
-                    return reader.body() if reader is not None and reader.done else _json(response.content, path)
-                text = response.text
+                    return reader.body() if reader is not None and reader.done else _json(content, path)
+                text = content.decode("utf-8", "replace")
                 # the raw body only goes to the log: it may echo the request, key included
                 log.warning(
                     "%s: HTTP %d from %s: %s", path, response.status_code, self.base_url, self.redact(text[:LOGGED_BODY_CHARS])
@@ -505,9 +509,9 @@ class LLMClient:
 
     async def _attempt(
         self, request: httpx.Request, background: bool = False, reader: StreamReader | None = None
-    ) -> httpx.Response:
-        """One request within `timeout` in all; abort() ends it at once, a person's call ends a background one.
-        With `reader`, a streamed answer is read into it within the same limit (the body is then not kept)."""
+    ) -> tuple[httpx.Response, bytes]:
+        """One request within `timeout` in all, and its body; abort() ends it at once, a person's call ends a
+        background one. With `reader`, a streamed answer is read into it within the same limit (the body is then b"")."""
         if self._aborting.is_set():
             raise LLMError(SHUTTING_DOWN)
         limit = asyncio.timeout(self.timeout)
@@ -518,14 +522,15 @@ class LLMClient:
                     self._background_attempts.add(limit)
                 try:
                     response = await self._send(request)
+                    content = b""
                     try:
                         if reader is not None and response.status_code < 300 and is_event_stream(response):
                             await reader.read(response)
                         else:
-                            await response.aread()
+                            content = await _body(response)
                     finally:
                         await response.aclose()
-                    return response
+                    return response, content
                 finally:
                     self._attempts.discard(limit)
                     self._background_attempts.discard(limit)
@@ -585,6 +590,18 @@ def _refusal(status: int, text: str, body: dict[str, Any], problem: str, brief: 
     if refuses_images(status, text) and carries_images(body.get("messages", [])):
         return ImagesUnsupportedError(problem, brief=brief)
     return None
+
+
+async def _body(response: httpx.Response) -> bytes:
+    """The response's body, refused past MAX_BODY_BYTES (not retried: it would come as large again)."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.aiter_bytes():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise LLMError(f"the model endpoint's answer is larger than {MAX_BODY_BYTES >> 20} MiB")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _json(content: bytes, path: str) -> Any:

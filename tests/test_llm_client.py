@@ -18,7 +18,7 @@ from httpx_aiohttp import AiohttpTransport
 from memory import recall
 from memory.config import EngineSettings
 from memory.engine import Engine
-from memory.llm import ContextOverflowError, LLMClient, LLMError, is_context_overflow, parse_chat
+from memory.llm import MAX_BODY_BYTES, ContextOverflowError, LLMClient, LLMError, is_context_overflow, parse_chat
 from tests.fakeopenai import Delay, Drip, Error, FakeOpenAI, call, reply
 
 ASK = [{"role": "user", "content": "x"}]
@@ -152,6 +152,22 @@ async def test_a_proxy_from_the_environment_is_used(fake: FakeOpenAI, monkeypatc
     finally:
         await proxied.aclose()
     assert result.content == "through the proxy"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_answer_past_the_size_limit_is_refused_once_not_read_whole(fake: FakeOpenAI, transport: str) -> None:
+    # valid JSON, all of it padding: read whole, it would parse (and fail later for holding no answer)
+    padded = " " * MAX_BODY_BYTES + "{}"
+    fake.push(Error(200, padded), Error(500, padded), reply("next"))
+    client = LLMClient(fake.url, max_retries=2, retry_budget=5, transport=TRANSPORTS[transport]())
+    for _ in range(2):  # an answer and an error page alike
+        with pytest.raises(LLMError, match=f"^the model endpoint's answer is larger than {MAX_BODY_BYTES >> 20} MiB$"):
+            await client.chat("m", ASK)
+    assert len(fake.requests) == 2  # not asked again: it would come as large
+    assert (await client.chat("m", ASK)).content == "next"
+    fake.fail_models = Error(200, padded)
+    assert await client.get_json(fake.url + "/models", 5) is None  # nor read whole when the server describes itself
+    await client.aclose()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
