@@ -4,6 +4,7 @@
     python bench/bot_load.py --users 20 --messages 3 # a quick run
     python bench/bot_load.py --floor-only            # the floor alone
     python bench/bot_load.py --stream                # replies streamed: the model writes each over 1 s
+    python bench/bot_load.py --runs 5                # 5 pairs one after the other: the last line has their medians
 
 Absolute times differ about 2x between machines, so the run measures its own floor first: a bare
 discord.py bot under the same load, with the same fakes and the same process layout. Then the
@@ -58,7 +59,10 @@ between its post and edits), which must stay at or below 1 / STREAM_EDIT_SECONDS
 
 Figures only, no asserts. The floor's lines start with "floor". The last line is:
     bot_load users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<x> p95_reply_ms=<y> rss_mib=<r> floor_p50_reply_ms=<f> ratio_p50=<x/f>
-with --stream, followed by ` edits=<e> max_edits_per_msg_per_s=<m>`; and with --floor-only:
+with --stream, followed by ` edits=<e> max_edits_per_msg_per_s=<m>`; with --runs N (N > 1), by ` runs=<N>`:
+each figure is then the median of the N pairs' (the ratio the median of their ratios), replies the fewest
+and RSS the highest of any run. This shared machine's speed moves by the hour and from run to run, and
+the ratio with it; a median of pairs is the figure to compare. With --floor-only:
     bot_load_floor users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<f> p95_reply_ms=<y> rss_mib=<r>
 """
 
@@ -722,51 +726,79 @@ async def run(args: argparse.Namespace) -> None:
         f"MAX_CONCURRENT_LLM_CALLS={args.max_llm}, EMBEDDING_MODEL unset, LOG_LEVEL=WARNING, "
         f"model {args.model_ms:.0f} ms per call, {os.cpu_count()} CPUs shared by bot, model and harness; "
         f"the floor (a bare discord.py bot, one model call per DM) runs first, then mnemocord"
+        + (f"; {args.runs} such pairs, one after the other" if args.runs > 1 else "")
     )
-    try:
-        floor = await measure(args, floor=True)
-    except NotReady as exc:
-        print(f"the floor bot did not become ready: {exc}")
-        print(
-            f"bot_load_floor users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan"
-        )
-        raise SystemExit(1) from None
-    report(args, floor)
-    floor_line = f"users={args.users} messages={total} replies={floor.replies} lost={total - floor.replies}"
-    if args.floor_only:
-        print(
-            f"bot_load_floor {floor_line} p50_reply_ms={floor.p50:.0f} p95_reply_ms={floor.p95:.0f} rss_mib={floor.hwm_mib:.0f}"
-        )
-        return
-    try:
-        bot = await measure(args, floor=False)
-    except NotReady as exc:
-        print(f"the bot did not become ready: {exc}")
-        print(
-            f"bot_load users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan "
-            f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50=nan"
-        )
-        raise SystemExit(1) from None
-    report(args, bot)
+    pairs: list[tuple[Run, Run]] = []
+    for n in range(1, args.runs + 1):
+        if args.runs > 1:
+            print(f"--- pair {n} of {args.runs}")
+        try:
+            floor = await measure(args, floor=True)
+        except NotReady as exc:
+            print(f"the floor bot did not become ready: {exc}")
+            print(
+                f"bot_load_floor users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan"
+            )
+            raise SystemExit(1) from None
+        report(args, floor)
+        if args.floor_only:
+            print(
+                f"bot_load_floor users={args.users} messages={total} replies={floor.replies} lost={total - floor.replies} "
+                f"p50_reply_ms={floor.p50:.0f} p95_reply_ms={floor.p95:.0f} rss_mib={floor.hwm_mib:.0f}"
+            )
+            return
+        try:
+            bot = await measure(args, floor=False)
+        except NotReady as exc:
+            print(f"the bot did not become ready: {exc}")
+            print(
+                f"bot_load users={args.users} messages={total} replies=0 lost={total} p50_reply_ms=nan p95_reply_ms=nan rss_mib=nan "
+                f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50=nan"
+            )
+            raise SystemExit(1) from None
+        report(args, bot)
+        pairs.append((floor, bot))
+        if args.runs > 1:
+            print(
+                f"pair {n}: ratio_p50={bot.p50 / floor.p50:.2f} (p50 {bot.p50:.0f} against {floor.p50:.0f} ms; the event loop's "
+                f"CPU per reply {bot.cpu_loop / max(1, bot.replies) * 1000:.2f} against {floor.cpu_loop / max(1, floor.replies) * 1000:.2f} ms)"
+            )
+    summarize(args, pairs)
 
-    lost = total - bot.replies
-    ratio = bot.p50 / floor.p50
+
+def summarize(args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> None:
+    """The goals and the last line; over several pairs, their medians (this machine's speed moves between runs)."""
+    total = args.users * args.messages
+    ratios = sorted(bot.p50 / floor.p50 for floor, bot in pairs)
+    ratio = statistics.median(ratios)
+    p50 = statistics.median(bot.p50 for _, bot in pairs)
+    p95 = statistics.median(bot.p95 for _, bot in pairs)
+    floor_p50 = statistics.median(floor.p50 for floor, _ in pairs)
+    floor_p95 = statistics.median(floor.p95 for floor, _ in pairs)
+    lost = total - min(bot.replies for _, bot in pairs)
+    hwm = max(bot.hwm_mib for _, bot in pairs)
+    cpu = statistics.median(bot.cpu_load / max(1, bot.replies) * 1000 for _, bot in pairs)
+    floor_cpu = statistics.median(floor.cpu_load / max(1, floor.replies) * 1000 for floor, _ in pairs)
     budget = args.model_ms + 50
+    if len(pairs) > 1:
+        print(f"over {len(pairs)} pairs: ratio_p50 median {ratio:.2f} ({', '.join(f'{r:.2f}' for r in ratios)}); the medians:")
     print(
-        f"floor: p50 {floor.p50:.1f} ms, p95 {floor.p95:.1f} ms, lost {total - floor.replies}; "
-        f"mnemocord over the floor: p50 {ratio:.2f}x (+{bot.p50 - floor.p50:.1f} ms), p95 {bot.p95 / floor.p95:.2f}x, "
-        f"CPU per reply {bot.cpu_load / max(1, bot.replies) * 1000:.2f} vs {floor.cpu_load / max(1, floor.replies) * 1000:.2f} ms"
+        f"floor: p50 {floor_p50:.1f} ms, p95 {floor_p95:.1f} ms, lost {total - min(floor.replies for floor, _ in pairs)}; "
+        f"mnemocord over the floor: p50 {ratio:.2f}x (+{p50 - floor_p50:.1f} ms), p95 {p95 / floor_p95:.2f}x, "
+        f"CPU per reply {cpu:.2f} vs {floor_cpu:.2f} ms"
     )
     print(
         f"goals: lost=0 {'met' if lost == 0 else 'MISSED'}; ratio_p50 <= 1.15 {'met' if ratio <= 1.15 else 'MISSED'} ({ratio:.2f}); "
-        f"p50 <= {budget:.0f} ms {'met' if bot.p50 <= budget else 'MISSED'} ({bot.p50:.0f}); "
-        f"peak RSS <= 100 MiB {'met' if bot.hwm_mib <= 100 else 'MISSED'} ({bot.hwm_mib:.1f})"
+        f"p50 <= {budget:.0f} ms {'met' if p50 <= budget else 'MISSED'} ({p50:.0f}); "
+        f"peak RSS <= 100 MiB {'met' if hwm <= 100 else 'MISSED'} ({hwm:.1f})"
     )
+    last = pairs[-1][1]
     print(
-        f"bot_load users={args.users} messages={total} replies={bot.replies} lost={lost} "
-        f"p50_reply_ms={bot.p50:.0f} p95_reply_ms={bot.p95:.0f} rss_mib={bot.hwm_mib:.0f} "
-        f"floor_p50_reply_ms={floor.p50:.0f} ratio_p50={ratio:.2f}"
-        + (f" edits={bot.edits} max_edits_per_msg_per_s={bot.max_edit_rate:.2f}" if args.stream else "")
+        f"bot_load users={args.users} messages={total} replies={total - lost} lost={lost} "
+        f"p50_reply_ms={p50:.0f} p95_reply_ms={p95:.0f} rss_mib={hwm:.0f} "
+        f"floor_p50_reply_ms={floor_p50:.0f} ratio_p50={ratio:.2f}"
+        + (f" edits={last.edits} max_edits_per_msg_per_s={last.max_edit_rate:.2f}" if args.stream else "")
+        + (f" runs={len(pairs)}" if len(pairs) > 1 else "")
     )
 
 
@@ -787,9 +819,18 @@ def main() -> None:
         help="run the bot under cProfile (main-thread CPU time), stats written to FILE at exit (slows it)",
     )
     parser.add_argument("--bot-root", metavar="DIR", help="run the bot from another checkout (to measure a candidate fix)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="measure N pairs (floor, then mnemocord) one after the other; the last line has their medians",
+    )
     parser.add_argument("--serve-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--floor-bot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.runs < 1 or (args.runs > 1 and args.floor_only):
+        parser.error("--runs takes a number from 1 up, and only without --floor-only")
     if args.model_ms is None:
         args.model_ms = 1000.0 if args.stream else 200.0
     if args.serve_model:
