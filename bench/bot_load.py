@@ -60,8 +60,8 @@ between its post and edits), which must stay at or below 1 / STREAM_EDIT_SECONDS
 Figures only, no asserts. The floor's lines start with "floor". The last line is:
     bot_load users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<x> p95_reply_ms=<y> rss_mib=<r> floor_p50_reply_ms=<f> ratio_p50=<x/f>
 with --stream, followed by ` edits=<e> max_edits_per_msg_per_s=<m>`; with --runs N (N > 1), by ` runs=<N>`:
-each figure is then the median of the N pairs' (the ratio the median of their ratios), replies the fewest
-and RSS the highest of any run. This shared machine's speed moves by the hour and from run to run, and
+each figure is then the median of the N pairs' (the ratio the median of their ratios), replies the fewest,
+and RSS and max_edits_per_msg_per_s the highest of any run. This shared machine's speed moves by the hour and from run to run, and
 the ratio with it; a median of pairs is the figure to compare. With --floor-only:
     bot_load_floor users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<f> p95_reply_ms=<y> rss_mib=<r>
 """
@@ -792,12 +792,13 @@ def summarize(args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> None:
         f"p50 <= {budget:.0f} ms {'met' if p50 <= budget else 'MISSED'} ({p50:.0f}); "
         f"peak RSS <= 100 MiB {'met' if hwm <= 100 else 'MISSED'} ({hwm:.1f})"
     )
-    last = pairs[-1][1]
+    edits = statistics.median(bot.edits for _, bot in pairs)
+    fastest = max(bot.max_edit_rate for _, bot in pairs)
     print(
         f"bot_load users={args.users} messages={total} replies={total - lost} lost={lost} "
         f"p50_reply_ms={p50:.0f} p95_reply_ms={p95:.0f} rss_mib={hwm:.0f} "
         f"floor_p50_reply_ms={floor_p50:.0f} ratio_p50={ratio:.2f}"
-        + (f" edits={last.edits} max_edits_per_msg_per_s={last.max_edit_rate:.2f}" if args.stream else "")
+        + (f" edits={edits:.0f} max_edits_per_msg_per_s={fastest:.2f}" if args.stream else "")
         + (f" runs={len(pairs)}" if len(pairs) > 1 else "")
     )
 
