@@ -60,9 +60,10 @@ between its post and edits), which must stay at or below 1 / STREAM_EDIT_SECONDS
 Figures only, no asserts. The floor's lines start with "floor". The last line is:
     bot_load users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<x> p95_reply_ms=<y> rss_mib=<r> floor_p50_reply_ms=<f> ratio_p50=<x/f>
 with --stream, followed by ` edits=<e> max_edits_per_msg_per_s=<m>`; with --runs N (N > 1), by ` runs=<N>`:
-each figure is then the median of the N pairs' (the ratio the median of their ratios), replies the fewest,
-and RSS and max_edits_per_msg_per_s the highest of any run. This shared machine's speed moves by the hour and from run to run, and
-the ratio with it; a median of pairs is the figure to compare. With --floor-only:
+each figure is then the median of the N pairs' (the ratio the median of their ratios), replies the
+fewest, and RSS and max_edits_per_msg_per_s the highest of any run. This shared machine's speed moves
+by the hour and from run to run, and the ratio with it: a median of pairs is the figure to compare.
+With --floor-only:
     bot_load_floor users=100 messages=1000 replies=<n> lost=<l> p50_reply_ms=<f> p95_reply_ms=<y> rss_mib=<r>
 """
 
@@ -448,6 +449,14 @@ class Run:
     def hwm_mib(self) -> float:
         return self.status.get("VmHWM", 0) / 1024
 
+    @property
+    def cpu_ms_per_reply(self) -> float:
+        return self.cpu_load / max(1, self.replies) * 1000
+
+    @property
+    def loop_ms_per_reply(self) -> float:
+        return self.cpu_loop / max(1, self.replies) * 1000
+
 
 async def measure(args: argparse.Namespace, *, floor: bool) -> Run:
     """Start fresh fakes and one bot (the floor or mnemocord), run the load, stop them all."""
@@ -679,13 +688,12 @@ def report(args: argparse.Namespace, r: Run) -> None:
     threads = "the rest on SQLite's" if r.db_bytes is not None else "the rest on discord.py's heartbeat thread"
     out(
         f"bot CPU: {r.cpu_total:.2f} s total, {r.cpu_startup:.2f} s start-up, {r.cpu_load:.2f} s under load "
-        f"= {r.cpu_load / max(1, replies) * 1000:.2f} ms per reply "
-        f"({r.cpu_loop / max(1, replies) * 1000:.2f} on the event loop's thread, {threads}), "
+        f"= {r.cpu_ms_per_reply:.2f} ms per reply ({r.loop_ms_per_reply:.2f} on the event loop's thread, {threads}), "
         f"{r.cpu_load / span * 100 if span else 0:.0f}% of one core; start-up to READY {r.startup_s:.2f} s"
     )
     # every user waits for their answer, so the users' messages come in rounds; the loop keeps up with
     # a round only while its work on all of them fits in one model call
-    loop_ms = r.cpu_loop / max(1, replies) * 1000
+    loop_ms = r.loop_ms_per_reply
     round_ms = args.users * loop_ms
     out(
         f"event loop per round of messages: {args.users} users x {loop_ms:.2f} ms = "
@@ -761,7 +769,7 @@ async def run(args: argparse.Namespace) -> None:
         if args.runs > 1:
             print(
                 f"pair {n}: ratio_p50={bot.p50 / floor.p50:.2f} (p50 {bot.p50:.0f} against {floor.p50:.0f} ms; the event loop's "
-                f"CPU per reply {bot.cpu_loop / max(1, bot.replies) * 1000:.2f} against {floor.cpu_loop / max(1, floor.replies) * 1000:.2f} ms)"
+                f"CPU per reply {bot.loop_ms_per_reply:.2f} against {floor.loop_ms_per_reply:.2f} ms)"
             )
     summarize(args, pairs)
 
@@ -777,8 +785,8 @@ def summarize(args: argparse.Namespace, pairs: list[tuple[Run, Run]]) -> None:
     floor_p95 = statistics.median(floor.p95 for floor, _ in pairs)
     lost = total - min(bot.replies for _, bot in pairs)
     hwm = max(bot.hwm_mib for _, bot in pairs)
-    cpu = statistics.median(bot.cpu_load / max(1, bot.replies) * 1000 for _, bot in pairs)
-    floor_cpu = statistics.median(floor.cpu_load / max(1, floor.replies) * 1000 for floor, _ in pairs)
+    cpu = statistics.median(bot.cpu_ms_per_reply for _, bot in pairs)
+    floor_cpu = statistics.median(floor.cpu_ms_per_reply for floor, _ in pairs)
     budget = args.model_ms + 50
     if len(pairs) > 1:
         print(f"over {len(pairs)} pairs: ratio_p50 median {ratio:.2f} ({', '.join(f'{r:.2f}' for r in ratios)}); the medians:")
